@@ -1,0 +1,239 @@
+"""Tensor and reverse-mode autograd: the core every other module builds on.
+
+A `Tensor` wraps one numpy or cupy array. Each differentiable op is a `Function`
+whose `forward` and `backward` see raw arrays only; `Function.apply` records the
+graph, and `Tensor.backward` walks it output-to-inputs in reverse topological
+order, iteratively (no recursion), accumulating the gradients of reused tensors.
+May import: backend. The operators (+, @, ...) are bound in ops.py.
+
+Dtype policy:
+- Python numbers and lists become float32 (`backend.DTYPE`); bools and integers
+  in an *array* keep their integer dtype (timesteps, labels, indices).
+- numpy/cupy float32 and float64 arrays keep their dtype; float16 is widened to
+  float32. Complex, string and object data are rejected.
+- An op between two tensors follows NumPy's promotion: float32 with float64 gives
+  float64. A Python scalar never promotes (float32 tensor * 2.0 stays float32).
+- Only floating tensors can require gradients; gradients have their tensor's dtype.
+"""
+import contextlib
+
+from . import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this block ops record no graph (sampling, evaluation, EMA updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    """False inside `no_grad()`."""
+    return _grad_enabled
+
+
+def _as_array(data, dtype=None):
+    """Convert user data to an array of the active backend following the dtype policy."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_array(data):
+        array = data
+    else:
+        if isinstance(data, (bool, int, float)) or (isinstance(data, (list, tuple))):
+            try:
+                probe = backend.host.asarray(data)
+            except ValueError as err:  # ragged nested lists
+                raise ValueError(f"Tensor data must be rectangular; got a ragged {type(data).__name__}: {err}") from None
+            if probe.dtype.kind not in "biuf":
+                raise TypeError(f"Tensor data must be numeric; got a {type(data).__name__} holding {probe.dtype} values")
+            array = backend.to_active(probe, dtype=dtype or backend.DTYPE)
+        else:
+            raise TypeError(f"Tensor data must be a number, a list of numbers or a numpy/cupy array; "
+                            f"got {type(data).__name__}")
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        raise TypeError(f"Tensor data must be numeric; got an array of dtype {array.dtype}")
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype)
+    elif kind == "f" and array.dtype.itemsize < 4:
+        array = array.astype(backend.DTYPE)
+    return array
+
+
+class Tensor:
+    """An n-dimensional array that can record the ops applied to it and differentiate them."""
+
+    __array_ufunc__ = None  # make numpy defer `ndarray * Tensor` to Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)  # numpy.ndarray or cupy.ndarray
+        self.grad = None  # same shape, dtype and backend as data once backward() ran
+        self._fn, self._ctx, self._parents = None, None, ()  # graph links, set by Function.apply
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_()
+
+    def requires_grad_(self, flag=True):
+        """Mark this tensor as a leaf whose gradient backward() should fill; returns self."""
+        if flag and self.data.dtype.kind != "f":
+            raise TypeError(f"only floating tensors can require gradients; this one is {self.data.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return int(self.data.size)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{grad})"
+
+    def numpy(self):
+        """A host numpy copy of the data (a GPU sync on cupy)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        """The value of a one-element tensor as a Python number (a GPU sync on cupy)."""
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element; this one has shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def zero_grad(self):
+        self.grad = None
+
+    def backward(self, grad=None, retain_graph=False):
+        """Fill `.grad` of every leaf that this tensor depends on (reverse-mode autodiff).
+
+        Without `grad` the tensor must hold one element (a loss); d(self)/d(self) = 1.
+        The graph's saved arrays are freed as backward goes unless `retain_graph`.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() called on a tensor that does not require grad: "
+                               "no input of the computation had requires_grad=True (or it ran under no_grad())")
+        xp = backend.xp_of(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a scalar (one-element) tensor; this one "
+                                   f"has shape {self.shape}: reduce it first (e.g. .sum() or .mean()) or pass grad=")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = _as_array(grad, self.data.dtype)
+            if grad.shape != self.data.shape:
+                raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)} but the tensor has shape {self.shape}")
+        order = _topological_order(self)
+        grads = {id(self): grad}
+        while order:
+            node = order.pop()  # popping drops our reference, so used activations can be freed
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._fn is None:  # a leaf: accumulate across backward() calls, as PyTorch does
+                node.grad = g if node.grad is None else node.grad + g
+                continue
+            if node._ctx is None:
+                raise RuntimeError("backward() through a graph whose saved arrays were already freed; "
+                                   "call the first backward() with retain_graph=True to go through it twice")
+            parent_grads = node._fn.backward(node._ctx, g)
+            if not isinstance(parent_grads, tuple):
+                parent_grads = (parent_grads,)
+            for parent, pg in zip(node._parents, parent_grads):
+                if pg is None or not isinstance(parent, Tensor) or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                grads[key] = pg if key not in grads else grads[key] + pg  # a reused tensor sums its terms
+            if not retain_graph:
+                node._ctx, node._parents = None, ()
+
+
+def _topological_order(root):
+    """Every tensor reachable from `root` that needs a gradient, each after all of its parents.
+
+    Iterative depth-first search: a 10,000-op chain is far deeper than Python's
+    default recursion limit (1000).
+    """
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+        elif id(node) not in seen:
+            seen.add(id(node))
+            stack.append((node, True))
+            stack.extend((p, False) for p in node._parents if isinstance(p, Tensor) and p.requires_grad)
+    return order
+
+
+class Context:
+    """What a Function's forward leaves for its backward."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad  # one bool per input
+        self.saved = ()
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+
+class Function:
+    """One differentiable op. Subclasses define static forward(ctx, *arrays, **params) and
+    backward(ctx, grad) -> one gradient (or None) per input; both see raw arrays, never Tensors."""
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        """Run forward on the inputs' arrays and, when a gradient is needed, record the graph.
+
+        Inputs may be Tensors, arrays or Python numbers; numbers stay Python scalars so that
+        they never promote a float32 tensor.
+        """
+        arrays = []
+        for x in inputs:
+            if isinstance(x, Tensor):
+                arrays.append(x.data)
+            elif isinstance(x, (int, float)) or backend.is_array(x):
+                arrays.append(x)
+            else:
+                arrays.append(_as_array(x))
+        _check_same_backend(cls, arrays)
+        needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        record = _grad_enabled and any(needs)
+        ctx = Context(needs)
+        out = Tensor.__new__(Tensor)
+        out.data = cls.forward(ctx, *arrays, **params)
+        out.grad, out.requires_grad = None, record
+        out._fn, out._ctx, out._parents = (cls, ctx, inputs) if record else (None, None, ())
+        return out
+
+
+def _check_same_backend(fn, arrays):
+    """Raise a clear error when an op mixes numpy and cupy arrays (instead of cupy's TypeError)."""
+    if backend.cupy is None:
+        return
+    kinds = {type(a).__module__.split(".")[0] for a in arrays if backend.is_array(a)}
+    if len(kinds) > 1:
+        raise TypeError(f"{fn.__name__} got arrays from different backends ({', '.join(sorted(kinds))}); "
+                        "move them to one with minidiff.use_backend(...) before creating tensors")

@@ -1,0 +1,14 @@
+"""The README's commands are the ones CI runs."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    test_commands = [b for b in blocks if "pytest" in b]
+    assert test_commands, "the README shows no test command"
+    assert test_commands[0].strip() in ci.splitlines(), "'.ci/run' must run the README's test command verbatim"
