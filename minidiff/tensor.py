@@ -147,13 +147,18 @@ class Tensor:
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)} but the tensor has shape {self.shape}")
         order = _topological_order(self)
         grads = {id(self): grad}
+        given = set()  # ids of arrays already handed to a leaf in this pass
         while order:
             node = order.pop()  # popping drops our reference, so used activations can be freed
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._fn is None:  # a leaf: accumulate across backward() calls, as PyTorch does
-                node.grad = g if node.grad is None else node.grad + g
+                if node.grad is not None:
+                    node.grad = node.grad + g
+                else:  # own the array: optimizers update .grad in place, and views or shared arrays would leak
+                    node.grad = g.copy() if (g.base is not None or id(g) in given) else g
+                    given.add(id(node.grad))
                 continue
             if node._ctx is None:
                 raise RuntimeError("backward() through a graph whose saved arrays were already freed; "

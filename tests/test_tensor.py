@@ -170,3 +170,15 @@ def test_intermediate_gradients_are_not_kept():
     h = x * 2.0
     ops.sum(h * h).backward()
     assert h.grad is None and x.grad is not None
+
+
+def test_leaf_gradients_are_writable_and_never_shared():
+    a = Tensor(np.ones(3), requires_grad=True)
+    b = Tensor(np.ones(3), requires_grad=True)
+    (a + b).sum().backward()  # add hands the same upstream array to both inputs
+    a.grad *= 0.5  # an optimizer clipping in place must not touch b's gradient
+    np.testing.assert_array_equal(b.grad, [1.0, 1.0, 1.0])
+    c = Tensor(np.ones((2, 2)), requires_grad=True)
+    c.sum().backward()  # sum's backward is a broadcast view
+    c.grad *= 2.0
+    np.testing.assert_array_equal(c.grad, np.full((2, 2), 2.0))
