@@ -1,0 +1,313 @@
+"""minidiff.data: bundled sets and their split, toys, loaders for users' files, errors, batches."""
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minidiff import backend, data
+from minidiff.data import DataError
+
+
+# ---------------------------------------------------------------- bundled sets
+
+@pytest.mark.parametrize("name, size, levels", [("digits", 8, 17), ("mnist", 32, 256)])
+def test_bundled_sets_have_the_documented_shape_range_and_levels(name, size, levels):
+    images, labels = data.load_dataset(name, "all")
+    assert images.dtype == np.float32 and images.shape[1:] == (1, size, size)
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert labels.shape == (len(images),) and set(labels.tolist()) == set(range(10))
+    assert data.grey_levels(name) == levels
+    # Pixel values sit exactly on the data set's grey levels.
+    steps = (images + 1) / 2 * (levels - 1)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4)
+
+
+def test_mnist_is_padded_with_background():
+    images, _ = data.load_dataset("mnist", "all")
+    border = np.concatenate([images[:, :, :2].ravel(), images[:, :, -2:].ravel(),
+                             images[:, :, :, :2].ravel(), images[:, :, :, -2:].ravel()])
+    assert (border == -1).all()
+
+
+@pytest.mark.parametrize("name, n", [("digits", 1797), ("mnist", 5000)])
+def test_split_is_disjoint_complete_about_90_10_and_stable(name, n):
+    train, heldout = data.split_indices(n)
+    assert len(np.intersect1d(train, heldout)) == 0
+    assert sorted(np.concatenate([train, heldout]).tolist()) == list(range(n))
+    assert len(heldout) == n // 10
+    again_train, again_heldout = data.split_indices(n)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(heldout, again_heldout)
+
+    all_images, all_labels = data.load_dataset(name, "all")
+    train_images, train_labels = data.load_dataset(name, "train")
+    heldout_images, _ = data.load_dataset(name, "heldout")
+    np.testing.assert_array_equal(train_images, all_images[train])
+    np.testing.assert_array_equal(train_labels, all_labels[train])
+    np.testing.assert_array_equal(heldout_images, all_images[heldout])
+    np.testing.assert_array_equal(data.load_dataset(name, "heldout", with_labels=False), heldout_images)
+
+
+def test_heldout_mnist_mixes_labels_although_the_file_is_sorted():
+    _, labels = data.load_dataset("mnist", "heldout")
+    assert len(set(labels[:50].tolist())) == 10
+
+
+def test_load_images_returns_metadata():
+    images, labels, info = data.load_images("digits", "heldout")
+    assert info == {"name": "digits", "image_size": 8, "channels": 1, "grey_levels": 17, "hflip": False}
+    assert images.shape == (179, 1, 8, 8) and labels.shape == (179,)
+    images, _, info = data.load_images("mnist", "train", channels=3)
+    assert images.shape == (4500, 3, 32, 32) and info["channels"] == 3 and info["grey_levels"] == 256
+
+
+def test_unknown_names_splits_and_sizes_list_what_is_known():
+    with pytest.raises(DataError, match="digits, mnist, swissroll"):
+        data.load_images("digitz")
+    with pytest.raises(DataError, match="heldout"):
+        data.load_dataset("digits", "validation")
+    with pytest.raises(DataError, match="8x8"):
+        data.load_images("digits", image_size=32)
+    with pytest.raises(DataError, match="sample_toy"):
+        data.load_images("moons")
+    with pytest.raises(DataError, match="checkerboard"):
+        data.sample_toy("spiral", 10)
+
+
+# ---------------------------------------------------------------- synthetic
+
+@pytest.mark.parametrize("name", data.TOY_DATASETS)
+def test_toys_are_seeded_float32_and_about_unit_scale(name):
+    x = data.sample_toy(name, 4000, np.random.default_rng(0))
+    assert x.shape == (4000, 2) and x.dtype == np.float32
+    assert np.all(np.abs(x.mean(axis=0)) < 0.4) and np.all((0.5 < x.std(axis=0)) & (x.std(axis=0) < 1.5))
+    np.testing.assert_array_equal(x, data.sample_toy(name, 4000, backend.Generator(0)))
+    np.testing.assert_array_equal(x, data.sample_toy(name, 4000, seed=0))
+    assert not np.array_equal(x, data.sample_toy(name, 4000, 1))
+
+
+def test_mondrian_is_seeded_with_primary_colours_and_black_lines():
+    image = data.mondrian(64, 3)
+    assert image.shape == (3, 64, 64) and image.dtype == np.float32
+    assert image.min() == -1.0 and image.max() == 1.0
+    np.testing.assert_array_equal(image, data.mondrian(64, 3))
+    pixels = {tuple(p) for p in np.round((image.reshape(3, -1).T.astype(np.float64) + 1) / 2, 2).tolist()}
+    assert pixels <= {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)} | {tuple(c) for c in data.PRIMARY_COLOURS}
+    assert (image[:, 0] == -1).all() and (image[:, :, 0] == -1).all()     # the black frame
+    assert data.mondrian(32, 3, channels=1).shape == (1, 32, 32)
+
+
+# ---------------------------------------------------------------- users' files
+
+def _write_pngs(folder, sizes, mode="RGB"):
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_folder_of_png_and_jpeg_is_resized_cropped_and_scaled(tmp_path):
+    folder = _write_pngs(tmp_path / "photos", [(20, 10), (12, 12)])
+    Image.new("RGB", (30, 40), (255, 0, 0)).save(folder / "red.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    images, labels = data.load_path(folder, image_size=8)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == np.float32 and labels is None
+    assert -1 <= images.min() and images.max() <= 1
+    red = images[2]                            # sorted: im0.png, im1.png, red.jpg
+    assert red[0].mean() > 0.9 and red[1].mean() < -0.9
+    grey, _ = data.load_path(folder, image_size=8, channels=1)
+    assert grey.shape == (3, 1, 8, 8)
+
+
+def test_grey_folder_stays_grey_and_exact(tmp_path):
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    pixels = np.arange(16, dtype=np.uint8).reshape(4, 4) * 17
+    Image.fromarray(pixels).save(folder / "a.png")
+    images, _ = data.load_path(folder)
+    np.testing.assert_allclose(images[0, 0], pixels / 127.5 - 1, atol=1e-6)
+    _, _, info = data.load_images(str(folder), "all")
+    assert info["channels"] == 1 and info["image_size"] == 4 and info["hflip"] is True
+
+
+def test_mixed_sizes_without_image_size_name_the_files(tmp_path):
+    folder = _write_pngs(tmp_path / "mixed", [(8, 8), (9, 9)])
+    with pytest.raises(DataError, match=r"im0\.png.*im1\.png.*--image-size"):
+        data.load_path(folder)
+
+
+def test_missing_empty_and_unreadable_inputs_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="nowhere.npz: no such file"):
+        data.load_path(tmp_path / "nowhere.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: the folder holds no images"):
+        data.load_path(tmp_path / "empty")
+    folder = _write_pngs(tmp_path / "broken", [(8, 8)])
+    (folder / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="bad.png: cannot read this image"):
+        data.load_path(folder)
+    (tmp_path / "mystery.bin").write_bytes(b"hello world")
+    with pytest.raises(DataError, match="mystery.bin: not a recognised format"):
+        data.load_path(tmp_path / "mystery.bin")
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NHW", "NCHW"])
+def test_npy_layouts_and_uint8_scaling(tmp_path, layout):
+    nhwc = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    array = {"NHWC": nhwc, "NHW": nhwc[..., 0], "NCHW": nhwc.transpose(0, 3, 1, 2)}[layout]
+    np.save(tmp_path / "x.npy", array)
+    images, labels = data.load_path(tmp_path / "x.npy")
+    expected = nhwc.transpose(0, 3, 1, 2)[:, :1 if layout == "NHW" else 3] / 127.5 - 1
+    np.testing.assert_allclose(images, expected, atol=1e-6)
+    assert labels is None
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_float_arrays_are_read_by_their_range(tmp_path, lo, hi):
+    x = np.linspace(lo, hi, 2 * 4 * 4, dtype=np.float64).reshape(2, 4, 4)
+    np.save(tmp_path / "f.npy", x)
+    images, _ = data.load_path(tmp_path / "f.npy")
+    assert images.dtype == np.float32
+    assert images.min() == pytest.approx(-1) and images.max() == pytest.approx(1)
+
+
+def test_npz_prefers_images_then_arr_0_and_keeps_labels(tmp_path):
+    x = np.zeros((4, 5, 5), np.uint8)
+    np.savez(tmp_path / "a.npz", other=np.ones((2, 3, 3), np.uint8), images=x, labels=np.arange(4))
+    images, labels = data.load_path(tmp_path / "a.npz")
+    assert images.shape == (4, 1, 5, 5) and labels.tolist() == [0, 1, 2, 3]
+    np.savez(tmp_path / "b.npz", np.full((3, 4, 4, 3), 255, np.uint8))    # saved as arr_0
+    images, labels = data.load_path(tmp_path / "b.npz", image_size=2)
+    assert images.shape == (3, 3, 2, 2) and labels is None
+    np.testing.assert_allclose(images, 1.0)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 4), np.uint8), "not a stack of images"),
+    (np.zeros((2, 5, 5, 7), np.uint8), "no channel axis"),
+    (np.full((2, 4, 4), 300, np.int32), "outside 0..255"),
+    (np.full((2, 4, 4), 3.0e3), "float pixels span"),
+    (np.full((2, 4, 4), np.nan), "NaN"),
+    (np.zeros((2, 4, 4), complex), "not pixels"),
+    (np.zeros((0, 4, 4), np.uint8), "no pixels"),
+])
+def test_wrong_array_shapes_and_dtypes_name_the_file(tmp_path, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=f"bad.npy.*{message}"):
+        data.load_path(tmp_path / "bad.npy")
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="obj.npy: cannot read it as a NumPy array"):
+        data.load_path(tmp_path / "obj.npy")
+
+
+def _idx_bytes(array):
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    return struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_mnist_idx_files_with_sibling_labels(tmp_path, gzipped):
+    x = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    y = np.arange(6, dtype=np.uint8)
+    suffix, pack = (".gz", gzip.compress) if gzipped else ("", lambda b: b)
+    (tmp_path / f"train-images-idx3-ubyte{suffix}").write_bytes(pack(_idx_bytes(x)))
+    (tmp_path / f"train-labels-idx1-ubyte{suffix}").write_bytes(pack(_idx_bytes(y)))
+    images, labels = data.load_path(tmp_path / f"train-images-idx3-ubyte{suffix}")
+    np.testing.assert_allclose(images[:, 0], x / 127.5 - 1, atol=1e-6)
+    assert labels.tolist() == list(range(6))
+
+
+def test_truncated_idx_and_labels_file_are_explained(tmp_path):
+    raw = _idx_bytes(np.zeros((3, 4, 4), np.uint8))
+    (tmp_path / "short-idx3-ubyte").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="short-idx3-ubyte: IDX header says shape"):
+        data.load_path(tmp_path / "short-idx3-ubyte")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(3, np.uint8)))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: .*labels file"):
+        data.load_path(tmp_path / "t10k-labels-idx1-ubyte")
+
+
+def _write_cifar_batch(path, n, seed):
+    rng = np.random.default_rng(seed)
+    batch = {b"batch_label": b"training batch", b"labels": rng.integers(0, 10, n).tolist(),
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    return batch
+
+
+def test_cifar_batch_file_and_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    first = _write_cifar_batch(folder / "data_batch_1", 3, 0)
+    _write_cifar_batch(folder / "data_batch_2", 2, 1)
+    _write_cifar_batch(folder / "test_batch", 4, 2)
+    images, labels = data.load_path(folder / "data_batch_1")
+    assert images.shape == (3, 3, 32, 32) and labels.tolist() == first[b"labels"]
+    # Channel planes: the first 1024 bytes of a row are the red plane.
+    np.testing.assert_allclose(images[0, 0].ravel(), first[b"data"][0, :1024] / 127.5 - 1, atol=1e-6)
+    images, labels = data.load_path(tmp_path)       # the folder above: training batches only
+    assert images.shape == (5, 3, 32, 32) and len(labels) == 5
+
+
+def test_cifar_loader_refuses_pickles_that_would_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Evil()}, f)
+    with pytest.raises(DataError, match="data_batch_1: not a CIFAR-10 python batch.*refusing"):
+        data.load_path(tmp_path / "data_batch_1")
+
+
+def test_user_paths_get_the_same_split(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (30, 4, 4), dtype=np.uint8))
+    train, _, info = data.load_images(str(tmp_path / "x.npy"), "train")
+    heldout, _, _ = data.load_images(str(tmp_path / "x.npy"), "heldout")
+    assert len(train) == 27 and len(heldout) == 3 and info["hflip"] is False
+    np.save(tmp_path / "few.npy", np.zeros((5, 4, 4), np.uint8))
+    with pytest.raises(DataError, match="few.npy: 5 images are too few"):
+        data.load_images(str(tmp_path / "few.npy"), "heldout")
+
+
+# ---------------------------------------------------------------- batches
+
+def test_batches_cover_each_epoch_once_and_reshuffle():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    batches = data.Batches(x, 5, rng=0)
+    epoch1 = np.concatenate([next(batches) for _ in range(2)]).ravel()
+    epoch2 = np.concatenate([next(batches) for _ in range(2)]).ravel()
+    assert sorted(epoch1.tolist()) == sorted(epoch2.tolist()) == list(range(10))
+    assert not np.array_equal(epoch1, epoch2)
+
+
+def test_batches_state_round_trip_replays_the_same_batches():
+    x = np.random.default_rng(0).standard_normal((7, 1, 2, 3)).astype(np.float32)
+    batches = data.Batches(x, 3, backend.Generator(5), hflip=True)   # 7 % 3 != 0: batches cross epochs
+    for _ in range(4):
+        next(batches)
+    state = batches.state_dict()
+    assert all(isinstance(v, int) for v in state.values())
+    expected = [next(batches) for _ in range(5)]
+    restored = data.Batches(x, 3, backend.Generator(99), hflip=True)
+    restored.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(restored), want)
+    with pytest.raises(DataError, match="same data and batch size"):
+        data.Batches(x, 4, 0).load_state_dict(state)
+
+
+def test_random_hflip_mirrors_about_half():
+    x = np.arange(2 * 1 * 1 * 3, dtype=np.float32).reshape(2, 1, 1, 3).repeat(500, axis=0)
+    flipped = data.random_hflip(x, 0)
+    is_flipped = (flipped[:, 0, 0] == x[:, 0, 0, ::-1]).all(axis=1)
+    assert ((flipped == x).all(axis=(1, 2, 3)) | is_flipped).all()
+    assert 400 < is_flipped.sum() < 600
