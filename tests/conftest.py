@@ -6,6 +6,12 @@ whole suite run its `backend_name`-parametrised tests on cupy as well).
 """
 import os
 
+# The tests' matrices are small: one BLAS thread avoids oversubscribing the 2 cores
+# when pytest and BLAS threads compete (measured 10-30x slowdowns of tiny GEMMs under
+# load). Set before numpy is imported; a caller's explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
