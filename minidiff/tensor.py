@@ -44,6 +44,8 @@ def _as_array(data, dtype=None):
         data = data.data
     if backend.is_array(data):
         array = data
+    elif hasattr(data, "dtype") and hasattr(data, "shape"):  # a numpy scalar such as numpy.float32(0.1)
+        array = backend.to_active(data)
     else:
         if isinstance(data, (bool, int, float)) or (isinstance(data, (list, tuple))):
             try:

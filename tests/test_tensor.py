@@ -133,6 +133,9 @@ class TestDtypePolicy:
         b = Tensor(np.ones(2, dtype=np.float64))
         assert (a + b).dtype == np.float64 and (a * b).dtype == np.float64
 
+    def test_numpy_scalars_keep_their_dtype(self):
+        assert Tensor(np.float32(0.1)).dtype == np.float32 and Tensor(np.float64(0.1)).shape == ()
+
     def test_explicit_dtype(self):
         assert Tensor([1.0], dtype=np.float64).dtype == np.float64
 

@@ -1,0 +1,416 @@
+"""Gaussian diffusion (Ho, Jain & Abbeel 2020, arXiv:2006.11239): every formula of the paper in one place.
+
+Time is 0-based: `t` is an integer array of shape (N,) and t = 0 is the paper's step 1,
+t = T - 1 its step T. The forward process q (Eq. 2, 4, 6-7), the reverse process p (Eq. 11,
+15, Algorithm 2), the losses (L_simple Eq. 14 / Algorithm 1; the bound Eq. 5 with the decoder
+Eq. 13) and DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 and 16) follow the original code's
+names (hojonathanho/diffusion, kept by improved-diffusion). Coefficients are float64 host arrays,
+cast to the activations' dtype and backend once, in `_extract`.
+`model` is any callable model(x_t, t) returning an array or a Tensor shaped like x_t.
+May import: backend, tensor, ops, schedule, losses.
+"""
+import math
+
+from tqdm.auto import tqdm
+
+from . import backend, ops
+from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .schedule import check_betas, respace_betas, space_timesteps
+from .tensor import Tensor, no_grad
+
+host = backend.host  # numpy, for the float64 coefficient tables only
+
+MEAN_TYPES = ("eps", "x0", "v")  # what the model predicts: the noise (the paper), x_0, or v (Salimans & Ho 2022)
+VAR_TYPES = ("fixed_small", "fixed_large")  # sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2)
+LOSS_TYPES = ("mse", "kl")  # L_simple (Eq. 14) or the true variational bound (Eq. 5)
+
+
+def _data(a):
+    """The raw array of a Tensor (arrays pass through)."""
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _generator(seed):
+    """A fresh seeded stream, or the package-wide default one (see backend.manual_seed)."""
+    return backend.Generator(seed) if seed is not None else backend.default_generator()
+
+
+def mean_flat(x):
+    """Mean over all axes but the batch axis: (N, ...) -> (N,). Works on arrays and Tensors."""
+    axes = tuple(range(1, x.ndim))
+    return x.mean(axis=axes) if axes else x
+
+
+class GaussianDiffusion:
+    """The diffusion process for a fixed schedule betas (T,), and everything computed from it.
+
+    Args:
+        betas: beta_1 .. beta_T, e.g. schedule.get_named_beta_schedule("linear", 1000).
+        model_mean_type: "eps", "x0" or "v": what the model's output means.
+        model_var_type: "fixed_small" (beta_tilde_t) or "fixed_large" (beta_t).
+        loss_type: "mse" (L_simple, Eq. 14) or "kl" (the bound's term for t, Eq. 5, in bits/dim).
+    """
+
+    num_bins = 256  # grey levels of the data for the decoder L_0 (Eq. 13); set 2 for binary data
+
+    def __init__(self, betas, model_mean_type="eps", model_var_type="fixed_small", loss_type="mse"):
+        for value, allowed, what in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
+                                     (model_var_type, VAR_TYPES, "model_var_type"),
+                                     (loss_type, LOSS_TYPES, "loss_type")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, allowed))}")
+        self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
+        self.betas = betas = check_betas(betas)  # float64 host array; cast at the point of use
+        if betas.size < 2:
+            raise ValueError("GaussianDiffusion needs at least 2 timesteps (beta_tilde at t = 1 fills in t = 0)")
+        self.num_timesteps = int(betas.size)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = host.cumprod(alphas)  # alpha_bar_t = prod_{s <= t} alpha_s (Eq. 4)
+        self.alphas_cumprod_prev = host.append(1.0, self.alphas_cumprod[:-1])  # alpha_bar_{t-1}; 1 before step 1
+        # 1 - alpha_bar_t without cancellation (exactly beta_1 at t = 0): the naive 1 - cumprod loses
+        # ~1e-16 / (1 - alpha_bar_t) relative, i.e. 1e-10 for a beta_1 of 1e-6.
+        one_minus = -host.expm1(host.cumsum(host.log1p(-betas)))
+        one_minus_prev = host.append(0.0, one_minus[:-1])
+        self.one_minus_alphas_cumprod = one_minus
+
+        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): Eq. 4
+        self.sqrt_alphas_cumprod = host.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = host.sqrt(one_minus)
+        self.log_one_minus_alphas_cumprod = host.log(one_minus)
+        # x_0 = x_t / sqrt(alpha_bar_t) - sqrt(1 / alpha_bar_t - 1) eps: Eq. 4 solved for x_0 (Eq. 15)
+        self.sqrt_recip_alphas_cumprod = host.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = host.sqrt(one_minus / self.alphas_cumprod)  # sqrt(1 / alpha_bar - 1)
+
+        # q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I): Eq. 6-7
+        self.posterior_variance = betas * one_minus_prev / one_minus
+        # beta_tilde at t = 0 is 0 (log = -inf): use t = 1's value, as the original code's second
+        # version and improved-diffusion do. The decoder L_0 (Eq. 13) uses it, so bits/dim depend on it.
+        self.posterior_log_variance_clipped = host.log(
+            host.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * host.sqrt(self.alphas_cumprod_prev) / one_minus
+        self.posterior_mean_coef2 = one_minus_prev * host.sqrt(alphas) / one_minus
+
+        # The reverse process's fixed variance sigma_t^2 (Sec. 3.2). "fixed_large" takes beta_t but,
+        # as the original code does, t = 1's beta_tilde for the log-variance at t = 0 (used by L_0).
+        if model_var_type == "fixed_small":
+            self.model_variance = self.posterior_variance
+            self.model_log_variance = self.posterior_log_variance_clipped
+        else:
+            self.model_variance = betas
+            self.model_log_variance = host.log(host.append(self.posterior_variance[1], betas[1:]))
+
+        self.timestep_map = None  # on a respaced chain: index -> original timestep the model was trained on
+        self._device_copies = {}  # (name, backend, dtype) -> coefficient table on that backend
+
+    # ------------------------------------------------------------------ helpers
+
+    def _extract(self, name, t, x):
+        """Coefficient table `name` at timesteps t, in x's dtype on x's backend, shaped (N, 1, ..., 1).
+
+        Cast and moved once per backend and dtype, so float32 activations are never promoted to
+        float64 and a GPU step pays no host-to-device copy.
+        """
+        x = _data(x)
+        xp = backend.xp_of(x)
+        key = (name, xp.__name__, x.dtype.str)
+        if key not in self._device_copies:
+            self._device_copies[key] = xp.asarray(getattr(self, name).astype(x.dtype))
+        return self._device_copies[key][xp.asarray(_data(t))].reshape(-1, *([1] * (x.ndim - 1)))
+
+    def _model_timesteps(self, t):
+        """The timesteps to show the model: on a respaced chain, the original ones it was trained on."""
+        if self.timestep_map is None:
+            return t
+        t = _data(t)
+        return backend.xp_of(t).asarray(self.timestep_map)[t]
+
+    def _call_model(self, model, x, t):
+        """model(x_t, t) as an array of x's dtype, computed without recording a graph (sampling, evaluation)."""
+        with no_grad():
+            out = _data(model(Tensor(x), self._model_timesteps(t)))
+        self._check_output(out, x)
+        return out.astype(x.dtype, copy=False)  # a float64 model output must not promote the chain
+
+    @staticmethod
+    def _check_output(out, x):
+        if tuple(out.shape) != tuple(x.shape):
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for x_t of shape {tuple(x.shape)}; "
+                             "it must predict one value per input value (eps, x_0 or v)")
+
+    def _full_t(self, x, i):
+        """The timestep i for every sample of the batch x: an int64 array (N,) on x's backend."""
+        return backend.xp_of(x).full((x.shape[0],), i, dtype=backend.host.int64)
+
+    # ------------------------------------------------------------------ forward process q
+
+    def q_mean_variance(self, x_start, t):
+        """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): Eq. 4."""
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a sample of q(x_t | x_0): Eq. 4."""
+        if noise is None:
+            noise = backend.default_generator().normal(_data(x_start).shape, dtype=_data(x_start).dtype)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I): Eq. 6-7."""
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)  # mu_tilde_t(x_t, x_0), Eq. 7
+        variance = self._extract("posterior_variance", t, x_t)  # beta_tilde_t, Eq. 7
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t)
+        return mean, variance, log_variance
+
+    def predict_start_from_noise(self, x_t, t, eps):
+        """x_0 = x_t / sqrt(alpha_bar_t) - sqrt(1 / alpha_bar_t - 1) eps: Eq. 4 solved for x_0 (Eq. 15)."""
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+
+    def predict_noise_from_start(self, x_t, t, x_start):
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1): the inverse of Eq. 15."""
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+
+    def predict_start_from_v(self, x_t, t, v):
+        """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v (Salimans & Ho 2022, Sec. 4)."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
+    def velocity(self, x_start, t, noise):
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, the "v" model's target (Salimans & Ho 2022)."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+
+    # ------------------------------------------------------------------ reverse process p
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True):
+        """Mean and variance of p(x_{t-1} | x_t) (Eq. 11 with sigma_t^2 fixed), and the x_0 prediction.
+
+        Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
+        """
+        return self._p_mean_variance_from_output(self._call_model(model, x, t), x, t, clip_denoised)
+
+    def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised):
+        """p_mean_variance for a given model output (array or Tensor: Tensors stay differentiable).
+
+        Goes through x_0 (Eq. 15) so that it can be clipped to the data range [-1, 1]; unclipped,
+        mu_tilde_t(x_t, x_0_hat) (Eq. 7) equals Eq. 11's 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1 - alpha_bar_t) eps).
+        """
+        if self.model_mean_type == "eps":
+            pred_xstart = self.predict_start_from_noise(x, t, model_output)
+        elif self.model_mean_type == "x0":
+            pred_xstart = model_output
+        else:
+            pred_xstart = self.predict_start_from_v(x, t, model_output)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clip(-1.0, 1.0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {"mean": mean,
+                "variance": self._extract("model_variance", t, x),
+                "log_variance": self._extract("model_log_variance", t, x),
+                "pred_xstart": pred_xstart}
+
+    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
+        """One reverse step x_t -> x_{t-1} = mu_theta(x_t, t) + sigma_t z (Algorithm 2, line 4); no noise where t == 0."""
+        if noise is None:
+            noise = backend.default_generator().normal(x.shape, dtype=x.dtype)
+        return self._p_sample(model, x, t, noise, clip_denoised)[0]
+
+    def _p_sample(self, model, x, t, noise, clip_denoised):
+        out = self.p_mean_variance(model, x, t, clip_denoised)
+        # A mask rather than an `if`: no GPU sync, and a batch may mix timesteps (the original's way).
+        nonzero = (backend.xp_of(x).asarray(_data(t)) != 0).astype(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return out["mean"] + nonzero * out["variance"] ** 0.5 * noise, out["pred_xstart"]
+
+    def _reverse(self, model, x, start, generator, clip_denoised, progress, draw_noise=None):
+        """Run p from timestep `start` down to 0 (Algorithm 2, lines 2-5), yielding every step."""
+        draw_noise = draw_noise or (lambda: generator.normal(x.shape, dtype=x.dtype))
+        for i in tqdm(range(start, -1, -1), desc="sampling", disable=not progress):
+            x, pred_xstart = self._p_sample(model, x, self._full_t(x, i), draw_noise(), clip_denoised)
+            yield {"t": i, "sample": x, "pred_xstart": pred_xstart}
+
+    def _initial_noise(self, shape, noise, generator):
+        """x_T ~ N(0, I) (Algorithm 2, line 1), or the caller's `noise`."""
+        if noise is None:
+            return generator.normal(tuple(shape))
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)} was asked for")
+        return _data(noise)
+
+    def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+        """Algorithm 2 step by step: yields {"t", "sample" (x_{t-1}), "pred_xstart"} for t = T-1 .. 0 (Fig. 6)."""
+        generator = _generator(seed)
+        x = self._initial_noise(shape, noise, generator)
+        yield from self._reverse(model, x, self.num_timesteps - 1, generator, clip_denoised, progress)
+
+    def p_sample_loop(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+        """Ancestral sampling, Algorithm 2: x_T ~ N(0, I), then T reverse steps; returns x_0.
+
+        `noise` is x_T; `seed` makes the whole chain reproducible (same seed, same bits).
+        """
+        for step in self.p_sample_loop_progressive(model, shape, noise, seed, clip_denoised, progress):
+            pass
+        return step["sample"]
+
+    def respaced(self, num_steps):
+        """The same model sampled with num_steps ancestral steps (Nichol & Dhariwal 2021, Sec. 4).
+
+        Keeps num_steps evenly spaced timesteps (schedule.space_timesteps) and recomputes the
+        betas from their alpha_bars (schedule.respace_betas), so q(x_t | x_0) is unchanged at
+        the kept steps; the model is shown the original timesteps through `timestep_map`.
+        """
+        kept = space_timesteps(self.num_timesteps, num_steps)
+        spaced = GaussianDiffusion(respace_betas(self.alphas_cumprod, kept),
+                                   self.model_mean_type, self.model_var_type, self.loss_type)
+        spaced.num_bins = self.num_bins
+        spaced.timestep_map = kept if self.timestep_map is None else self.timestep_map[kept]
+        return spaced
+
+    # ------------------------------------------------------------------ DDIM
+
+    def ddim_timesteps(self, num_steps):
+        """The DDIM paper's uniform spacing: 0, c, 2c, ..., (num_steps - 1) c with c = T // num_steps."""
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"num_steps must be between 1 and {self.num_timesteps}, got {num_steps}")
+        return host.arange(num_steps) * (self.num_timesteps // num_steps)
+
+    def ddim_sample_loop_progressive(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
+                                     clip_denoised=True, progress=False):
+        """DDIM (Song et al. 2021) step by step: yields {"t", "sample", "pred_xstart"}; one model call per step.
+
+        x_prev = sqrt(alpha_bar_prev) x_0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z  (Eq. 12),
+        sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)  (Eq. 16).
+        eta = 0 is deterministic; eta = 1 is the DDPM-like sampler. The last step goes to alpha_bar = 1.
+        When clip_denoised clips x_0_hat, eps_hat is recomputed from the clipped x_0_hat first
+        (the original DDIM and improved-diffusion convention).
+        """
+        generator = _generator(seed)
+        x = self._initial_noise(shape, noise, generator)
+        timesteps = self.ddim_timesteps(num_steps)
+        for i in tqdm(range(num_steps - 1, -1, -1), desc="ddim", disable=not progress):
+            t = self._full_t(x, int(timesteps[i]))
+            # Python floats: a float64 numpy scalar would promote the float32 chain.
+            alpha_bar = float(self.alphas_cumprod[timesteps[i]])
+            alpha_bar_prev = float(self.alphas_cumprod[timesteps[i - 1]]) if i > 0 else 1.0
+            out = self.p_mean_variance(model, x, t, clip_denoised)
+            eps = self.predict_noise_from_start(x, t, out["pred_xstart"])
+            sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * math.sqrt(1 - alpha_bar / alpha_bar_prev)
+            x = (math.sqrt(alpha_bar_prev) * out["pred_xstart"]
+                 + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps)
+            if sigma > 0:
+                x = x + sigma * generator.normal(x.shape, dtype=x.dtype)
+            yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
+                         clip_denoised=True, progress=False):
+        """DDIM sampling (Song et al. 2021, Eq. 12) with exactly num_steps model calls; returns x_0."""
+        for step in self.ddim_sample_loop_progressive(model, shape, num_steps, eta, noise, seed,
+                                                      clip_denoised, progress):
+            pass
+        return step["sample"]
+
+    # ------------------------------------------------------------------ losses and the bound
+
+    def training_losses(self, model, x_start, t, noise=None):
+        """The loss of Algorithm 1 for a batch x_start (N, ...) at timesteps t (N,): {"loss": Tensor (N,), ...}.
+
+        "mse": L_simple (Eq. 14), the mean over non-batch axes of (target - model output)^2 with the
+        target eps, x_0 or v; also returned as "mse". "kl": the bound's term for t (Eq. 5) in bits/dim,
+        L_0 (Eq. 13) where t == 0, computed without clipping x_0 as the original does; also as "vb".
+        The model runs with gradients on, so a training step is
+            losses = diffusion.training_losses(model, x_start, t)
+            losses["loss"].mean().backward()
+        """
+        x_start = _data(x_start)
+        if noise is None:
+            noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype)
+        noise = _data(noise)
+        x_t = self.q_sample(x_start, t, noise)  # Eq. 4
+        model_output = model(Tensor(x_t), self._model_timesteps(t))
+        if not isinstance(model_output, Tensor):  # a plain array: still return Tensors, just without a graph
+            model_output = Tensor(model_output)
+        self._check_output(model_output, x_t)
+        if self.loss_type == "mse":
+            if self.model_mean_type == "eps":
+                target = noise
+            elif self.model_mean_type == "x0":
+                target = x_start
+            else:
+                target = self.velocity(x_start, t, noise)
+            mse = mean_flat((model_output - target) ** 2)  # ||eps - eps_theta(x_t, t)||^2, Eq. 14
+            return {"loss": mse, "mse": mse}
+        vb, _ = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)
+        return {"loss": vb, "vb": vb}
+
+    def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised):
+        """The bound's term for timestep t in bits/dim (Tensor (N,)), and pred_xstart.
+
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 (Eq. 5), and
+        L_0 = -log p(x_0 | x_1), the discretised Gaussian decoder (Eq. 13), for t == 0.
+        """
+        model_output = model_output if isinstance(model_output, Tensor) else Tensor(model_output)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x_start, out["mean"], 0.5 * out["log_variance"], num_bins=self.num_bins)) / math.log(2.0)
+        # A mask, not an `if`: a batch mixes timesteps. Both terms are finite everywhere.
+        is_first = backend.xp_of(x_start).asarray(_data(t)) == 0
+        return ops.where(is_first, decoder_nll, kl), out["pred_xstart"]
+
+    def prior_bpd(self, x_start):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, shape (N,): no parameters, about 0 for a good schedule."""
+        t = self._full_t(x_start, self.num_timesteps - 1)
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
+
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, seed=None, progress=False):
+        """The negative log-likelihood bound L = L_T + sum_t L_{t-1} (Eq. 5) in bits/dim (Table 2).
+
+        Returns a dict of arrays: "total_bpd" (N,), "prior_bpd" (N,), "vb" (N, T) with column t the
+        term for timestep t (column 0 is the decoder L_0, Eq. 13), and "mse" (N, T), the
+        noise-prediction error at each t. One model call per timestep, each with fresh noise.
+        """
+        x_start = _data(x_start)
+        generator = _generator(seed)
+        xp = backend.xp_of(x_start)
+        vb, mse = [None] * self.num_timesteps, [None] * self.num_timesteps
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bpd", disable=not progress):
+            t = self._full_t(x_start, i)
+            noise = generator.normal(x_start.shape, dtype=x_start.dtype)
+            x_t = self.q_sample(x_start, t, noise)
+            with no_grad():
+                terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t), x_start, x_t, t, clip_denoised)
+            vb[i] = terms.data
+            eps = self.predict_noise_from_start(x_t, t, _data(pred_xstart))
+            mse[i] = mean_flat((eps - noise) ** 2)
+        vb, mse = xp.stack(vb, axis=1), xp.stack(mse, axis=1)  # (N, T) each
+        prior_bpd = self.prior_bpd(x_start)
+        return {"total_bpd": vb.sum(axis=1) + prior_bpd, "prior_bpd": prior_bpd, "vb": vb, "mse": mse}
+
+    # ------------------------------------------------------------------ interpolation
+
+    def interpolate(self, model, x_a, x_b, t, lambdas, noise=None, seed=None, clip_denoised=True, progress=False):
+        """Interpolate in latent space (Sec. 4.4, Fig. 8): returns x_0 for each lambda, shape (L, N, ...).
+
+        Both batches are encoded with q at timestep t using the same noise (Eq. 4), mixed as
+        (1 - lambda) x_t + lambda x'_t, and decoded by the reverse process from t down to 0. The
+        reverse noise is shared across lambdas, so only the mix differs between the outputs.
+        """
+        x_a, x_b = _data(x_a), _data(x_b)
+        xp = backend.xp_of(x_a)
+        generator = _generator(seed)
+        if noise is None:
+            noise = generator.normal(x_a.shape, dtype=x_a.dtype)
+        t_batch = self._full_t(x_a, t)
+        xt_a, xt_b = self.q_sample(x_a, t_batch, noise), self.q_sample(x_b, t_batch, _data(noise))
+        lambdas = [float(lam) for lam in lambdas]
+        mixed = xp.concatenate([(1.0 - lam) * xt_a + lam * xt_b for lam in lambdas])  # (L * N, ...)
+        shared = lambda: xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype)] * len(lambdas))  # noqa: E731
+        for step in self._reverse(model, mixed, int(t), generator, clip_denoised, progress, draw_noise=shared):
+            pass
+        return step["sample"].reshape(len(lambdas), *x_a.shape)

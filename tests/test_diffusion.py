@@ -1,0 +1,536 @@
+"""GaussianDiffusion: identities (hypothesis), closed-form sampler oracles, losses, the bound, seeds.
+
+Oracles, cheapest first:
+- identities between Eq. 4, 7, 11 and 15 in float64, for every named and random schedule;
+- Gaussian data N(mu, s^2): the optimal predictor E[eps | x_t] is linear in x_t, so every sampler
+  is a linear-Gaussian chain whose output mean and variance follow from a scalar recursion written
+  here from the betas alone; samples must match it, and perturbed samplers must not;
+- a small point set: the optimal predictor is a softmax-weighted average; samples land on the points.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidiff import backend
+from minidiff.diffusion import GaussianDiffusion
+from minidiff.losses import discretized_gaussian_log_likelihood
+from minidiff.schedule import get_named_beta_schedule
+from minidiff.tensor import Tensor
+from strategies import betas_arrays, finite_arrays, image_shapes, timesteps
+
+hsettings = settings(deadline=None)
+LINEAR_100 = get_named_beta_schedule("linear", 100)
+
+
+def constant_model(output):
+    """A model that ignores its input and returns `output` (an array shaped like x_t)."""
+    return lambda x, t: output
+
+
+def draw_case(data, betas, low=0):
+    """x_0, eps (float64, shape (N, C, H, W)) and 0-based t (N,) for property tests."""
+    shape = data.draw(image_shapes)
+    x_start = data.draw(finite_arrays(shape, -1, 1))
+    eps = data.draw(finite_arrays(shape))
+    t = data.draw(timesteps(betas.size, shape[0], low=low))
+    return x_start, eps, t
+
+
+def per_sample(coef, t, ndim=4):
+    """A float64 table indexed at t and shaped (N, 1, 1, 1), written out independently of _extract."""
+    return np.asarray(coef)[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+# ---------------------------------------------------------------- identities (hypothesis)
+
+
+@hsettings
+@given(betas_arrays, st.data())
+def test_predict_start_from_noise_inverts_q_sample(betas, data):
+    """Eq. 15 undoes Eq. 4. The tolerance grows as 1 / sqrt(alpha_bar_t): dividing by it amplifies
+    float64 rounding of x_t, and random schedules drive alpha_bar as low as ~1e-90."""
+    d = GaussianDiffusion(betas)
+    x_start, eps, t = draw_case(data, betas)
+    x_t = d.q_sample(x_start, t, eps)
+    expected = per_sample(np.sqrt(np.cumprod(1 - betas)), t) * x_start + \
+        per_sample(np.sqrt(1 - np.cumprod(1 - betas)), t) * eps
+    np.testing.assert_allclose(x_t, expected, rtol=1e-12, atol=1e-12)
+    error = np.abs(d.predict_start_from_noise(x_t, t, eps) - x_start)
+    assert np.all(error <= 1e-14 * (4 + np.abs(eps)) / per_sample(d.sqrt_alphas_cumprod, t))
+    # And back: eps from (x_t, x_0) divides by sqrt(1 - alpha_bar_t) as well, hence the second factor.
+    error = np.abs(d.predict_noise_from_start(x_t, t, x_start) - eps)
+    assert np.all(error <= 1e-14 * (4 + np.abs(eps)) / per_sample(d.sqrt_alphas_cumprod * d.sqrt_one_minus_alphas_cumprod, t))
+
+
+@hsettings
+@given(betas_arrays, st.data())
+def test_posterior_mean_from_x0_equals_algorithm_2s_mean_from_eps(betas, data):
+    """With x_t = q_sample(x_0, eps): mu_tilde(x_t, x_0) (Eq. 7) == 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)
+    (Eq. 11 / Algorithm 2, line 4), and p_mean_variance's unclipped mean with an exact eps-model is the same."""
+    d = GaussianDiffusion(betas)
+    x_start, eps, t = draw_case(data, betas)
+    x_t = d.q_sample(x_start, t, eps)
+    one_minus_abar = -np.expm1(np.cumsum(np.log1p(-betas)))  # 1 - alpha_bar without cancellation (beta ~ 1e-6)
+    eq11 = (x_t - per_sample(betas / np.sqrt(one_minus_abar), t) * eps) / per_sample(np.sqrt(1 - betas), t)
+    posterior_mean, posterior_variance, _ = d.q_posterior_mean_variance(x_start, x_t, t)
+    scale = 1 + np.abs(x_t) + np.abs(eps)
+    assert np.all(np.abs(posterior_mean - eq11) <= 1e-11 * scale)
+    out = d.p_mean_variance(constant_model(eps), x_t, t, clip_denoised=False)
+    assert np.all(np.abs(out["mean"] - eq11) <= 1e-11 * scale)
+    np.testing.assert_array_equal(out["variance"], posterior_variance)
+
+
+@hsettings
+@given(betas_arrays, st.data())
+def test_eps_x0_and_v_parameterisations_give_the_same_mean(betas, data):
+    """Consistent predictions (eps, x_0, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0) give one mean."""
+    x_start, eps, t = draw_case(data, betas)
+    means = {}
+    for mean_type in ("eps", "x0", "v"):
+        d = GaussianDiffusion(betas, model_mean_type=mean_type)
+        x_t = d.q_sample(x_start, t, eps)
+        a = per_sample(np.cumprod(1 - betas), t)
+        prediction = {"eps": eps, "x0": x_start, "v": np.sqrt(a) * eps - np.sqrt(1 - a) * x_start}[mean_type]
+        means[mean_type] = d.p_mean_variance(constant_model(prediction), x_t, t, clip_denoised=False)["mean"]
+    scale = 1 + np.abs(x_t) + np.abs(eps)
+    assert np.all(np.abs(means["x0"] - means["eps"]) <= 1e-11 * scale)
+    assert np.all(np.abs(means["v"] - means["eps"]) <= 1e-11 * scale)
+
+
+def test_v_target_is_sqrt_abar_eps_minus_sqrt_one_minus_abar_x0():
+    d = GaussianDiffusion(LINEAR_100)
+    x_start, eps, t = np.full((2, 1), 0.5), np.full((2, 1), -1.0), np.array([0, 99])
+    a = d.alphas_cumprod[t][:, None]
+    np.testing.assert_allclose(d.velocity(x_start, t, eps), -np.sqrt(a) - 0.5 * np.sqrt(1 - a), rtol=1e-14)
+    np.testing.assert_allclose(d.predict_start_from_v(d.q_sample(x_start, t, eps), t, d.velocity(x_start, t, eps)),
+                               x_start, rtol=1e-12)
+
+
+def test_p_sample_adds_no_noise_at_t0_and_sigma_z_elsewhere():
+    for var_type in ("fixed_small", "fixed_large"):
+        d = GaussianDiffusion(LINEAR_100, model_var_type=var_type)
+        t = np.array([0, 3, 0, 99])
+        x, noise = np.linspace(-1, 1, 8).reshape(4, 2), np.ones((4, 2))
+        model = constant_model(np.full((4, 2), 0.1))
+        mean = d.p_mean_variance(model, x, t)["mean"]
+        step = d.p_sample(model, x, t, noise=noise) - mean
+        sigma = np.sqrt(LINEAR_100[t] if var_type == "fixed_large" else d.posterior_variance[t])
+        np.testing.assert_allclose(step, np.where(t[:, None] == 0, 0.0, sigma[:, None]) * noise, rtol=1e-12)
+        assert np.all(step[t == 0] == 0)
+
+
+def test_clip_denoised_clips_the_x0_prediction():
+    d = GaussianDiffusion(LINEAR_100, model_mean_type="x0")
+    x, t = np.zeros((3, 1)), np.array([5, 5, 5])
+    out = d.p_mean_variance(constant_model(np.array([[-3.0], [0.5], [2.0]])), x, t)
+    np.testing.assert_array_equal(out["pred_xstart"], [[-1.0], [0.5], [1.0]])
+    unclipped = d.p_mean_variance(constant_model(np.array([[-3.0], [0.5], [2.0]])), x, t, clip_denoised=False)
+    np.testing.assert_array_equal(unclipped["pred_xstart"], [[-3.0], [0.5], [2.0]])
+
+
+def test_float32_stays_float32_and_tensors_are_accepted():
+    """Coefficients are cast to x's dtype in _extract; even a float64 model output does not promote."""
+    d = GaussianDiffusion(LINEAR_100)
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    t = np.array([1, 50])
+    assert d.q_sample(x, t, np.ones_like(x)).dtype == np.float32
+    model64 = constant_model(np.zeros((2, 1, 2, 2), np.float64))
+    assert d.p_sample(model64, x, t).dtype == np.float32
+    assert d.p_sample_loop(model64, x.shape, seed=0).dtype == np.float32
+    assert d.ddim_sample_loop(model64, x.shape, num_steps=5, eta=1.0, seed=0).dtype == np.float32
+    # A Tensor in gives a Tensor out, with the gradient of Eq. 4: d x_t / d x_0 = sqrt(alpha_bar_t).
+    x0 = Tensor(np.ones((2, 3)), requires_grad=True)
+    x_t = d.q_sample(x0, t, np.zeros((2, 3)))
+    assert isinstance(x_t, Tensor)
+    x_t.sum().backward()
+    np.testing.assert_allclose(x0.grad, np.repeat(d.sqrt_alphas_cumprod[t][:, None], 3, axis=1), rtol=1e-14)
+
+
+def test_model_output_of_the_wrong_shape_is_a_clear_error():
+    d = GaussianDiffusion(LINEAR_100)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 2\)"):
+        d.p_sample(constant_model(np.zeros((2, 2))), np.zeros((2, 1)), np.array([1, 1]))
+
+
+# ---------------------------------------------------------------- the Gaussian-data oracle
+
+MU = 0.3  # data mean; two widths: one wide, one narrow (where the fixed variances are the worst approximation)
+
+
+def gaussian_optimal_model(alphas_cumprod, mu, s, scale=1.0):
+    """E[eps | x_t] for x_0 ~ N(mu, s^2): Cov(eps, x_t) / Var(x_t) (x_t - E x_t), linear in x_t.
+
+    Var(x_t) = alpha_bar s^2 + 1 - alpha_bar, Cov = sqrt(1 - alpha_bar). `scale` != 1 gives a wrong model.
+    t are the model's (original) timesteps, indexed into the original alpha_bars.
+    """
+    def model(x, t):
+        x = x.data
+        xp = backend.xp_of(x)
+        a = xp.asarray(alphas_cumprod)[t].reshape(-1, *([1] * (x.ndim - 1)))
+        return (scale * xp.sqrt(1 - a) / (a * s * s + 1 - a) * (x - xp.sqrt(a) * mu)).astype(x.dtype)
+    return model
+
+
+def eps_coefficients(a, mu, s):
+    """eps_hat = c x_t + k for the optimal model above, at alpha_bar = a."""
+    c = math.sqrt(1 - a) / (a * s * s + 1 - a)
+    return c, -c * math.sqrt(a) * mu
+
+
+def ancestral_moments(betas, mu, s, var_type):
+    """Mean and variance of Algorithm 2's output with the optimal model, from the betas alone.
+
+    x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sigma_t z  (Eq. 11), an
+    affine map plus noise, so mean and variance follow m <- A m + B, V <- A^2 V + sigma_t^2 from x_T ~ N(0, 1).
+    """
+    abar = np.cumprod(1 - betas)
+    m, V = 0.0, 1.0
+    for t in reversed(range(len(betas))):
+        beta, a = betas[t], abar[t]
+        c, k = eps_coefficients(a, mu, s)
+        slope = beta / math.sqrt(1 - a)
+        A, B = (1 - slope * c) / math.sqrt(1 - beta), -slope * k / math.sqrt(1 - beta)
+        a_prev = abar[t - 1] if t > 0 else 1.0
+        sigma2 = 0.0 if t == 0 else beta * (1 - a_prev) / (1 - a) if var_type == "fixed_small" else beta
+        m, V = A * m + B, A * A * V + sigma2
+    return m, V
+
+
+def ddim_moments(betas, mu, s, num_steps, eta):
+    """Mean and variance of DDIM's output (Song et al. Eq. 12, sigma from Eq. 16) with the optimal model."""
+    abar = np.cumprod(1 - betas)
+    steps = np.arange(num_steps) * (len(betas) // num_steps)
+    m, V = 0.0, 1.0
+    for i in reversed(range(num_steps)):
+        a = abar[steps[i]]
+        a_prev = abar[steps[i - 1]] if i > 0 else 1.0
+        c, k = eps_coefficients(a, mu, s)
+        p, q = (1 - math.sqrt(1 - a) * c) / math.sqrt(a), -math.sqrt(1 - a) * k / math.sqrt(a)  # x0_hat = p x + q
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+        direction = math.sqrt(1 - a_prev - sigma ** 2)
+        A, B = math.sqrt(a_prev) * p + direction * c, math.sqrt(a_prev) * q + direction * k
+        m, V = A * m + B, A * A * V + sigma ** 2
+    return m, V
+
+
+def z_scores(samples, mean, variance):
+    """How many standard errors the sample mean and variance are from (mean, variance), as numbers."""
+    x = backend.to_numpy(samples).astype(np.float64).ravel()
+    n = x.size
+    return (abs(x.mean() - mean) / math.sqrt(variance / n),
+            abs(x.var() - variance) / (variance * math.sqrt(2 / (n - 1))))
+
+
+SHAPE = (10000, 4)  # 40,000 i.i.d. scalars: standard errors ~0.5% of sigma and ~0.7% of the variance
+Z_MAX = 5.0  # a correct sampler stays below it; each perturbed one below lands far above (~10 to 80)
+
+
+@pytest.mark.parametrize("s", [0.4, 0.05])
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_ancestral_sampling_matches_the_gaussian_oracle(var_type, s, backend_name):
+    d = GaussianDiffusion(LINEAR_100, model_var_type=var_type)
+    samples = d.p_sample_loop(gaussian_optimal_model(d.alphas_cumprod, MU, s), SHAPE, seed=0, clip_denoised=False)
+    mean, variance = ancestral_moments(LINEAR_100, MU, s, var_type)
+    assert max(z_scores(samples, mean, variance)) < Z_MAX
+
+
+@pytest.mark.parametrize("s", [0.4, 0.05])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_sampling_matches_the_gaussian_oracle(eta, s, backend_name):
+    d = GaussianDiffusion(LINEAR_100)
+    samples = d.ddim_sample_loop(gaussian_optimal_model(d.alphas_cumprod, MU, s), SHAPE, num_steps=10, eta=eta,
+                                 seed=1, clip_denoised=False)
+    mean, variance = ddim_moments(LINEAR_100, MU, s, 10, eta)
+    assert max(z_scores(samples, mean, variance)) < Z_MAX
+
+
+def test_respaced_ancestral_sampling_matches_the_oracle_of_the_shorter_chain(backend_name):
+    """20 of 100 steps: the model sees the original timesteps, the chain uses the respaced betas."""
+    d = GaussianDiffusion(LINEAR_100)
+    spaced = d.respaced(20)
+    seen = set()
+
+    def model(x, t):
+        seen.update(backend.to_numpy(t).tolist())
+        return gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)(x, t)
+
+    samples = spaced.p_sample_loop(model, SHAPE, seed=2, clip_denoised=False)
+    assert seen == set(spaced.timestep_map.tolist()) and len(seen) == 20
+    mean, variance = ancestral_moments(spaced.betas, MU, 0.4, "fixed_small")
+    assert max(z_scores(samples, mean, variance)) < Z_MAX
+
+
+def perturbed_coefficient(diffusion, name, factor):
+    setattr(diffusion, name, getattr(diffusion, name) * factor)
+    diffusion._device_copies.clear()  # drop the cast copies of the correct table
+    return diffusion
+
+
+@pytest.mark.parametrize("case", ["model x1.05", "posterior_mean_coef2 x1.001", "model_variance x1.1",
+                                  "fixed_large vs fixed_small", "ddim eta 1 vs 0"])
+def test_the_oracle_detects_a_wrong_sampler(case):
+    """The check above is not vacuous: one wrong coefficient moves the samples far outside Z_MAX."""
+    d, scale, s = GaussianDiffusion(LINEAR_100), 1.0, 0.4
+    mean, variance = ancestral_moments(LINEAR_100, MU, s, "fixed_small")
+    if case == "model x1.05":
+        scale = 1.05
+    elif case == "posterior_mean_coef2 x1.001":
+        perturbed_coefficient(d, "posterior_mean_coef2", 1.001)
+    elif case == "model_variance x1.1":
+        perturbed_coefficient(d, "model_variance", 1.1)
+    elif case == "fixed_large vs fixed_small":
+        s = 0.05
+        d = GaussianDiffusion(LINEAR_100, model_var_type="fixed_large")
+        mean, variance = ancestral_moments(LINEAR_100, MU, s, "fixed_small")
+    model = gaussian_optimal_model(d.alphas_cumprod, MU, s, scale)
+    if case == "ddim eta 1 vs 0":
+        samples = d.ddim_sample_loop(model, SHAPE, num_steps=10, eta=1.0, seed=1, clip_denoised=False)
+        mean, variance = ddim_moments(LINEAR_100, MU, s, 10, 0.0)
+    else:
+        samples = d.p_sample_loop(model, SHAPE, seed=0, clip_denoised=False)
+    assert max(z_scores(samples, mean, variance)) > 2 * Z_MAX
+
+
+def test_the_samplers_do_not_reproduce_narrow_data_exactly():
+    """The recursion, not the data distribution, is the right target: for narrow data the fixed
+    reverse variances miss the data's variance by far more than sampling error (issue 4)."""
+    d = GaussianDiffusion(LINEAR_100)
+    samples = d.p_sample_loop(gaussian_optimal_model(d.alphas_cumprod, MU, 0.05), SHAPE, seed=0, clip_denoised=False)
+    assert z_scores(samples, MU, 0.05 ** 2)[1] > 2 * Z_MAX
+
+
+# ---------------------------------------------------------------- a point set: samples land on the points
+
+POINTS = np.array([[-0.6, -0.6], [0.6, 0.2], [-0.2, 0.7]])  # (K, D), inside the data range [-1, 1]
+
+
+def point_set_model(alphas_cumprod, points):
+    """E[eps | x_t] for x_0 uniform on `points`: E[x_0 | x_t] = sum_k softmax_k(-|x_t - sqrt(a) p_k|^2 / 2(1 - a)) p_k."""
+    def model(x, t):
+        x = x.data
+        xp = backend.xp_of(x)
+        p = xp.asarray(points)
+        a = xp.asarray(alphas_cumprod)[t][:, None]                                        # (N, 1)
+        d2 = ((x[:, None, :] - xp.sqrt(a)[:, :, None] * p[None]) ** 2).sum(-1)           # (N, K)
+        logits = -d2 / (2 * (1 - a))
+        w = xp.exp(logits - logits.max(axis=1, keepdims=True))
+        x0 = (w / w.sum(axis=1, keepdims=True)) @ p                                      # (N, D)
+        return ((x - xp.sqrt(a) * x0) / xp.sqrt(1 - a)).astype(x.dtype)
+    return model
+
+
+def assert_on_the_points(samples):
+    samples = backend.to_numpy(samples)
+    distances = np.linalg.norm(samples[:, None, :] - POINTS[None], axis=-1)  # (N, K)
+    assert np.quantile(distances.min(axis=1), 0.99) < 0.02
+    shares = np.bincount(distances.argmin(axis=1), minlength=len(POINTS)) / len(samples)
+    np.testing.assert_allclose(shares, 1 / len(POINTS), atol=0.08)  # ~4 standard errors at N = 600
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "respaced", "ddim eta 0", "ddim eta 1"])
+def test_samplers_concentrate_on_a_point_set(sampler, backend_name):
+    d = GaussianDiffusion(LINEAR_100)
+    model = point_set_model(d.alphas_cumprod, POINTS)
+    if sampler == "ancestral":
+        samples = d.p_sample_loop(model, (600, 2), seed=3)
+    elif sampler == "respaced":
+        samples = d.respaced(25).p_sample_loop(model, (600, 2), seed=3)
+    else:
+        samples = d.ddim_sample_loop(model, (600, 2), num_steps=20, eta=float(sampler[-1]), seed=3)
+    assert_on_the_points(samples)
+
+
+def test_a_wrong_point_set_model_misses_the_points():
+    """The point-set check can fail: a model of other points puts samples elsewhere."""
+    d = GaussianDiffusion(LINEAR_100)
+    with pytest.raises(AssertionError):
+        assert_on_the_points(d.p_sample_loop(point_set_model(d.alphas_cumprod, POINTS[:, ::-1]), (600, 2), seed=3))
+
+
+# ---------------------------------------------------------------- DDIM specifics
+
+
+def test_ddim_uses_the_original_spacing_and_one_model_call_per_step():
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
+    calls = []
+
+    def model(x, t):
+        calls.append(int(backend.to_numpy(t)[0]))
+        return np.zeros(x.shape, x.dtype)
+
+    d.ddim_sample_loop(model, (1, 1), num_steps=50, seed=0)
+    assert calls == list(range(980, -1, -20))
+    np.testing.assert_array_equal(d.ddim_timesteps(50), np.arange(0, 1000, 20))
+    calls.clear()
+    GaussianDiffusion(LINEAR_100).ddim_sample_loop(model, (1, 1), num_steps=30, seed=0)  # 100 is not a multiple of 30
+    assert len(calls) == 30
+
+
+def test_ddim_recomputes_eps_from_the_clipped_x0():
+    """Two steps (t = 50, then 0): after clipping x0_hat, eps = (x_t - sqrt(a) x0_clipped) / sqrt(1 - a)."""
+    d = GaussianDiffusion(LINEAR_100)
+    x_T = np.array([[0.9], [-0.2]])
+    eps_model = np.array([[-2.0], [0.1]])  # the first sample's x0_hat is far above 1
+    step = next(d.ddim_sample_loop_progressive(constant_model(eps_model), x_T.shape, num_steps=2, noise=x_T))
+    a, a_prev = d.alphas_cumprod[50], d.alphas_cumprod[0]
+    x0 = np.clip((x_T - math.sqrt(1 - a) * eps_model) / math.sqrt(a), -1, 1)
+    eps = (x_T - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    assert step["t"] == 50 and x0[0, 0] == 1.0
+    np.testing.assert_allclose(step["sample"], math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps, rtol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_with_every_step_and_eta_1_is_ancestral_sampling(clip):
+    """sigma(eta = 1)^2 = beta_tilde_t (Song et al. Eq. 16) and Eq. 12's mean is then mu_tilde (Eq. 7):
+    with the same x_T and the same noise stream the two samplers agree to rounding."""
+    d = GaussianDiffusion(LINEAR_100)
+    model = point_set_model(d.alphas_cumprod, POINTS)
+    x_T = np.random.default_rng(0).standard_normal((50, 2))  # float64, so rounding stays ~1e-12
+    ancestral = d.p_sample_loop(model, x_T.shape, noise=x_T, seed=7, clip_denoised=clip)
+    ddim = d.ddim_sample_loop(model, x_T.shape, num_steps=100, eta=1.0, noise=x_T, seed=7, clip_denoised=clip)
+    np.testing.assert_allclose(ddim, ancestral, atol=1e-9)
+
+
+# ---------------------------------------------------------------- seeds, noise, progress
+
+
+def test_the_same_seed_gives_bit_identical_samples():
+    d = GaussianDiffusion(LINEAR_100)
+    model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
+    for sample in (lambda seed: d.p_sample_loop(model, (3, 1, 4, 4), seed=seed),
+                   lambda seed: d.ddim_sample_loop(model, (3, 1, 4, 4), num_steps=10, eta=1.0, seed=seed),
+                   lambda seed: d.calc_bpd_loop(model, np.zeros((3, 1, 4, 4), np.float32), seed=seed)["total_bpd"]):
+        np.testing.assert_array_equal(sample(11), sample(11))
+        assert not np.array_equal(sample(11), sample(12))
+    backend.manual_seed(5)  # without a seed: the default generator, reseedable
+    first = d.p_sample_loop(model, (3, 2))
+    backend.manual_seed(5)
+    np.testing.assert_array_equal(d.p_sample_loop(model, (3, 2)), first)
+
+
+def test_progressive_yields_every_step_and_ends_at_p_sample_loop():
+    d = GaussianDiffusion(LINEAR_100)
+    model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
+    x_T = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    steps = list(d.p_sample_loop_progressive(model, x_T.shape, noise=x_T, seed=0))
+    assert [s["t"] for s in steps] == list(range(99, -1, -1))
+    assert all(s["sample"].shape == x_T.shape and s["pred_xstart"].shape == x_T.shape for s in steps)
+    np.testing.assert_array_equal(steps[-1]["sample"], d.p_sample_loop(model, x_T.shape, noise=x_T, seed=0))
+    with pytest.raises(ValueError, match="noise has shape"):
+        d.p_sample_loop(model, (4, 4), noise=x_T)
+
+
+def test_progress_bar(capsys):
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
+    d.p_sample_loop(constant_model(np.zeros((1, 1), np.float32)), (1, 1), seed=0, progress=True)
+    assert "10/10" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- training losses (Algorithm 1, Eq. 14, Eq. 5)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_mse_loss_compares_the_model_with_its_target(mean_type):
+    d = GaussianDiffusion(LINEAR_100, model_mean_type=mean_type)
+    rng = np.random.default_rng(0)
+    x_start, noise = rng.uniform(-1, 1, (3, 2, 2, 2)), rng.standard_normal((3, 2, 2, 2))
+    t = np.array([0, 40, 99])
+    output = rng.standard_normal((3, 2, 2, 2))
+    a = per_sample(np.cumprod(1 - LINEAR_100), t)
+    target = {"eps": noise, "x0": x_start, "v": np.sqrt(a) * noise - np.sqrt(1 - a) * x_start}[mean_type]
+    losses = d.training_losses(constant_model(output), x_start, t, noise=noise)
+    assert isinstance(losses["loss"], Tensor) and losses["loss"].shape == (3,)
+    np.testing.assert_allclose(losses["loss"].data, ((target - output) ** 2).mean(axis=(1, 2, 3)), rtol=1e-12)
+
+
+def linear_model(w, b):
+    """model(x_t, t) = w x_t + b with Tensor parameters: enough to check gradients through the losses."""
+    return lambda x, t: x * w + b
+
+
+@pytest.mark.parametrize("loss_type,mean_type", [("mse", "eps"), ("mse", "v"), ("kl", "eps"), ("kl", "x0"),
+                                                 ("kl", "v")])
+def test_training_losses_backpropagate_into_the_model(loss_type, mean_type):
+    """losses["loss"].mean().backward() gives the central-difference gradient (float64)."""
+    d = GaussianDiffusion(LINEAR_100, model_mean_type=mean_type, loss_type=loss_type)
+    rng = np.random.default_rng(1)
+    x_start = rng.integers(0, 256, (4, 1, 3, 3)) / 127.5 - 1.0   # 8-bit grid, for the decoder at t = 0
+    noise, t = rng.standard_normal(x_start.shape), np.array([0, 1, 30, 99])
+    w, b = Tensor(np.array(0.3), requires_grad=True), Tensor(np.array(-0.1), requires_grad=True)
+    d.training_losses(linear_model(w, b), x_start, t, noise)["loss"].mean().backward()
+
+    def loss(w_value, b_value):
+        model = linear_model(Tensor(np.array(w_value)), Tensor(np.array(b_value)))
+        return float(d.training_losses(model, x_start, t, noise)["loss"].data.mean())
+
+    h = 1e-6
+    assert float(w.grad) == pytest.approx((loss(0.3 + h, -0.1) - loss(0.3 - h, -0.1)) / (2 * h), rel=1e-5)
+    assert float(b.grad) == pytest.approx((loss(0.3, -0.1 + h) - loss(0.3, -0.1 - h)) / (2 * h), rel=1e-5)
+
+
+def test_kl_loss_is_zero_for_a_perfect_x0_model_and_the_decoder_nll_at_t0():
+    """With x0_hat = x_0, p(x_{t-1} | x_t) = q(x_{t-1} | x_t, x_0): L_{t-1} = 0. At t = 0 the loss is
+    -log2 P(bin of x_0) under N(x_0, beta_tilde_1) (Eq. 13, the clipped log-variance)."""
+    d = GaussianDiffusion(LINEAR_100, model_mean_type="x0", loss_type="kl")
+    x_start = np.full((3, 1, 2, 2), -1 + 2 * 100 / 255)  # an interior 8-bit level
+    t = np.array([0, 1, 99])
+    losses = d.training_losses(constant_model(x_start), x_start, t, np.ones_like(x_start))
+    assert losses["loss"].data[1:] == pytest.approx([0, 0], abs=1e-12)
+    sigma = math.sqrt(d.posterior_variance[1])
+    p_bin = math.erf(1 / 255 / sigma / math.sqrt(2))  # Phi(h / sigma) - Phi(-h / sigma)
+    assert losses["loss"].data[0] == pytest.approx(-math.log2(p_bin), rel=1e-3)  # 1e-3: the tanh CDF
+
+
+# ---------------------------------------------------------------- the bound (Eq. 5, Table 2)
+
+
+def test_calc_bpd_loop_adds_up_and_matches_training_losses_column_by_column():
+    """total = prior + sum_t vb[:, t]; column t is training_losses' kl term for the same noise."""
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", 20), loss_type="kl")
+    model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
+    x_start = (np.random.default_rng(2).integers(0, 256, (3, 1, 2, 2)) / 127.5 - 1).astype(np.float32)
+    bpd = d.calc_bpd_loop(model, x_start, clip_denoised=False, seed=4)
+    assert bpd["vb"].shape == bpd["mse"].shape == (3, 20) and bpd["total_bpd"].shape == (3,)
+    np.testing.assert_allclose(bpd["total_bpd"], bpd["prior_bpd"] + bpd["vb"].sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(bpd["prior_bpd"], d.prior_bpd(x_start), rtol=1e-6)
+    generator = backend.Generator(4)  # replay calc_bpd_loop's noise: one draw per t, from T - 1 down
+    noises = {i: generator.normal(x_start.shape) for i in range(19, -1, -1)}
+    for i in (0, 1, 10, 19):
+        t = np.full(3, i)
+        terms = d.training_losses(model, x_start, t, noises[i])["loss"].data
+        np.testing.assert_allclose(bpd["vb"][:, i], terms, rtol=1e-5, atol=1e-6)
+        eps = model(Tensor(d.q_sample(x_start, t, noises[i])), t)
+        np.testing.assert_allclose(bpd["mse"][:, i], ((eps - noises[i]) ** 2).mean(axis=(1, 2, 3)),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_the_bound_of_a_perfect_denoiser_is_the_prior_plus_the_decoder():
+    d = GaussianDiffusion(LINEAR_100, model_mean_type="x0")
+    x_start = np.full((2, 1, 2, 2), -1 + 2 * 100 / 255, np.float32)
+    bpd = d.calc_bpd_loop(constant_model(x_start), x_start, seed=0)
+    np.testing.assert_allclose(bpd["vb"][:, 1:], 0.0, atol=1e-4)
+    np.testing.assert_allclose(bpd["mse"], 0.0, atol=1e-4)
+    decoder = -discretized_gaussian_log_likelihood(x_start, x_start, np.full_like(x_start, 0.5 * math.log(
+        d.posterior_variance[1]))).mean(axis=(1, 2, 3)) / math.log(2)
+    np.testing.assert_allclose(bpd["vb"][:, 0], decoder, rtol=1e-4)
+    np.testing.assert_allclose(bpd["total_bpd"], bpd["prior_bpd"] + decoder, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- interpolation (Sec. 4.4)
+
+
+def test_interpolation_mixes_latents_and_shares_the_reverse_noise():
+    """The reverse chain of the Gaussian oracle is affine in x_t, so with shared noise the lambda = 1/2
+    decoding is the average of the end points'; each end point decodes as if interpolated alone."""
+    d = GaussianDiffusion(LINEAR_100)
+    model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
+    rng = np.random.default_rng(3)
+    x_a, x_b = rng.uniform(-1, 1, (2, 1, 3, 3)), rng.uniform(-1, 1, (2, 1, 3, 3))
+    out = d.interpolate(model, x_a, x_b, 50, [0.0, 0.5, 1.0], seed=9, clip_denoised=False)
+    assert out.shape == (3, 2, 1, 3, 3)
+    np.testing.assert_allclose(out[1], (out[0] + out[2]) / 2, atol=1e-10)
+    np.testing.assert_array_equal(out[0], d.interpolate(model, x_a, x_b, 50, [0.0], seed=9, clip_denoised=False)[0])
+    assert not np.allclose(out[0], out[2])
