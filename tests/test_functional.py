@@ -1,0 +1,285 @@
+"""The functional ops: fused backwards equal autograd of their composites and finite differences."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minidiff import Generator, Tensor, backend, functional as F, ops
+from minidiff.testing import check_backward, check_gradients
+
+
+def _on_backend(*arrays, requires_grad=False):
+    xp = backend.xp()
+    return [Tensor(xp.asarray(a), requires_grad=requires_grad) for a in arrays]
+
+
+def _channels_last(a):
+    """The same (N, C, H, W) values stored with channels-last strides, as conv2d returns them."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def _grads_of(fn, arrays, cotangent):
+    """Autograd gradients of sum(fn(*arrays) * cotangent) as host arrays."""
+    inputs = _on_backend(*arrays, requires_grad=True)
+    out = fn(*inputs)
+    out.backward(backend.xp().asarray(cotangent))
+    return out.numpy(), [x.grad if x.grad is None else backend.to_numpy(x.grad) for x in inputs]
+
+
+# ---------------------------------------------------------------- group norm
+
+
+def group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """group_norm written with primitives: the oracle for the fused backward."""
+    n, c = x.shape[:2]
+    g = ops.reshape(x, n, num_groups, -1)
+    d = g - ops.mean(g, axis=2, keepdims=True)
+    xhat = ops.reshape(d / ops.sqrt(ops.mean(d * d, axis=2, keepdims=True) + eps), x.shape)
+    pshape = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        xhat = xhat * ops.reshape(weight, pshape)
+    if bias is not None:
+        xhat = xhat + ops.reshape(bias, pshape)
+    return xhat
+
+
+def group_norm_numpy(x, num_groups, weight, bias, eps):
+    n, c = x.shape[:2]
+    g = x.reshape(n, num_groups, -1)
+    xhat = ((g - g.mean(2, keepdims=True)) / np.sqrt(g.var(2, keepdims=True) + eps)).reshape(x.shape)
+    pshape = (1, c) + (1,) * (x.ndim - 2)
+    return xhat * weight.reshape(pshape) + bias.reshape(pshape)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
+       st.booleans(), st.sampled_from([1e-5, 1e-6]))
+def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, per_group, h, w, channels_last, eps):
+    rng = np.random.default_rng(0)
+    c = groups * per_group
+    x = rng.standard_normal((n, c, h, w)) * 3 + 1
+    if channels_last:
+        x = _channels_last(x)
+    weight, bias, cot = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
+    out, grads = _grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, eps), [x, weight, bias], cot)
+    ref_out, ref_grads = _grads_of(lambda x, w, b: group_norm_composite(x, groups, w, b, eps), [x, weight, bias], cot)
+    np.testing.assert_allclose(out, group_norm_numpy(x, groups, weight, bias, eps), rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
+def test_group_norm_gradients_by_finite_differences(backend_name, affine, layout):
+    rng = np.random.default_rng(1)
+    shape = (2, 4, 6) if layout == "3d" else (2, 4, 3, 2)
+    x = rng.standard_normal(shape)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    params = {"both": [rng.standard_normal(4), rng.standard_normal(4)], "weight": [rng.standard_normal(4)],
+              "bias": [rng.standard_normal(4)], "none": []}[affine]
+
+    def fn(x, *p):
+        weight = p[0] if affine in ("both", "weight") else None
+        bias = p[-1] if affine in ("both", "bias") else None
+        return F.group_norm(x, 2, weight, bias, eps=1e-6)
+
+    check_gradients(fn, [x, *params], atol=1e-6)
+
+
+def test_group_norm_float32_and_gradient_of_channels_last_output():
+    """A conv's channels-last output fed to group_norm, and back: both layouts meet in backward."""
+    rng = np.random.default_rng(2)
+    arrays = [rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4),
+              rng.standard_normal(4)]
+    check_backward(lambda x, w, g, b: F.group_norm(F.conv2d(x, w, padding=1), 2, g, b) * x[:, :1], arrays)
+    # channels-first input, channels-last gradient (from the conv after it)
+    check_gradients(lambda x, w: F.conv2d(F.group_norm(x, 3), w, padding=1), [arrays[0][:, :, :3, :3], arrays[1][:2]])
+    x = Tensor(arrays[0].astype(np.float32), requires_grad=True)
+    out = F.group_norm(x, 3, Tensor(np.ones(3, np.float32)), Tensor(np.zeros(3, np.float32)), eps=1e-6)
+    out.sum().backward()
+    assert out.dtype == x.grad.dtype == np.float32
+
+
+def test_group_norm_rejects_indivisible_channels():
+    with pytest.raises(ValueError, match="6 channels"):
+        F.group_norm(Tensor(np.zeros((1, 6, 2, 2))), 4)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_composite(q, k, v):
+    """softmax(q k^T / sqrt(C)) v written with primitives: the oracle for the fused backward."""
+    scores = q @ ops.transpose(k, 0, 2, 1) * (q.shape[-1] ** -0.5)
+    return F.softmax(scores, axis=-1) @ v
+
+
+def attention_loops(q, k, v):
+    """One query position at a time, plainly."""
+    out = np.zeros(q.shape[:2] + v.shape[2:])
+    for n in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            s = np.array([q[n, i] @ k[n, j] for j in range(k.shape[1])]) / math.sqrt(q.shape[2])
+            p = np.exp(s - s.max())
+            out[n, i] = (p / p.sum()) @ v[n]
+    return out
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.integers(1, 4), st.booleans())
+def test_attention_matches_loops_and_composite(n, length, c, cv, transposed_views):
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((n, length, c)) * 2, rng.standard_normal((n, length, c)), \
+        rng.standard_normal((n, length, cv))
+    if transposed_views:   # (N, L, C) views of channels-first arrays, as a U-Net might pass them
+        q, k, v = (np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1) for a in (q, k, v))
+    cot = rng.standard_normal((n, length, cv))
+    out, grads = _grads_of(F.attention, [q, k, v], cot)
+    ref_out, ref_grads = _grads_of(attention_composite, [q, k, v], cot)
+    np.testing.assert_allclose(out, attention_loops(q, k, v), rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_gradients_by_finite_differences(backend_name):
+    rng = np.random.default_rng(4)
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 4))
+    check_gradients(F.attention, [q, k, v])
+    check_backward(lambda q, k, v: F.attention(q, k, v) * q[:, :, :1], [q, k, v])
+
+
+def test_attention_skips_unneeded_gradients_and_keeps_float32():
+    rng = np.random.default_rng(5)
+    q, k, v = (Tensor(rng.standard_normal((2, 6, 4)).astype(np.float32)) for _ in range(3))
+    v.requires_grad_()
+    out = F.attention(q, k, v)
+    out.sum().backward()
+    assert q.grad is None and k.grad is None and v.grad.dtype == out.dtype == np.float32
+
+
+# ---------------------------------------------------------------- linear, silu, upsample
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
+def test_linear(backend_name, shape):
+    rng = np.random.default_rng(6)
+    x, w, b = rng.standard_normal(shape), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    out = F.linear(*_on_backend(x, w, b))
+    np.testing.assert_allclose(out.numpy(), x @ w.T + b, rtol=1e-12)
+    np.testing.assert_allclose(F.linear(*_on_backend(x, w)).numpy(), x @ w.T, rtol=1e-12)
+    check_gradients(F.linear, [x, w, b])
+    check_gradients(F.linear, [x, w])
+
+
+def test_silu(backend_name):
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal(20) * 4, [0.0, -100.0, 100.0, -800.0]])
+    out = F.silu(*_on_backend(x))
+    # sigmoid as (tanh(x/2) + 1) / 2 never overflows; for x << 0 it rounds to 0 (absolute error ~1e-16)
+    with np.errstate(over="ignore"):        # the reference's exp(800) = inf is fine: 1 / inf = 0
+        np.testing.assert_allclose(out.numpy(), x / (1 + np.exp(-x)), rtol=1e-12, atol=1e-14)
+    check_gradients(F.silu, [x[:20].reshape(4, 5)])
+    cot = rng.standard_normal(20)
+    fused = _grads_of(F.silu, [x[:20]], cot)[1][0]
+    composite = _grads_of(lambda a: a * ops.sigmoid(a), [x[:20]], cot)[1][0]
+    np.testing.assert_allclose(fused, composite, rtol=1e-12)
+    x32 = Tensor(np.array([-200.0, 0.5, 200.0], np.float32), requires_grad=True)
+    with np.errstate(all="raise"):   # no overflow warnings for large |x| in float32
+        y = F.silu(x32)
+        y.sum().backward()
+    assert y.dtype == x32.grad.dtype == np.float32
+    s = 1 / (1 + np.exp(-0.5))
+    np.testing.assert_allclose(x32.grad, [0.0, s * (1 + 0.5 * (1 - s)), 1.0], rtol=1e-6, atol=1e-30)
+
+
+def test_upsample_nearest2d(backend_name):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 3, 4))
+    for s in (1, 2, 3):
+        out = F.upsample_nearest2d(*_on_backend(x), scale_factor=s)
+        np.testing.assert_array_equal(out.numpy(), x.repeat(s, axis=2).repeat(s, axis=3))
+    check_gradients(lambda a: F.upsample_nearest2d(a, 2), [x[:1, :2]])
+    check_gradients(lambda a: F.upsample_nearest2d(a, 2), [_channels_last(x[:1, :2])])
+    with pytest.raises(ValueError, match="integer"):
+        F.upsample_nearest2d(Tensor(x), 1.5)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_with_a_fixed_mask(backend_name):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 4))
+    mask = rng.random((3, 4)) > 0.5
+    out = F.dropout(*_on_backend(x), 0.25, True, mask=backend.xp().asarray(mask))
+    np.testing.assert_allclose(out.numpy(), x * mask / 0.75, rtol=1e-12)
+    check_gradients(lambda a: F.dropout(a, 0.25, True, mask=backend.xp().asarray(mask)), [x])
+
+
+def test_dropout_statistics_and_scaling():
+    p, n = 0.3, 200_000
+    x = Tensor(np.ones(n, np.float32))
+    out = F.dropout(x, p, True, generator=Generator(0)).numpy()
+    assert out.dtype == np.float32
+    kept = out != 0
+    assert abs(1 - kept.mean() - p) < 4 * math.sqrt(p * (1 - p) / n)            # 4 sigma of a binomial share
+    np.testing.assert_allclose(out[kept], 1 / (1 - p), rtol=1e-6)            # survivors scaled by 1/(1-p)
+    again = F.dropout(x, p, True, generator=Generator(0)).numpy()
+    np.testing.assert_array_equal(out, again)                                  # a seed fixes the mask
+
+
+def test_dropout_eval_mode_and_p_zero_are_the_identity():
+    x = Tensor(np.arange(6.0))
+    assert F.dropout(x, 0.5, False) is x
+    assert F.dropout(x, 0.0, True) is x
+    with pytest.raises(ValueError, match="probability"):
+        F.dropout(x, 1.0, True)
+    with pytest.raises(ValueError, match="shape"):
+        F.dropout(x, 0.5, True, mask=np.ones(3, bool))
+
+
+# ---------------------------------------------------------------- timestep embedding
+
+
+@pytest.mark.parametrize("dim", [4, 7, 32, 128])
+def test_timestep_embedding_matches_the_original_formula(backend_name, dim):
+    t = [0, 1, 17, 999]
+    half = dim // 2
+    expected = np.zeros((len(t), dim))
+    for row, step in enumerate(t):
+        for i in range(half):
+            freq = math.exp(-i * math.log(10000) / (half - 1))
+            expected[row, i], expected[row, half + i] = math.sin(step * freq), math.cos(step * freq)
+    for given_t in (np.array(t), Tensor(np.array(t)), backend.xp().asarray(t), t):
+        emb = F.timestep_embedding(given_t, dim)
+        assert isinstance(emb, Tensor) and emb.shape == (4, dim) and emb.dtype == np.float32
+        assert backend.xp_of(emb.data) is backend.xp()
+        np.testing.assert_allclose(emb.numpy(), expected, rtol=0, atol=1e-6)
+    if dim % 2:
+        assert not F.timestep_embedding(np.array(t), dim).numpy()[:, -1].any()
+
+
+def test_timestep_embedding_rejects_too_small_dims():
+    with pytest.raises(ValueError, match="dim"):
+        F.timestep_embedding(np.array([1]), 3)
+
+
+# ---------------------------------------------------------------- layouts meeting in a chain
+
+
+def test_a_resblock_like_chain_mixes_memory_layouts_correctly(backend_name):
+    """conv2d returns channels-last views; group_norm, silu, upsample and attention must accept and
+    return either layout, in forward and in backward (a conv's input gradient is channels-last too)."""
+    rng = np.random.default_rng(10)
+    arrays = [rng.standard_normal((2, 4, 3, 3)), rng.standard_normal((4, 4, 3, 3)), rng.standard_normal(4),
+              rng.standard_normal(4), rng.standard_normal((4, 4, 1, 1)), rng.standard_normal((4, 4, 3, 3))]
+
+    def chain(x, w1, gamma, beta, w_qkv, w2):
+        h = F.silu(F.group_norm(F.conv2d(x, w1, padding=1), 2, gamma, beta))      # channels-last from here
+        hw = ops.reshape(ops.transpose(F.conv2d(h, w_qkv), 0, 2, 3, 1), 2, 9, 4)   # (N, HW, C): a free view
+        a = ops.transpose(ops.reshape(F.attention(hw, hw, hw), 2, 3, 3, 4), 0, 3, 1, 2)
+        up = F.upsample_nearest2d(a + h, 2)
+        return F.conv2d(up, w2, padding=(0, 1, 0, 1), stride=2) + F.group_norm(up, 4)[:, :, ::2, ::2]
+
+    check_backward(chain, arrays)
+    check_gradients(chain, arrays, atol=1e-6)
