@@ -1,6 +1,24 @@
-"""minidiff: Denoising Diffusion Probabilistic Models (Ho et al. 2020) from scratch on NumPy/CuPy."""
+"""minidiff: Denoising Diffusion Probabilistic Models (Ho et al. 2020) from scratch on NumPy/CuPy.
+
+The public names, lowest layer first: the backend switch and seeds, Tensor and
+autograd, the functional ops (`F`), layers (`nn`), the paper's `UNet`, the
+optimiser and EMA (`optim`), and the diffusion math (`GaussianDiffusion`).
+"""
 __version__ = "0.1.0"
+
 from . import backend
-from .backend import use_backend, manual_seed, Generator, to_numpy, gpu_available
-from .tensor import Tensor, no_grad, is_grad_enabled, Function
-from . import ops
+from .backend import Generator, gpu_available, manual_seed, to_numpy, use_backend
+from .tensor import Function, Tensor, is_grad_enabled, no_grad
+from . import ops  # binds the Tensor operators (+, @, ...)
+from . import functional
+from . import functional as F
+from . import nn, optim
+from .unet import UNet
+from .schedule import get_named_beta_schedule
+from .diffusion import GaussianDiffusion
+
+__all__ = [
+    "backend", "use_backend", "gpu_available", "manual_seed", "Generator", "to_numpy",
+    "Tensor", "Function", "no_grad", "is_grad_enabled", "ops", "functional", "F", "nn", "optim",
+    "UNet", "get_named_beta_schedule", "GaussianDiffusion",
+]
