@@ -1,0 +1,205 @@
+"""Sample-quality metrics: closed forms, constructed cases, and good-vs-bad separation.
+
+Every metric must score real data near its floor and score noise, a single repeated
+image and one-class samples badly (issue 6). The digit cases use the shipped classifier.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from minidiff import data, images, metrics
+
+
+# ---------------------------------------------------------------- 2-D metrics
+
+def test_energy_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+    x = np.random.default_rng(0).standard_normal((300, 2))
+    assert metrics.energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+    d = [metrics.energy_distance(x, x + [s, 0]) for s in (0.1, 0.5, 2.0)]
+    assert 0 < d[0] < d[1] < d[2]
+
+
+def test_energy_distance_of_a_point_mass_pair_is_twice_their_distance():
+    # X = a, Y = b surely: 2|a - b| - 0 - 0.
+    assert metrics.energy_distance([[0.0, 0.0]], [[3.0, 4.0]]) == pytest.approx(10.0)
+
+
+def test_wasserstein_1d_exact_values_and_unequal_sizes():
+    assert metrics._wasserstein_1d(np.array([0.0, 1.0]), np.array([0.5])) == pytest.approx(0.5)
+    u = np.random.default_rng(1).standard_normal(50)
+    assert metrics._wasserstein_1d(u, np.concatenate([u, u])) == pytest.approx(0.0, abs=1e-12)
+    assert metrics._wasserstein_1d(u, u + 0.7) == pytest.approx(0.7)
+
+
+def test_sliced_wasserstein_of_a_translation_is_the_mean_projected_shift():
+    # Translating by c moves every 1-D projection by <theta, c>: SW1 = mean |<theta, c>|,
+    # which tends to 2|c|/pi for directions uniform on the circle.
+    x = np.random.default_rng(2).standard_normal((200, 2))
+    c = np.array([0.6, -0.8])
+    sw = metrics.sliced_wasserstein(x, x + c, num_projections=2000, seed=0)
+    assert sw == pytest.approx(2 / np.pi, rel=0.03)
+    assert metrics.sliced_wasserstein(x, x, seed=3) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.sliced_wasserstein(x, x + c, seed=5) == metrics.sliced_wasserstein(x, x + c, seed=5)
+
+
+@pytest.mark.parametrize("name", ["swissroll", "8gaussians"])
+def test_point_metrics_separate_real_draws_from_a_wrong_distribution(name):
+    good = metrics.evaluate_samples(data.sample_toy(name, 400, rng=123), name, floor_repeats=4)
+    bad = metrics.evaluate_samples(np.random.default_rng(0).standard_normal((400, 2)), name, floor_repeats=4)
+    for key in ("energy_distance", "sliced_wasserstein"):
+        g, b = good["metrics"][key], bad["metrics"][key]
+        assert g["samples"] < g["floor"] + 4 * g["floor_std"]
+        assert b["samples"] > 3 * b["floor"]
+    json.dumps(good)  # the CLI writes the report as JSON
+    assert "energy distance" in metrics.format_report(good)
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_scalar_closed_form():
+    # 1-D Gaussians: W2^2 = (m1 - m2)^2 + (s1 - s2)^2.
+    assert metrics.frechet_distance(1.0, 4.0, -2.0, 9.0) == pytest.approx(9.0 + 1.0)
+    assert metrics.frechet_distance(0.5, 2.0, 0.5, 2.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frechet_distance_diagonal_and_rotated_closed_form():
+    rng = np.random.default_rng(4)
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    v1, v2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected)
+    # Rotating both Gaussians together leaves W2 unchanged; now the matrices are full.
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    rotated = metrics.frechet_distance(q @ mu1, q @ np.diag(v1) @ q.T, q @ mu2, q @ np.diag(v2) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_of_singular_covariances_stays_finite_and_non_negative():
+    f = np.random.default_rng(5).standard_normal((10, 30))  # 10 samples in 30-D: rank 9
+    assert metrics.frechet_distance_features(f, f) == pytest.approx(0.0, abs=1e-8)
+    assert np.isfinite(metrics.frechet_distance_features(f, f[::-1] + 1.0))
+
+
+# ---------------------------------------------------------------- precision / recall, coverage
+
+def test_precision_recall_on_constructed_point_sets():
+    rng = np.random.default_rng(6)
+    a = rng.uniform(0, 1, (100, 2))                # cluster A
+    b = rng.uniform(0, 1, (100, 2)) + [10.0, 0.0]  # cluster B, far away
+    real = np.concatenate([a, b])
+    assert metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    # Samples covering only cluster A: all realistic (precision 1), half the data missed.
+    only_a = metrics.precision_recall(real, rng.uniform(0, 1, (200, 2)))
+    assert only_a["precision"] > 0.95 and 0.4 < only_a["recall"] < 0.6
+    far = metrics.precision_recall(real, rng.uniform(0, 1, (200, 2)) + [0.0, 50.0])
+    assert far == {"precision": 0.0, "recall": 0.0}
+
+
+def test_class_coverage_and_confidence():
+    uniform = np.eye(10)[np.arange(200) % 10]
+    cov = metrics.class_coverage(uniform)
+    assert cov["entropy_bits"] == pytest.approx(np.log2(10)) and cov["max_deviation"] == pytest.approx(0.0)
+    collapsed = metrics.class_coverage(np.eye(10)[np.full(50, 7)])
+    assert collapsed["entropy_bits"] == pytest.approx(0.0) and collapsed["max_deviation"] == pytest.approx(0.9)
+    probs = np.array([[0.95, 0.05], [0.6, 0.4]])
+    assert metrics.confidence(probs) == {"mean_confidence": pytest.approx(0.775), "fraction_confident": 0.5}
+
+
+def test_memorization_flags_copies_and_near_copies_only():
+    rng = np.random.default_rng(7)
+    train = rng.uniform(0, 255, (300, 64))
+    assert metrics.memorization(train[:50], train)["fraction_memorized"] == 1.0
+    near = train[:50] + rng.normal(0, 1.0, (50, 64))  # NN distances here are ~ 500
+    assert metrics.memorization(near, train)["fraction_memorized"] == 1.0
+    fresh = rng.uniform(0, 255, (50, 64))
+    assert metrics.memorization(fresh, train)["fraction_memorized"] == 0.0
+    # A duplicated training image must still count as copied (de-duplication).
+    assert metrics.memorization(train[:1], np.concatenate([train, train[:1]]))["fraction_memorized"] == 1.0
+
+
+# ---------------------------------------------------------------- digit images, end to end
+
+@pytest.fixture(scope="module")
+def digits():
+    train, y_train = data.load_dataset("digits", "train")
+    heldout, _ = data.load_dataset("digits", "heldout")
+    rng = np.random.default_rng(0)
+    real = images.to_uint8(train[rng.choice(len(train), 400, replace=False)])
+    return {"real": real, "heldout": images.to_uint8(heldout),
+            "noise": rng.integers(0, 256, (400, 8, 8, 1), dtype=np.uint8),
+            "single": np.repeat(images.to_uint8(heldout[:1]), 400, axis=0),
+            "one_class": images.to_uint8(train[y_train == 3])}
+
+
+@pytest.fixture(scope="module")
+def reports(digits):
+    return {name: metrics.evaluate_samples(x, "digits", floor_repeats=2) for name, x in digits.items()}
+
+
+def test_real_images_score_near_the_floor(reports):
+    m = reports["real"]["metrics"]  # training images: perfect except that they are copies
+    assert m["frechet_distance"]["samples"] < 2 * m["frechet_distance"]["floor"]
+    assert m["precision"]["samples"] > m["precision"]["floor"] - 0.1
+    assert m["recall"]["samples"] > m["recall"]["floor"] - 0.1
+    assert m["fraction_confident"]["samples"] > 0.9 and m["fraction_confident"]["floor"] > 0.9
+    assert m["class_max_deviation"]["samples"] < 0.06
+    assert m["memorized"]["samples"] == 1.0  # they ARE training images
+    held = reports["heldout"]["metrics"]
+    assert held["memorized"]["samples"] == 0.0 and held["memorized"]["floor"] == 0.0
+
+
+def test_noise_scores_badly(reports):
+    m = reports["noise"]["metrics"]
+    assert m["frechet_distance"]["samples"] > 10 * m["frechet_distance"]["floor"]
+    assert m["precision"]["samples"] < 0.2 and m["recall"]["samples"] < 0.2
+    assert m["fraction_confident"]["samples"] < 0.5 and m["mean_confidence"]["samples"] < 0.85
+
+
+def test_a_single_repeated_image_scores_badly(reports):
+    m = reports["single"]["metrics"]
+    assert m["frechet_distance"]["samples"] > 10 * m["frechet_distance"]["floor"]
+    assert m["recall"]["samples"] < 0.05
+    assert m["class_entropy_bits"]["samples"] == pytest.approx(0.0, abs=1e-9)
+    assert m["class_max_deviation"]["samples"] == pytest.approx(0.9)
+
+
+def test_one_class_samples_score_badly(reports):
+    m = reports["one_class"]["metrics"]
+    assert m["frechet_distance"]["samples"] > 10 * m["frechet_distance"]["floor"]
+    assert m["recall"]["samples"] < 0.3
+    assert m["class_max_fraction"]["samples"] == 1.0 and m["class_min_fraction"]["samples"] == 0.0
+
+
+def test_report_is_json_and_formats_as_a_table(reports):
+    r = reports["real"]
+    assert json.loads(json.dumps(r))["num_samples"] == 400
+    table = metrics.format_report(r)
+    for key in r["metrics"]:
+        assert metrics._DESCRIPTIONS[key] in table
+    assert "| metric | samples | real (floor) | better |" in table
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="8x8"):
+        metrics.evaluate_samples(np.zeros((5, 16, 16, 1), np.uint8), "digits")
+    with pytest.raises(ValueError, match="no quality metrics"):
+        metrics.evaluate_samples(np.zeros((5, 8, 8, 1), np.uint8), "cifar")
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        metrics.evaluate_samples(np.zeros((5, 3)), "swissroll")
+
+
+def test_float_nchw_samples_score_like_their_uint8_form(digits):
+    u8 = digits["real"][:60]
+    as_float = u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    a = metrics.evaluate_samples(u8, "digits", floor_repeats=1)["metrics"]
+    b = metrics.evaluate_samples(as_float, "digits", floor_repeats=1)["metrics"]
+    assert {k: v["samples"] for k, v in a.items()} == pytest.approx({k: v["samples"] for k, v in b.items()})
+
+
+def test_mnist_accepts_raw_28x28_samples():
+    heldout, _ = data.load_dataset("mnist", "heldout")
+    raw = images.to_uint8(heldout[:40])[:, 2:30, 2:30]  # crop the padding off: 28x28 as MNIST files hold
+    r = metrics.evaluate_samples(raw, "mnist", floor_repeats=1)
+    assert r["metrics"]["memorized"]["samples"] == 0.0
+    assert r["metrics"]["fraction_confident"]["samples"] > 0.9
