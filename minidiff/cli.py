@@ -1,0 +1,615 @@
+"""The `minidiff` command line: train, sample, forward, interpolate, eval.
+
+Each subcommand's options come from a dataclass (TrainConfig in train.py, the others
+below): one field, one option, its help text in the field's metadata. Bad arguments
+print one line on stderr and exit with code 2 before anything is written.
+May import: every minidiff module.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from . import __version__, backend, checkpoint, data, images
+from . import train as training
+from .checkpoint import CheckpointError
+from .data import DataError
+from .schedule import get_named_beta_schedule
+
+EXIT_USAGE = 2         # bad arguments, missing or corrupt inputs (argparse's own code)
+EXIT_INTERRUPTED = 130  # Ctrl-C, after the checkpoint was saved (128 + SIGINT)
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as one line on stderr with exit code 2."""
+
+
+def _opt(default, help, **extra):
+    """A dataclass field whose metadata carries the option's help (see _add_options)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+# ---------------------------------------------------------------- the subcommands' configs
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)", required=True)
+    num: int = _opt(64, "number of samples")
+    out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools")
+    sampler: str = _opt("ddpm", "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021",
+                        choices=("ddpm", "ddim"))
+    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer ddpm steps respace the chain")
+    eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
+    ema: bool = _opt(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
+    progressive: bool = _opt(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
+    frames: int = _opt(10, "columns of the --progressive strip")
+    batch_size: int = _opt(256, "images per sampling batch (memory)")
+    seed: int = _opt(0, "seed of the noise")
+    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+
+
+@dataclass
+class ForwardConfig:
+    image: str = _opt(None, "an image file, or 'mondrian' for a procedural picture (default without --checkpoint)",
+                      positional=True)
+    steps: int = _opt(30, "frames after the first one, evenly spaced over the T = 1000 steps")
+    beta_scale: float = _opt(1.0, "multiply the paper's betas (1e-4 .. 0.02) by this: the noise strength")
+    out: str = _opt("forward.png", ".png writes a filmstrip, .gif an animation")
+    checkpoint: str = _opt(None, "show the reverse process of this model instead: noise becoming images")
+    num: int = _opt(4, "images (rows) for --checkpoint")
+    image_size: int = _opt(64, "side of the picture for an IMAGE file or mondrian")
+    ema: bool = _opt(True, "with --checkpoint: use the EMA weights")
+    seed: int = _opt(0, "seed of the noise (and of the mondrian picture)")
+    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+
+
+@dataclass
+class InterpolateConfig:
+    checkpoint: str = _opt(None, "checkpoint file or run folder", required=True)
+    t: int = _opt(500, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation")
+    pairs: int = _opt(4, "pairs of held-out images (rows)")
+    lambdas: int = _opt(9, "mixing weights from 0 to 1 (columns between the two sources)")
+    data: str = _opt(None, "images to interpolate: default the checkpoint's data set (its held-out split)")
+    out: str = _opt("interpolate.png", ".png picture")
+    ema: bool = _opt(True, "use the EMA weights")
+    seed: int = _opt(0, "seed of the pairs and the noise")
+    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = _opt(None, "checkpoint file or run folder", required=True)
+    data: str = _opt(None, "images to score: default the checkpoint's data set")
+    split: str = _opt("heldout", "which split of the data: heldout (never trained on), train or all",
+                      choices=("heldout", "train", "all"))
+    num: int = _opt(0, "score at most this many images (0: the whole split)")
+    batch_size: int = _opt(256, "images per batch (memory)")
+    out: str = _opt(None, "also write the report as JSON to this file")
+    ema: bool = _opt(True, "use the EMA weights")
+    seed: int = _opt(0, "seed of the noise in the bound's Monte Carlo terms")
+    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+
+
+# ---------------------------------------------------------------- building the parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (no usage dump) through UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _add_options(parser, config_cls, suppress=False):
+    """One option per dataclass field: --name-with-dashes, its type, default and help.
+
+    suppress=True leaves options that were not given out of the namespace (train uses it
+    to tell the user's choices from the preset's defaults).
+    """
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        kwargs = {"help": meta["help"] + ("" if default is None else f" (default: {shown})")}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "nargs" in meta:
+            kwargs.update(nargs=meta["nargs"], type=meta["type"])
+        else:
+            kwargs["type"] = meta.get("type") or (type(default) if default is not None else str)
+        if kwargs.get("type") in (int, float) and "choices" not in kwargs:
+            kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=default, **kwargs)
+            continue
+        if meta.get("required"):
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS if suppress else default
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+EXAMPLES = {
+    "train": "examples:\n  minidiff train                          # bundled 8x8 digits, a few minutes on a CPU\n"
+             "  minidiff train --data mnist --backend cupy --out runs/mnist\n"
+             "  minidiff train --data swissroll --out runs/swissroll\n"
+             "  minidiff train --out runs/digits --resume --steps 8000",
+    "sample": "examples:\n  minidiff sample --checkpoint runs/digits --num 64 --out samples.png\n"
+              "  minidiff sample --checkpoint runs/digits --num 1000 --sampler ddim --steps 50 --out samples.npz\n"
+              "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png",
+    "forward": "examples:\n  minidiff forward mondrian --steps 10 --out forward.png\n"
+               "  minidiff forward photo.jpg --beta-scale 0.5 --out forward.gif\n"
+               "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif",
+    "interpolate": "example:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png",
+    "eval": "example:\n  minidiff eval --checkpoint runs/digits --out report.json",
+}
+
+
+def build_parser():
+    parser = _Parser(prog="minidiff", description="Denoising diffusion probabilistic models (Ho et al. 2020) "
+                     "from scratch on NumPy, or CuPy on a GPU.",
+                     epilog="Run 'minidiff COMMAND --help' for a command's options. Start with: minidiff train")
+    parser.add_argument("--version", action="version", version=f"minidiff {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name, help):
+        return commands.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("train", "train a model (Algorithm 1); writes checkpoint, metrics, loss curve and samples to --out")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder; its parent must exist (default: runs/DATA)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    _add_options(p, training.TrainConfig, suppress=True)
+    p.set_defaults(run=cmd_train)
+    for name, cls, fn, help in (
+            ("sample", SampleConfig, cmd_sample, "draw samples from a trained model (Algorithm 2 or DDIM)"),
+            ("forward", ForwardConfig, cmd_forward, "watch the forward process destroy an image "
+                                                    "(or, with --checkpoint, the reverse process create one)"),
+            ("interpolate", InterpolateConfig, cmd_interpolate, "interpolate between held-out images in "
+                                                                "latent space (Fig. 8)"),
+            ("eval", EvalConfig, cmd_eval, "score a model: bits/dim on the held-out split (Table 2)")):
+        p = add(name, help)
+        _add_options(p, cls)
+        p.set_defaults(run=fn, config_cls=cls)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of `minidiff` and `python -m minidiff`; returns the exit code."""
+    parser, args = build_parser(), None
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return args.run(args) or 0
+    except SystemExit as exit_:  # --help and --version
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except (UsageError, CheckpointError, DataError, backend.BackendError) as err:
+        message = str(err)
+        if not message.startswith("minidiff"):
+            message = f"minidiff {getattr(args, 'command', '') or ''}: error: {message}".replace("  ", " ")
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+    except training.TrainingDiverged as err:
+        print(f"minidiff train: error: {err}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- shared checks and helpers
+
+
+def _config(args):
+    """The subcommand's config dataclass from the parsed options."""
+    cls = args.config_cls
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _positive(**counts):
+    for name, value in counts.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _check_output(path, suffixes, option="--out"):
+    """The output must have a known suffix and live in an existing folder."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in suffixes:
+        raise UsageError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    return ext
+
+
+@contextlib.contextmanager
+def _atomic_output(path):
+    """Yield a temporary path beside `path` (same suffix); rename it over `path` only on success."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _use_backend(name):
+    backend.use_backend(name)  # BackendError (no CuPy, no GPU) becomes a one-line usage error
+
+
+def _load_model(path, use_ema):
+    try:
+        return training.load_model(path, use_ema=use_ema)
+    except (ValueError, KeyError, TypeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{checkpoint.resolve(path)}: cannot rebuild the model ({err})") from None
+
+
+def _model_images(config, info, name, split):
+    """Images for a trained model: its own data set by default; sizes must match the model's."""
+    if info["channels"] is None:
+        raise UsageError(f"the checkpoint's model was trained on 2-D points ({config.data}); this command needs images")
+    name = name or config.data
+    images_, labels, data_info = data.load_images(name, split)
+    size, channels = images_.shape[-1], images_.shape[1]
+    if (size, channels) != (info["image_size"], info["channels"]):
+        raise UsageError(f"{name}: images are {channels}x{size}x{size} (CxHxW) but the checkpoint's model takes "
+                         f"{info['channels']}x{info['image_size']}x{info['image_size']}")
+    return images_, labels, data_info
+
+
+# ---------------------------------------------------------------- train
+
+
+class _GracefulInterrupt:
+    """The first Ctrl-C only sets `.requested` (the loop then stops at a step boundary and
+    saves); a second one interrupts at once (the last periodic checkpoint is still intact)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = None
+        with contextlib.suppress(ValueError):  # signal only works in the main thread
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _as_option(message):
+    """'steps must be ...' -> '--steps must be ...': config errors in the CLI's own words."""
+    return re.sub(r"^([a-z_]+) (must|cannot)", lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
+
+
+def train_config_from_args(args):
+    """(TrainConfig, out_dir, start step) from the options, the preset and, on --resume, the checkpoint."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig) if hasattr(args, f.name)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    preset = given.pop("preset", None)
+    try:
+        base = training.make_config(preset, **({"data": given["data"]} if "data" in given else {}))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", base.data))))
+    parent = os.path.dirname(os.path.abspath(out))
+    if args.out is not None and not os.path.isdir(parent):  # the default runs/ folder is created as needed
+        raise UsageError(f"--out {out}: the folder {parent} does not exist")
+    ckpt = os.path.join(out, training.CHECKPOINT)
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other")
+        state = checkpoint.load(ckpt)  # CheckpointError: missing or corrupt, naming the file
+        values = {**state["config"], **given}
+        if preset is not None and preset != values["preset"]:
+            raise UsageError(f"cannot resume with --preset {preset}: the run was trained with {values['preset']}")
+        try:
+            config = training.config_from_dict(values)
+            training.validate(config)
+            training.check_resumable(state, config)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        return config, out, int(state["step"])
+    if os.path.exists(ckpt) and not args.overwrite:
+        raise UsageError(f"{out} already holds a training run: pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out")
+    try:
+        config = training.make_config(base.preset, **given)
+    except ValueError as err:
+        raise UsageError(_as_option(str(err))) from None
+    return config, out, 0
+
+
+def cmd_train(args):
+    from tqdm.auto import tqdm
+
+    config, out, start = train_config_from_args(args)
+    _use_backend(config.backend)
+    if config.data not in data.TOY_DATASETS:  # fail on bad data now, before the run folder is touched
+        data.load_images(config.data, "train", image_size=config.image_size or None)
+    began = time.perf_counter()
+    run = training.train(config, out, resume=args.resume, progress=args.progress)
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=not args.progress,
+               desc=f"train {config.data}", smoothing=0.02)
+    step, smoothed, interrupted = start, None, False
+    try:
+        with _GracefulInterrupt() as stop:
+            for record in run:
+                step = record["step"]
+                smoothed = record["loss"] if smoothed is None else 0.98 * smoothed + 0.02 * record["loss"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{record['lr']:.1e}", refresh=False)
+                if "samples" in record:
+                    bar.write(f"step {step}: samples -> {record['samples']}")
+                if step == config.steps:
+                    bar.close()
+                    if args.progress:
+                        print(f"drawing {config.num_samples} samples with the EMA weights ...", file=sys.stderr)
+                if stop.requested:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one raised by the consumer
+        interrupted = True
+    finally:
+        bar.close()
+        run.close()  # at a step boundary this saves the checkpoint (train's GeneratorExit path)
+    if interrupted:
+        print(f"interrupted after step {step}: checkpoint saved in {out}; continue with "
+              f"'minidiff train --out {out} --resume'", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    minutes, seconds = divmod(time.perf_counter() - began, 60)
+    print(f"trained {config.steps} steps in {int(minutes)}m{seconds:02.0f}s; wrote {out}/samples.png, "
+          f"{training.CHECKPOINT}, metrics.{config.log_format} and loss.png", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- sample
+
+
+def _sampling_diffusion(diffusion, sampler, steps):
+    """(diffusion to run, number of steps, ddim?) for --sampler/--steps."""
+    T = diffusion.num_timesteps
+    if steps < 0 or steps > T:
+        raise UsageError(f"--steps must be between 1 and T = {T} (0: the sampler's default), got {steps}")
+    if sampler == "ddim":
+        return diffusion, steps or min(50, T), True
+    if steps and steps < T:
+        return diffusion.respaced(steps), steps, False   # fewer ancestral steps (Nichol & Dhariwal 2021)
+    return diffusion, T, False
+
+
+def cmd_sample(args):
+    cfg = _config(args)
+    _positive(num=cfg.num, batch_size=cfg.batch_size, frames=cfg.frames)
+    ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
+    _use_backend(cfg.backend)
+    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    diffusion, steps, ddim = _sampling_diffusion(diffusion, cfg.sampler, cfg.steps)
+    points = info["channels"] is None
+    shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
+    if cfg.progressive:
+        if points:
+            raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
+        return _sample_progressive(cfg, model, diffusion, steps, ddim, shape)
+    chunks = []
+    for i, start in enumerate(range(0, cfg.num, cfg.batch_size)):
+        n = min(cfg.batch_size, cfg.num - start)
+        seed = [cfg.seed, i]  # one stream per batch: the first batch is the same whatever --num is
+        if ddim:   # x_0 predictions are clipped to [-1, 1] for images, never for 2-D points
+            x = diffusion.ddim_sample_loop(model, (n, *shape), num_steps=steps, eta=cfg.eta, seed=seed,
+                                           clip_denoised=not points, progress=True)
+        else:
+            x = diffusion.p_sample_loop(model, (n, *shape), seed=seed, clip_denoised=not points, progress=True)
+        chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
+    samples = backend.host.concatenate(chunks)
+    with _atomic_output(cfg.out) as tmp:
+        if ext == ".npz":
+            array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
+            backend.host.savez(tmp, arr_0=array)
+        elif points:
+            images.scatter_2d([samples], tmp, titles=[f"{cfg.num} samples"])
+        else:
+            images.save_grid(samples, tmp)
+    print(f"wrote {cfg.num} samples to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+def _frame_indices(num_steps, frames):
+    """Which of num_steps chain outputs (0 = first) to show as `frames` columns, the last one included."""
+    return sorted({round(k * (num_steps - 1) / max(frames - 1, 1)) for k in range(frames)})
+
+
+def _sample_progressive(cfg, model, diffusion, steps, ddim, shape):
+    """Fig. 6: the x_0 prediction at evenly spaced steps of one chain per row."""
+    shape = (cfg.num, *shape)
+    if ddim:
+        chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta,
+                                                       seed=[cfg.seed, 0], progress=True)
+    else:
+        chain = diffusion.p_sample_loop_progressive(model, shape, seed=[cfg.seed, 0], progress=True)
+    keep = set(_frame_indices(steps, cfg.frames))
+    frames, labels = [], []
+    for k, out in enumerate(chain):
+        if k in keep:
+            frames.append(backend.to_numpy(out["pred_xstart"]))
+            t = out["t"] if diffusion.timestep_map is None else int(diffusion.timestep_map[out["t"]])
+            labels.append(f"t={t}")
+    with _atomic_output(cfg.out) as tmp:
+        images.filmstrip(frames, tmp, labels=labels)
+    print(f"wrote the x_0 predictions of {cfg.num} chains to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- forward
+
+
+def cmd_forward(args):
+    cfg = _config(args)
+    _positive(steps=cfg.steps, num=cfg.num, image_size=cfg.image_size)
+    ext = _check_output(cfg.out, (".png", ".gif"))
+    if not 0 < cfg.beta_scale <= 49:
+        raise UsageError(f"--beta-scale must lie in (0, 49] so that every beta stays below 1, got {cfg.beta_scale}")
+    if cfg.checkpoint is not None and cfg.image is not None:
+        raise UsageError("give an IMAGE (forward process) or --checkpoint (reverse process), not both")
+    _use_backend(cfg.backend)
+    if cfg.checkpoint is not None:
+        frames, labels = _reverse_frames(cfg)
+    else:
+        frames, labels = _forward_frames(cfg)
+    with _atomic_output(cfg.out) as tmp:
+        if ext == ".gif":
+            images.save_gif(frames, tmp, duration_ms=120, hold_last_ms=1500)
+        else:
+            images.filmstrip(frames, tmp, labels=labels)
+    print(f"wrote {len(frames)} frames to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+def _forward_frames(cfg):
+    """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
+    host = backend.host
+    rng = host.random.default_rng(cfg.seed)
+    name = cfg.image or "mondrian"
+    if name == "mondrian":
+        x = data.mondrian(cfg.image_size, rng=rng).astype(host.float64)
+    else:
+        if not os.path.exists(name):
+            raise UsageError(f"{name}: no such image file (or use 'mondrian')")
+        x = data.load_path(name, image_size=cfg.image_size)[0][0].astype(host.float64)   # (C, H, W)
+    betas = get_named_beta_schedule("linear", 1000) * cfg.beta_scale
+    T = len(betas)
+    keep = set(round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # steps 0 (x_0) .. T
+    frames, labels = [x], ["t=0"]
+    for t in range(1, T + 1):                                             # the paper's step t, 1-based
+        x = host.sqrt(1 - betas[t - 1]) * x + host.sqrt(betas[t - 1]) * rng.standard_normal(x.shape)
+        if t in keep:
+            frames.append(x.clip(-1, 1))
+            labels.append(f"t={t}")
+    return frames, labels
+
+
+def _reverse_frames(cfg):
+    """x_T, ..., x_0 of the reverse process (Algorithm 2), `steps` + 1 frames."""
+    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    if info["channels"] is None:
+        raise UsageError("the checkpoint models 2-D points: use 'minidiff sample' for a scatter plot")
+    if cfg.beta_scale != 1.0:
+        raise UsageError("--beta-scale applies to the forward process; a checkpoint's schedule is fixed")
+    T = diffusion.num_timesteps
+    shape = (cfg.num, info["channels"], info["image_size"], info["image_size"])
+    noise = backend.Generator([cfg.seed, 1]).normal(shape)
+    keep = set(round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # count of reverse steps taken
+    frames, labels = [backend.to_numpy(noise)], [f"t={T}"]
+    for k, out in enumerate(diffusion.p_sample_loop_progressive(model, shape, noise=noise, seed=[cfg.seed, 2],
+                                                                 progress=True), start=1):
+        if k in keep:
+            frames.append(backend.to_numpy(out["sample"]).clip(-1, 1))
+            labels.append(f"t={out['t']}")
+    return frames, labels
+
+
+# ---------------------------------------------------------------- interpolate
+
+
+def cmd_interpolate(args):
+    cfg = _config(args)
+    _positive(pairs=cfg.pairs)
+    if cfg.lambdas < 2:
+        raise UsageError(f"--lambdas must be at least 2 (0 and 1), got {cfg.lambdas}")
+    _check_output(cfg.out, (".png",))
+    _use_backend(cfg.backend)
+    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    if not 0 <= cfg.t < diffusion.num_timesteps:
+        raise UsageError(f"--t must lie in 0 .. {diffusion.num_timesteps - 1}, got {cfg.t}")
+    images_, _, _ = _model_images(config, info, cfg.data, "heldout")
+    if len(images_) < 2 * cfg.pairs:
+        raise UsageError(f"--pairs {cfg.pairs} needs {2 * cfg.pairs} images; the held-out split has {len(images_)}")
+    pick = backend.host.random.default_rng(cfg.seed).choice(len(images_), 2 * cfg.pairs, replace=False)
+    x_a = backend.to_active(images_[pick[:cfg.pairs]])
+    x_b = backend.to_active(images_[pick[cfg.pairs:]])
+    lambdas = [k / (cfg.lambdas - 1) for k in range(cfg.lambdas)]
+    mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True)  # (L, N, ...)
+    columns = [x_a] + [mixed[k] for k in range(len(lambdas))] + [x_b]
+    labels = ["source"] + [f"{lam:.2g}" for lam in lambdas] + ["source"]
+    with _atomic_output(cfg.out) as tmp:
+        images.filmstrip([backend.to_numpy(c) for c in columns], tmp, labels=labels)
+    print(f"wrote {cfg.pairs} interpolations at t={cfg.t} to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def eval_likelihood(model, diffusion, images_, levels, batch_size, seed):
+    """Bits/dim of the variational bound (Eq. 5, Table 2) over `images_`, with `levels` grey levels."""
+    diffusion.num_bins = levels  # the decoder L_0 (Eq. 13) discretises into the data's own levels
+    totals, priors, decoders = [], [], []
+    for i, start in enumerate(range(0, len(images_), batch_size)):
+        x = backend.to_active(images_[start:start + batch_size])
+        out = diffusion.calc_bpd_loop(model, x, seed=[seed, i], progress=True)
+        totals.append(backend.to_numpy(out["total_bpd"]))
+        priors.append(backend.to_numpy(out["prior_bpd"]))
+        decoders.append(backend.to_numpy(out["vb"][:, 0]))
+    host = backend.host
+    total, prior, decoder = host.concatenate(totals), host.concatenate(priors), host.concatenate(decoders)
+    return {"bits_per_dim": float(total.mean()), "bits_per_dim_stderr": float(total.std() / math.sqrt(len(total))),
+            "prior_bpd": float(prior.mean()), "decoder_bpd": float(decoder.mean()),
+            "num_images": int(len(total)), "grey_levels": int(levels)}
+
+
+def cmd_eval(args):
+    """Score a checkpoint. Each section below adds one block to the report; add more here."""
+    cfg = _config(args)
+    _positive(batch_size=cfg.batch_size)
+    if cfg.num < 0:
+        raise UsageError(f"--num must be >= 0 (0: the whole split), got {cfg.num}")
+    if cfg.out is not None:
+        _check_output(cfg.out, (".json",))
+    _use_backend(cfg.backend)
+    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    report = {"checkpoint": checkpoint.resolve(cfg.checkpoint), "data": cfg.data or config.data, "split": cfg.split,
+              "ema": cfg.ema}
+    images_, _, data_info = _model_images(config, info, cfg.data, cfg.split)
+    if cfg.num:
+        images_ = images_[:cfg.num]
+    report["likelihood"] = eval_likelihood(model, diffusion, images_, data_info["grey_levels"], cfg.batch_size,
+                                           cfg.seed)
+    _print_report(report)
+    if cfg.out is not None:
+        with _atomic_output(cfg.out) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _print_report(report):
+    width = max(len(k) for section in report.values() if isinstance(section, dict) for k in section)
+    for name, section in report.items():
+        if not isinstance(section, dict):
+            print(f"{name}: {section}")
+            continue
+        print(f"[{name}]")
+        for key, value in section.items():
+            print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")

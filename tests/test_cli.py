@@ -1,0 +1,268 @@
+"""The `minidiff` command line: every command on a tiny run, and every error path (exit 2, nothing overwritten)."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minidiff import __version__, checkpoint, cli
+from minidiff import train as training
+
+TINY = ["--ch", "8", "--ch-mult", "1", "--attn-resolutions", "--batch-size", "8", "--num-timesteps", "10",
+        "--num-samples", "4", "--warmup", "2", "--no-progress"]
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step run of the tiny U-Net on the bundled digits (T = 10)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert run("train", "--out", out, "--steps", 3, *TINY) == 0
+    return out
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("minidiff")
+    return err[0]
+
+
+# ---------------------------------------------------------------- help and version
+
+
+def test_version_and_help(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out.strip() == f"minidiff {__version__}"
+    assert run("--help") == 0
+    assert "train" in capsys.readouterr().out
+    for command in ("train", "sample", "forward", "interpolate", "eval"):
+        assert run(command, "--help") == 0
+        text = capsys.readouterr().out
+        assert "example" in text and "--backend" in text and "--seed" in text, command
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "minidiff", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def test_train_writes_everything(trained):
+    for name in ("checkpoint.safetensors", "metrics.jsonl", "loss.png", "samples.png"):
+        assert (trained / name).is_file(), name
+    state = checkpoint.load(trained)
+    assert state["step"] == 3 and state["config"]["ch"] == 8 and state["config"]["preset"] == "digits"
+
+
+def test_sample_png_and_npz(trained, tmp_path):
+    assert run("sample", "--checkpoint", trained, "--num", 5, "--out", tmp_path / "s.png") == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 8
+    assert run("sample", "--checkpoint", trained / "checkpoint.safetensors", "--num", 3, "--sampler", "ddim",
+               "--steps", 4, "--no-ema", "--out", tmp_path / "s.npz") == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (3, 8, 8, 1)
+
+
+def test_sample_is_reproducible_and_seeded(trained, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert run("sample", "--checkpoint", trained, "--num", 2, "--seed", seed, "--out", tmp_path / f"{name}.npz") == 0
+    a, b, c = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_sample_progressive_strip(trained, tmp_path):
+    assert run("sample", "--checkpoint", trained, "--num", 2, "--progressive", "--frames", 4,
+               "--out", tmp_path / "fig6.png") == 0
+    assert (tmp_path / "fig6.png").is_file()
+
+
+@pytest.mark.parametrize("out", ["forward.png", "forward.gif"])
+def test_forward_on_mondrian(tmp_path, out):
+    assert run("forward", "mondrian", "--steps", 5, "--image-size", 32, "--out", tmp_path / out) == 0
+    picture = Image.open(tmp_path / out)
+    if out.endswith(".gif"):
+        assert picture.n_frames >= 2
+
+
+def test_forward_on_an_image_file_and_reverse_with_a_checkpoint(trained, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    assert run("forward", tmp_path / "in.png", "--steps", 3, "--beta-scale", 0.5, "--image-size", 16,
+               "--out", tmp_path / "f.png") == 0
+    assert run("forward", "--checkpoint", trained, "--steps", 5, "--num", 2, "--out", tmp_path / "r.gif") == 0
+    assert Image.open(tmp_path / "r.gif").n_frames >= 2
+
+
+def test_interpolate_and_eval(trained, tmp_path, capsys):
+    assert run("interpolate", "--checkpoint", trained, "--t", 5, "--pairs", 2, "--lambdas", 3,
+               "--out", tmp_path / "i.png") == 0
+    assert run("eval", "--checkpoint", trained, "--num", 6, "--out", tmp_path / "report.json") == 0
+    import json
+    report = json.loads((tmp_path / "report.json").read_text())
+    likelihood = report["likelihood"]
+    assert likelihood["num_images"] == 6 and likelihood["grey_levels"] == 17
+    assert 0 < likelihood["bits_per_dim"] < 50
+    assert "bits_per_dim" in capsys.readouterr().out
+
+
+def test_toy2d_train_and_sample(tmp_path):
+    out = tmp_path / "roll"
+    assert run("train", "--data", "swissroll", "--out", out, "--steps", 3, "--num-timesteps", 10,
+               "--mlp-hidden", 16, "--num-samples", 50, "--no-progress") == 0
+    assert checkpoint.load(out)["config"]["preset"] == "toy2d"
+    assert run("sample", "--checkpoint", out, "--num", 20, "--out", tmp_path / "p.npz") == 0
+    assert np.load(tmp_path / "p.npz")["arr_0"].shape == (20, 2)
+    assert run("sample", "--checkpoint", out, "--num", 20, "--out", tmp_path / "p.png") == 0
+
+
+# ---------------------------------------------------------------- resume and Ctrl-C
+
+
+def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, monkeypatch, capsys):
+    """A real SIGINT after step 2: the CLI stops at the step boundary, saves, exits 130; --resume finishes
+    with the same weights as an uninterrupted run."""
+    real_train = training.train
+
+    def interrupted_after_step_2(*args, **kwargs):
+        with contextlib.closing(real_train(*args, **kwargs)) as steps:
+            for record in steps:
+                if record["step"] == 2:
+                    os.kill(os.getpid(), signal.SIGINT)   # as if the user pressed Ctrl-C during step 2
+                yield record
+
+    monkeypatch.setattr(training, "train", interrupted_after_step_2)
+    assert run("train", "--out", tmp_path / "a", "--steps", 5, *TINY) == cli.EXIT_INTERRUPTED
+    assert "resume" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "a")["step"] == 2
+    monkeypatch.setattr(training, "train", real_train)
+    assert run("train", "--out", tmp_path / "a", "--resume", "--steps", 5, "--no-progress") == 0
+    assert run("train", "--out", tmp_path / "b", "--steps", 5, *TINY) == 0
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    for key in b["model"]:
+        np.testing.assert_array_equal(a["model"][key], b["model"][key])
+
+
+def test_resume_refuses_changed_model_options(trained, capsys):
+    before = (trained / "checkpoint.safetensors").read_bytes()
+    assert run("train", "--out", trained, "--resume", "--steps", 6, "--ch", 16) == 2
+    assert "ch" in one_error_line(capsys)
+    assert (trained / "checkpoint.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------- errors: one line, exit 2, nothing overwritten
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path, capsys):
+    assert run("sample", "--checkpoint", tmp_path / "none", "--out", tmp_path / "s.png") == 2
+    assert "not found" in one_error_line(capsys)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    for command in (["sample"], ["eval"], ["interpolate"], ["forward"]):
+        assert run(*command, "--checkpoint", bad, "--out", tmp_path / "x.png" if command != ["eval"] else
+                   tmp_path / "x.json") == 2
+        assert str(bad) in one_error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "nosuchdata"], "unknown data set"),
+    (["train", "--steps", "0"], "--steps must be a positive"),
+    (["train", "--batch-size", "-3"], "--batch-size must be a positive"),
+    (["train", "--image-size", "16"], "8x8"),
+    (["train", "--preset", "huge"], "invalid choice"),
+    (["train", "--backend", "tpu"], "invalid choice"),
+    (["train", "--out", "/no/such/folder/run"], "does not exist"),
+    (["train", "--lr", "fast"], "invalid float"),
+    (["sample", "--out", "x.png"], "required"),
+    (["forward", "--steps", "0"], "--steps must be a positive"),
+    (["forward", "no_such_image.png"], "no such image"),
+    (["forward", "--beta-scale", "-1"], "--beta-scale"),
+    (["forward", "--out", "/no/such/folder/f.png"], "does not exist"),
+    (["forward", "--out", "forward.jpg"], ".png or .gif"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(*argv) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--num", 0], "--num must be a positive"),
+    (["sample", "--num", -2], "--num must be a positive"),
+    (["sample", "--steps", 11], "between 1 and T = 10"),
+    (["sample", "--out", "/no/such/folder/s.png"], "does not exist"),
+    (["sample", "--out", "s.jpg"], ".png or .npz"),
+    (["interpolate", "--t", 10], "--t must lie in 0 .. 9"),
+    (["interpolate", "--lambdas", 1], "--lambdas"),
+    (["interpolate", "--pairs", 0], "--pairs"),
+    (["eval", "--num", -1], "--num must be >= 0"),
+    (["eval", "--data", "mnist"], "takes 1x8x8"),
+])
+def test_bad_arguments_with_a_checkpoint(trained, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = list(argv)
+    if "--out" not in argv:
+        argv += ["--out", "keep.png" if argv[0] != "eval" else "keep.json"]
+    target = tmp_path / argv[argv.index("--out") + 1]
+    if target.parent.exists():
+        target.write_bytes(b"earlier results")
+    assert run(*argv[:1], "--checkpoint", trained, *argv[1:]) == 2
+    assert message in one_error_line(capsys)
+    if target.parent.exists():
+        assert target.read_bytes() == b"earlier results"
+
+
+def test_image_size_mismatch_with_the_checkpoint(trained, tmp_path, capsys):
+    np.save(tmp_path / "big.npy", np.zeros((20, 16, 16), dtype=np.uint8))
+    assert run("eval", "--checkpoint", trained, "--data", tmp_path / "big.npy") == 2
+    assert "16x16 (CxHxW) but the checkpoint's model takes 1x8x8" in one_error_line(capsys)
+
+
+def test_train_never_overwrites_a_run(trained, capsys):
+    before = (trained / "checkpoint.safetensors").read_bytes()
+    assert run("train", "--out", trained, "--steps", 2, *TINY) == 2
+    assert "--resume" in one_error_line(capsys)
+    assert (trained / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    assert run("train", "--out", tmp_path / "empty", "--resume") == 2
+    assert "not found" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- examples
+
+
+EXAMPLES = ["forward_process", "swissroll", "digits", "ddpm_vs_ddim", "progressive", "interpolation", "mnist"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_are_main_with_defaults(name, monkeypatch):
+    import importlib
+    import inspect
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    monkeypatch.syspath_prepend(examples)
+    module = importlib.import_module(name)
+    params = inspect.signature(module.main).parameters.values()
+    assert all(p.default is not inspect.Parameter.empty for p in params), "main(**defaults): every argument has one"
+    assert "writes" in (module.__doc__ or "").lower(), "each example says which picture it writes"
+
+
+def test_forward_process_example_writes_its_picture(tmp_path, monkeypatch):
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    monkeypatch.syspath_prepend(examples)
+    import forward_process
+    forward_process.main(size=16, frames=3, out=str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").is_file() and (tmp_path / "f_alpha_bar.png").is_file()
