@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import __version__, backend, checkpoint, data, images
+from . import __version__, backend, checkpoint, data, images, metrics
 from . import train as training
 from .checkpoint import CheckpointError
 from .data import DataError
@@ -87,15 +87,30 @@ class InterpolateConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder", required=True)
-    data: str = _opt(None, "images to score: default the checkpoint's data set")
-    split: str = _opt("heldout", "which split of the data: heldout (never trained on), train or all",
+    checkpoint: str = _opt(None, "checkpoint file or run folder: draw --num samples from its model and score them")
+    samples: str = _opt(None, "score these samples instead of drawing them: a .npz whose arr_0 holds uint8 "
+                              "(N, H, W, C) images, as 'minidiff sample --out x.npz' writes, from any model "
+                              "((N, 2) points for 2-D data)")
+    data: str = _opt(None, "reference data set: digits, mnist or a 2-D toy set; default the checkpoint's, needed "
+                           "with --samples and no --checkpoint (with --bpd also an image PATH)")
+    num: int = _opt(None, "samples to draw (default 1000); with --samples, score the first N of the file "
+                          "(default all)", type=int)
+    sampler: str = _opt("ddpm", "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021",
+                        choices=("ddpm", "ddim"))
+    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer ddpm steps respace the chain")
+    eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
+    ema: bool = _opt(True, "use the EMA weights (the paper's choice) or, with --no-ema, the live ones")
+    metrics: bool = _opt(True, "sample-quality metrics (Frechet distance, precision/recall, class coverage, "
+                               "confidence, memorisation; 2-D: energy distance, sliced Wasserstein)")
+    bpd: bool = _opt(False, "also bits/dim of the variational bound on --split (Table 2; needs --checkpoint; slow: "
+                            "T network calls per batch); --bpd --no-metrics skips sampling")
+    split: str = _opt("heldout", "with --bpd: which split of the data: heldout (never trained on), train or all",
                       choices=("heldout", "train", "all"))
-    num: int = _opt(0, "score at most this many images (0: the whole split)")
-    batch_size: int = _opt(256, "images per batch (memory)")
+    bpd_num: int = _opt(0, "with --bpd: score at most this many images (0: the whole split)")
+    batch_size: int = _opt(256, "images per sampling or bits/dim batch (memory)")
     out: str = _opt(None, "also write the report as JSON to this file")
-    ema: bool = _opt(True, "use the EMA weights")
-    seed: int = _opt(0, "seed of the noise in the bound's Monte Carlo terms")
+    seed: int = _opt(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
+                        "of the floor's draws and of the bound's Monte Carlo terms")
     backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
 
 
@@ -152,7 +167,10 @@ EXAMPLES = {
                "  minidiff forward photo.jpg --beta-scale 0.5 --out forward.gif\n"
                "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif",
     "interpolate": "example:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png",
-    "eval": "example:\n  minidiff eval --checkpoint runs/digits --out report.json",
+    "eval": "examples:\n  minidiff eval --checkpoint runs/digits --out report.json   # 1000 DDPM samples, all metrics\n"
+            "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
+            "  minidiff eval --samples other_model.npz --data digits --out other.json\n"
+            "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)",
 }
 
 
@@ -180,7 +198,8 @@ def build_parser():
                                                     "(or, with --checkpoint, the reverse process create one)"),
             ("interpolate", InterpolateConfig, cmd_interpolate, "interpolate between held-out images in "
                                                                 "latent space (Fig. 8)"),
-            ("eval", EvalConfig, cmd_eval, "score a model: bits/dim on the held-out split (Table 2)")):
+            ("eval", EvalConfig, cmd_eval, "score a model's samples (or a .npz of anyone's) against held-out "
+                                            "data; --bpd adds bits/dim (Table 2)")):
         p = add(name, help)
         _add_options(p, cls)
         p.set_defaults(run=fn, config_cls=cls)
@@ -414,17 +433,7 @@ def cmd_sample(args):
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
         return _sample_progressive(cfg, model, diffusion, steps, ddim, shape)
-    chunks = []
-    for i, start in enumerate(range(0, cfg.num, cfg.batch_size)):
-        n = min(cfg.batch_size, cfg.num - start)
-        seed = [cfg.seed, i]  # one stream per batch: the first batch is the same whatever --num is
-        if ddim:   # x_0 predictions are clipped to [-1, 1] for images, never for 2-D points
-            x = diffusion.ddim_sample_loop(model, (n, *shape), num_steps=steps, eta=cfg.eta, seed=seed,
-                                           clip_denoised=not points, progress=True)
-        else:
-            x = diffusion.p_sample_loop(model, (n, *shape), seed=seed, clip_denoised=not points, progress=True)
-        chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
-    samples = backend.host.concatenate(chunks)
+    samples = _draw(model, diffusion, steps, ddim, shape, cfg.num, cfg.batch_size, cfg.seed, cfg.eta)
     with _atomic_output(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
@@ -435,6 +444,22 @@ def cmd_sample(args):
             images.save_grid(samples, tmp)
     print(f"wrote {cfg.num} samples to {cfg.out}", file=sys.stderr)
     return 0
+
+
+def _draw(model, diffusion, steps, ddim, shape, num, batch_size, seed, eta):
+    """`num` samples of `shape` (per sample) on the host, in batches; `sample` and `eval` draw alike."""
+    points = len(shape) == 1
+    chunks = []
+    for i, start in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - start)
+        stream = [seed, i]  # one stream per batch: the first batch is the same whatever --num is
+        if ddim:   # x_0 predictions are clipped to [-1, 1] for images, never for 2-D points
+            x = diffusion.ddim_sample_loop(model, (n, *shape), num_steps=steps, eta=eta, seed=stream,
+                                           clip_denoised=not points, progress=True)
+        else:
+            x = diffusion.p_sample_loop(model, (n, *shape), seed=stream, clip_denoised=not points, progress=True)
+        chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
+    return backend.host.concatenate(chunks)
 
 
 def _frame_indices(num_steps, frames):
@@ -580,36 +605,148 @@ def eval_likelihood(model, diffusion, images_, levels, batch_size, seed):
             "num_images": int(len(total)), "grey_levels": int(levels)}
 
 
+DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size issue 6's targets are stated at
+MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/recall
+
+
+def _read_samples(path, points):
+    """arr_0 of a .npz (or the array of a .npy): uint8 (N, H, W[, C]) images, or (N, 2) points."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--samples {path}: no such file")
+    try:
+        with contextlib.ExitStack() as stack:
+            loaded = backend.host.load(path, allow_pickle=False)
+            if not hasattr(loaded, "files"):   # a .npy holds a single array
+                array = loaded
+            else:
+                stack.callback(loaded.close)
+                names = list(loaded.files)
+                if "arr_0" not in names and len(names) != 1:
+                    raise UsageError(f"--samples {path}: no array arr_0 in the file (it holds "
+                                     f"{', '.join(names) or 'nothing'})")
+                array = loaded["arr_0" if "arr_0" in names else names[0]]
+    except UsageError:
+        raise
+    except Exception as err:  # zip, zlib, format and pickle errors alike: the file is unusable
+        raise UsageError(f"--samples {path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    if points:
+        if array.ndim != 2 or array.shape[1] != 2 or array.dtype.kind not in "fiu":
+            raise UsageError(f"--samples {path}: 2-D data needs (N, 2) points, got {array.dtype} of shape "
+                             f"{array.shape}")
+    elif array.dtype != backend.host.uint8 or array.ndim not in (3, 4) or (array.ndim == 4 and
+                                                                          array.shape[-1] not in (1, 3)):
+        raise UsageError(f"--samples {path}: expected uint8 images of shape (N, H, W, C) with C = 1 or 3, as "
+                         f"'minidiff sample --out x.npz' writes them; got {array.dtype} of shape {array.shape}")
+    return array
+
+
+def _check_eval_data(cfg, dataset, config, info):
+    """Refuse a reference data set that the samples (or the checkpoint's model) cannot be compared with.
+
+    Returns the images for --bpd (and checks their size against the model), or None.
+    """
+    quality_sets = metrics.IMAGE_DATASETS + metrics.POINT_DATASETS
+    if info is not None and info["channels"] is None:   # a 2-D model
+        if cfg.bpd:
+            raise UsageError(f"--bpd needs an image model; the checkpoint models 2-D points ({config.data})")
+        if dataset not in data.TOY_DATASETS:
+            raise UsageError(f"the checkpoint models 2-D points ({config.data}), so --data must be a 2-D set "
+                             f"({', '.join(data.TOY_DATASETS)}), got {dataset}")
+    found = None
+    if info is not None and info["channels"] is not None:
+        if dataset in data.TOY_DATASETS:
+            raise UsageError(f"--data {dataset} is 2-D points, but the checkpoint's model makes images")
+        found = _model_images(config, info, dataset, cfg.split)   # DataError or a size mismatch: one line
+    if cfg.metrics and dataset not in quality_sets:
+        hint = "; for bits/dim alone use --bpd --no-metrics" if cfg.checkpoint is not None else ""
+        raise UsageError(f"no sample-quality metrics for data set {dataset!r}: they compare with one of "
+                         f"{', '.join(quality_sets)}{hint}")
+    return found
+
+
 def cmd_eval(args):
-    """Score a checkpoint. Each section below adds one block to the report; add more here."""
+    """Score samples (drawn from --checkpoint or read from --samples), and with --bpd the model's bits/dim.
+
+    Every check runs before the slow parts, so bad input costs nothing and overwrites nothing.
+    """
     cfg = _config(args)
-    _positive(batch_size=cfg.batch_size)
-    if cfg.num < 0:
-        raise UsageError(f"--num must be >= 0 (0: the whole split), got {cfg.num}")
+    _positive(batch_size=cfg.batch_size, **({"num": cfg.num} if cfg.num is not None else {}))
+    if cfg.bpd_num < 0:
+        raise UsageError(f"--bpd-num must be >= 0 (0: the whole split), got {cfg.bpd_num}")
+    if cfg.checkpoint is None and cfg.samples is None:
+        raise UsageError("give --checkpoint (draw samples from a model) or --samples FILE.npz (score samples "
+                         "already drawn)")
+    if not cfg.metrics and not cfg.bpd:
+        raise UsageError("--no-metrics without --bpd leaves nothing to compute")
+    if cfg.samples is not None and not cfg.metrics:
+        raise UsageError("--samples is scored by the sample metrics: drop --no-metrics")
+    if cfg.bpd and cfg.checkpoint is None:
+        raise UsageError("--bpd needs --checkpoint: bits/dim is a property of a model, not of samples")
     if cfg.out is not None:
         _check_output(cfg.out, (".json",))
     _use_backend(cfg.backend)
-    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
-    report = {"checkpoint": checkpoint.resolve(cfg.checkpoint), "data": cfg.data or config.data, "split": cfg.split,
-              "ema": cfg.ema}
-    images_, _, data_info = _model_images(config, info, cfg.data, cfg.split)
-    if cfg.num:
-        images_ = images_[:cfg.num]
-    report["likelihood"] = eval_likelihood(model, diffusion, images_, data_info["grey_levels"], cfg.batch_size,
-                                           cfg.seed)
+    model = diffusion = config = info = None
+    if cfg.checkpoint is not None:
+        model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    dataset = cfg.data or (config.data if config is not None else None)
+    if dataset is None:
+        raise UsageError(f"--samples without --checkpoint needs --data, the reference data set: one of "
+                         f"{', '.join(metrics.IMAGE_DATASETS + metrics.POINT_DATASETS)}")
+    bpd_images = _check_eval_data(cfg, dataset, config, info)
+    report = {"checkpoint": checkpoint.resolve(cfg.checkpoint) if cfg.checkpoint is not None else None,
+              "samples": cfg.samples, "data": dataset}
+    if cfg.checkpoint is not None:
+        report["ema"] = cfg.ema
+    if cfg.metrics:
+        points = dataset in metrics.POINT_DATASETS
+        if cfg.samples is not None:
+            samples = _read_samples(cfg.samples, points)[:cfg.num]   # num None: all of them
+            if len(samples) < MIN_EVAL_SAMPLES:
+                raise UsageError(f"--samples {cfg.samples}: the metrics need at least {MIN_EVAL_SAMPLES} "
+                                 f"samples, got {len(samples)}")
+        else:
+            num = cfg.num or DEFAULT_EVAL_NUM
+            if num < MIN_EVAL_SAMPLES:
+                raise UsageError(f"--num must be at least {MIN_EVAL_SAMPLES} for the metrics (k-NN "
+                                 f"precision/recall), got {num}")
+            sampling, steps, ddim = _sampling_diffusion(diffusion, cfg.sampler, cfg.steps)
+            shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
+            began = time.perf_counter()
+            drawn = _draw(model, sampling, steps, ddim, shape, num, cfg.batch_size, cfg.seed, cfg.eta)
+            report["sampling"] = {"sampler": cfg.sampler, "steps": steps, **({"eta": cfg.eta} if ddim else {}),
+                                  "num": num, "seed": cfg.seed, "seconds": round(time.perf_counter() - began, 3)}
+            samples = drawn if points else images.to_uint8(drawn)   # uint8 NHWC, as sample --out x.npz
+        try:
+            report["quality"] = metrics.evaluate_samples(samples, dataset, seed=cfg.seed)
+        except ValueError as err:   # e.g. images of another size than the data set's
+            raise UsageError(f"--samples {cfg.samples}: {err}" if cfg.samples else str(err)) from None
+    if cfg.bpd:
+        images_, _, data_info = bpd_images
+        if cfg.bpd_num:
+            images_ = images_[:cfg.bpd_num]
+        report["likelihood"] = {"split": cfg.split, **eval_likelihood(
+            model, diffusion, images_, data_info["grey_levels"], cfg.batch_size, cfg.seed)}
     _print_report(report)
     if cfg.out is not None:
         with _atomic_output(cfg.out) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=2)
+        print(f"wrote the report to {cfg.out}", file=sys.stderr)
     return 0
 
 
 def _print_report(report):
-    width = max(len(k) for section in report.values() if isinstance(section, dict) for k in section)
+    """Plain values first, then the quality table (Markdown) and the other sections as key/value lines."""
+    for name, value in report.items():
+        if value is not None and not isinstance(value, dict):
+            print(f"{name}: {value}")
     for name, section in report.items():
         if not isinstance(section, dict):
-            print(f"{name}: {section}")
+            continue
+        print()
+        if name == "quality":
+            print(metrics.format_report(section))
             continue
         print(f"[{name}]")
+        width = max(map(len, section))
         for key, value in section.items():
             print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")

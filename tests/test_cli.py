@@ -1,5 +1,7 @@
 """The `minidiff` command line: every command on a tiny run, and every error path (exit 2, nothing overwritten)."""
 import contextlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minidiff import __version__, checkpoint, cli
+from minidiff import __version__, checkpoint, cli, data, images
 from minidiff import train as training
 
 TINY = ["--ch", "8", "--ch-mult", "1", "--attn-resolutions", "--batch-size", "8", "--num-timesteps", "10",
@@ -106,13 +108,20 @@ def test_forward_on_an_image_file_and_reverse_with_a_checkpoint(trained, tmp_pat
 def test_interpolate_and_eval(trained, tmp_path, capsys):
     assert run("interpolate", "--checkpoint", trained, "--t", 5, "--pairs", 2, "--lambdas", 3,
                "--out", tmp_path / "i.png") == 0
-    assert run("eval", "--checkpoint", trained, "--num", 6, "--out", tmp_path / "report.json") == 0
-    import json
+    # bits/dim alone (the eval of before issue 6): --bpd --no-metrics draws no samples
+    assert run("eval", "--checkpoint", trained, "--bpd", "--no-metrics", "--bpd-num", 6,
+               "--out", tmp_path / "report.json") == 0
     report = json.loads((tmp_path / "report.json").read_text())
     likelihood = report["likelihood"]
-    assert likelihood["num_images"] == 6 and likelihood["grey_levels"] == 17
+    assert likelihood["num_images"] == 6 and likelihood["grey_levels"] == 17 and likelihood["split"] == "heldout"
     assert 0 < likelihood["bits_per_dim"] < 50
+    assert "quality" not in report and "sampling" not in report
     assert "bits_per_dim" in capsys.readouterr().out
+    # both: sample metrics (the default) and --bpd
+    assert run("eval", "--checkpoint", trained, "--num", 6, "--bpd", "--bpd-num", 4, "--out", tmp_path / "both.json") == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["quality"]["num_samples"] == 6 and both["likelihood"]["num_images"] == 4
+    assert both["sampling"] == {**both["sampling"], "sampler": "ddpm", "steps": 10, "num": 6}
 
 
 def test_toy2d_train_and_sample(tmp_path):
@@ -123,6 +132,14 @@ def test_toy2d_train_and_sample(tmp_path):
     assert run("sample", "--checkpoint", out, "--num", 20, "--out", tmp_path / "p.npz") == 0
     assert np.load(tmp_path / "p.npz")["arr_0"].shape == (20, 2)
     assert run("sample", "--checkpoint", out, "--num", 20, "--out", tmp_path / "p.png") == 0
+    # eval: a 2-D checkpoint is scored with the 2-D metrics; bits/dim needs images
+    assert run("eval", "--checkpoint", out, "--num", 40, "--sampler", "ddim", "--steps", 5,
+               "--out", tmp_path / "p.json") == 0
+    quality = json.loads((tmp_path / "p.json").read_text())["quality"]
+    assert quality["kind"] == "points" and quality["dataset"] == "swissroll" and quality["num_samples"] == 40
+    assert set(quality["metrics"]) == {"energy_distance", "sliced_wasserstein"}
+    assert run("eval", "--checkpoint", out, "--samples", tmp_path / "p.npz") == 0   # sample's (N, 2) points
+    assert run("eval", "--checkpoint", out, "--bpd", "--out", tmp_path / "p.json") == 2
 
 
 # ---------------------------------------------------------------- resume and Ctrl-C
@@ -207,7 +224,15 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     (["interpolate", "--t", 10], "--t must lie in 0 .. 9"),
     (["interpolate", "--lambdas", 1], "--lambdas"),
     (["interpolate", "--pairs", 0], "--pairs"),
-    (["eval", "--num", -1], "--num must be >= 0"),
+    (["eval", "--num", -1], "--num must be a positive"),
+    (["eval", "--num", 0], "--num must be a positive"),
+    (["eval", "--num", 3], "at least 4"),
+    (["eval", "--steps", 11], "between 1 and T = 10"),
+    (["eval", "--bpd-num", -1], "--bpd-num must be >= 0"),
+    (["eval", "--no-metrics"], "nothing to compute"),
+    (["eval", "--data", "swissroll"], "2-D points"),
+    (["eval", "--data", "nosuchdata"], "unknown data set"),
+    (["eval", "--out", "/no/such/folder/r.json"], "does not exist"),
     (["eval", "--data", "mnist"], "takes 1x8x8"),
 ])
 def test_bad_arguments_with_a_checkpoint(trained, argv, message, capsys, tmp_path, monkeypatch):
@@ -266,3 +291,105 @@ def test_forward_process_example_writes_its_picture(tmp_path, monkeypatch):
     import forward_process
     forward_process.main(size=16, frames=3, out=str(tmp_path / "f.png"))
     assert (tmp_path / "f.png").is_file() and (tmp_path / "f_alpha_bar.png").is_file()
+
+
+# ---------------------------------------------------------------- eval: sample-quality metrics (issue 6)
+
+
+QUALITY_KEYS = {"frechet_distance", "precision", "recall", "mean_confidence", "fraction_confident",
+                "class_entropy_bits", "class_max_deviation", "class_min_fraction", "class_max_fraction", "memorized"}
+
+
+def heldout_digits_uint8():
+    x, _ = data.load_dataset("digits", "heldout")
+    return images.to_uint8(x)   # uint8 (179, 8, 8, 1), as `minidiff sample --out x.npz` writes
+
+
+def eval_npz(tmp_path, array, *extra):
+    np.savez(tmp_path / "s.npz", arr_0=array)
+    assert run("eval", "--samples", tmp_path / "s.npz", "--data", "digits", *extra, "--out", tmp_path / "r.json") == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"] == str(tmp_path / "s.npz") and report["checkpoint"] is None
+    return report["quality"]
+
+
+def test_eval_real_heldout_digits_score_at_the_floor(tmp_path, capsys):
+    q = eval_npz(tmp_path, heldout_digits_uint8())
+    m = q["metrics"]
+    assert set(m) == QUALITY_KEYS and q["num_samples"] == 179 and q["dataset"] == "digits"
+    assert m["frechet_distance"]["samples"] <= m["frechet_distance"]["floor"]
+    assert m["precision"]["samples"] >= 0.9 and m["recall"]["samples"] >= 0.9
+    for key in ("mean_confidence", "fraction_confident", "class_entropy_bits"):
+        assert m[key]["samples"] >= m[key]["floor"] - 0.02, key
+    assert m["memorized"]["samples"] == 0
+    out = capsys.readouterr().out
+    assert "| metric | samples | real (floor) | better |" in out and "Frechet" in out
+    assert eval_npz(tmp_path, heldout_digits_uint8(), "--num", 50)["num_samples"] == 50   # the first 50
+
+
+def test_eval_uniform_noise_scores_badly(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (179, 8, 8, 1), dtype=np.uint8)
+    m = eval_npz(tmp_path, noise)["metrics"]
+    assert m["frechet_distance"]["samples"] > 5 * m["frechet_distance"]["floor"]
+    assert m["precision"]["samples"] < 0.3 and m["recall"]["samples"] < 0.3
+    assert m["fraction_confident"]["samples"] < m["fraction_confident"]["floor"] - 0.3
+
+
+def test_eval_from_a_checkpoint_samples_and_scores(trained, tmp_path, capsys):
+    assert run("eval", "--checkpoint", trained, "--sampler", "ddim", "--steps", 5, "--num", 32,
+               "--out", tmp_path / "r.json") == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"] == "digits" and report["ema"] is True and "likelihood" not in report
+    assert report["sampling"] == {**report["sampling"], "sampler": "ddim", "steps": 5, "num": 32, "seed": 0}
+    quality = report["quality"]
+    assert set(quality["metrics"]) == QUALITY_KEYS and quality["num_samples"] == 32
+    for v in quality["metrics"].values():
+        assert {"samples", "floor", "better"} <= set(v) and math.isfinite(v["samples"])
+    assert "Frechet" in capsys.readouterr().out
+    # the same options draw the same images as `minidiff sample`, so scoring its .npz gives the same report
+    assert run("sample", "--checkpoint", trained, "--sampler", "ddim", "--steps", 5, "--num", 32,
+               "--out", tmp_path / "s.npz") == 0
+    assert run("eval", "--samples", tmp_path / "s.npz", "--data", "digits", "--out", tmp_path / "f.json") == 0
+    assert json.loads((tmp_path / "f.json").read_text())["quality"] == quality
+
+
+@pytest.mark.parametrize("array, argv, message", [
+    (None, [], "give --checkpoint"),
+    ("missing", [], "no such file"),
+    ("corrupt", [], "not a readable .npz"),
+    (np.zeros((10, 8, 8), np.float32), [], "expected uint8 images"),
+    (np.zeros((10, 8, 8, 2), np.uint8), [], "expected uint8 images"),
+    (np.zeros((10, 8), np.uint8), [], "expected uint8 images"),
+    (np.zeros((20, 16, 16, 1), np.uint8), [], "16x16"),
+    (np.zeros((20, 32, 32, 1), np.uint8), ["--data", "digits"], "32x32"),
+    (np.zeros((3, 8, 8, 1), np.uint8), [], "at least 4"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--data", "nosuchdata"], "no sample-quality metrics"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--data", None], "needs --data"),
+    (np.zeros((20, 2)), ["--data", "swissroll", "--num", 0], "--num must be a positive"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--data", "swissroll"], "(N, 2) points"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--bpd"], "--bpd needs --checkpoint"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--no-metrics"], "nothing to compute"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--out", "/no/such/folder/r.json"], "does not exist"),
+    (np.zeros((20, 8, 8, 1), np.uint8), ["--out", "r.txt"], ".json"),
+    ("two_arrays", [], "no array arr_0"),
+])
+def test_eval_bad_samples(array, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.json").write_bytes(b"earlier results")
+    argv = list(argv)
+    if "--data" not in argv:
+        argv += ["--data", "digits"]
+    if argv[argv.index("--data") + 1] is None:
+        del argv[argv.index("--data"):argv.index("--data") + 2]
+    if "--out" not in argv:
+        argv += ["--out", "keep.json"]
+    if isinstance(array, np.ndarray):
+        np.savez(tmp_path / "s.npz", arr_0=array)
+    elif array == "corrupt":
+        (tmp_path / "s.npz").write_bytes(b"PK\x03\x04 not really a zip file")
+    elif array == "two_arrays":
+        np.savez(tmp_path / "s.npz", a=np.zeros(3), b=np.zeros(3))
+    samples = [] if array is None else ["--samples", "s.npz"]
+    assert run("eval", *samples, *argv) == 2
+    assert message in one_error_line(capsys)
+    assert (tmp_path / "keep.json").read_bytes() == b"earlier results"
