@@ -6,6 +6,7 @@ JSON in the file's metadata header, with each array replaced by {"__array__": ke
 Loading parses bytes and JSON only, so it never executes code (no pickle).
 May import: backend (besides safetensors and the standard library).
 """
+import contextlib
 import json
 import os
 import struct
@@ -102,32 +103,41 @@ def _join(node, tensors):
     return node
 
 
-def _write_atomic(path, data):
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it over `path`.
 
-    os.replace is atomic on POSIX and Windows, so a crash at any point leaves either the
-    old file or the new one, never a half-written checkpoint.
+    os.replace is atomic on POSIX and Windows, so a crash or Ctrl-C at any point leaves
+    either the old file or the new one, never half of one, and never the temporary file.
+    The temporary name keeps `path`'s extension, so writers that pick a format from it work.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:  # including KeyboardInterrupt: never leave the temporary file behind
-        try:
+    finally:
+        if os.path.exists(tmp):
             os.remove(tmp)
-        except OSError:
-            pass
-        raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         dir_fd = os.open(folder, os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_atomic(path, data):
+    """Write the bytes `data` to `path` through atomic_path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            _write_all(f, data)
 
 
 def _write_all(f, data, chunk=1 << 20):

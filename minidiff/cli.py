@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -254,20 +253,6 @@ def _check_output(path, suffixes, option="--out"):
     return ext
 
 
-@contextlib.contextmanager
-def _atomic_output(path):
-    """Yield a temporary path beside `path` (same suffix); rename it over `path` only on success."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _use_backend(name):
     backend.use_backend(name)  # BackendError (no CuPy, no GPU) becomes a one-line usage error
 
@@ -434,7 +419,7 @@ def cmd_sample(args):
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
         return _sample_progressive(cfg, model, diffusion, steps, ddim, shape)
     samples = _draw(model, diffusion, steps, ddim, shape, cfg.num, cfg.batch_size, cfg.seed, cfg.eta)
-    with _atomic_output(cfg.out) as tmp:
+    with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
             backend.host.savez(tmp, arr_0=array)
@@ -482,7 +467,7 @@ def _sample_progressive(cfg, model, diffusion, steps, ddim, shape):
             frames.append(backend.to_numpy(out["pred_xstart"]))
             t = out["t"] if diffusion.timestep_map is None else int(diffusion.timestep_map[out["t"]])
             labels.append(f"t={t}")
-    with _atomic_output(cfg.out) as tmp:
+    with checkpoint.atomic_path(cfg.out) as tmp:
         images.filmstrip(frames, tmp, labels=labels)
     print(f"wrote the x_0 predictions of {cfg.num} chains to {cfg.out}", file=sys.stderr)
     return 0
@@ -504,7 +489,7 @@ def cmd_forward(args):
         frames, labels = _reverse_frames(cfg)
     else:
         frames, labels = _forward_frames(cfg)
-    with _atomic_output(cfg.out) as tmp:
+    with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".gif":
             images.save_gif(frames, tmp, duration_ms=120, hold_last_ms=1500)
         else:
@@ -579,7 +564,7 @@ def cmd_interpolate(args):
     mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True)  # (L, N, ...)
     columns = [x_a] + [mixed[k] for k in range(len(lambdas))] + [x_b]
     labels = ["source"] + [f"{lam:.2g}" for lam in lambdas] + ["source"]
-    with _atomic_output(cfg.out) as tmp:
+    with checkpoint.atomic_path(cfg.out) as tmp:
         images.filmstrip([backend.to_numpy(c) for c in columns], tmp, labels=labels)
     print(f"wrote {cfg.pairs} interpolations at t={cfg.t} to {cfg.out}", file=sys.stderr)
     return 0
@@ -728,7 +713,7 @@ def cmd_eval(args):
             model, diffusion, images_, data_info["grey_levels"], cfg.batch_size, cfg.seed)}
     _print_report(report)
     if cfg.out is not None:
-        with _atomic_output(cfg.out) as tmp, open(tmp, "w") as f:
+        with checkpoint.atomic_path(cfg.out) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote the report to {cfg.out}", file=sys.stderr)
     return 0

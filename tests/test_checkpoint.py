@@ -117,3 +117,14 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
     path.write_bytes(save_safetensors({"w": np.ones(2, dtype=np.float32)}, metadata={"format": "pt"}))
     with pytest.raises(CheckpointError, match="without minidiff metadata"):
         checkpoint.load(path)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    target = tmp_path / "picture.png"
+    with checkpoint.atomic_path(target) as tmp:
+        assert tmp.endswith(".png")  # writers that choose a format by extension still work
+        open(tmp, "wb").write(b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]
