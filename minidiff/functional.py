@@ -55,21 +55,27 @@ def linear(x, weight, bias=None):
 
 
 class SiLU(Function):
-    """y = x sigmoid(x) (the paper's "swish"); sigmoid is computed once and saved."""
+    """y = x sigmoid(x) (the paper's "swish"). Only x is saved (as PyTorch does): backward
+    recomputes sigmoid, which costs three elementwise passes and saves one activation per call."""
 
     @staticmethod
     def forward(ctx, x):
         xp = backend.xp_of(x)
-        s = x * x.dtype.type(0.5)                            # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
-        xp.tanh(s, out=s)
-        s *= x.dtype.type(0.5)
-        s += x.dtype.type(0.5)
-        ctx.save_for_backward(x, s)
-        return x * s
+        half = x * x.dtype.type(0.5)
+        y = xp.tanh(half)                                    # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
+        y += 1
+        y *= half                                            # y = x/2 (1 + tanh(x/2)) = x sigmoid(x)
+        ctx.save_for_backward(x)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, s = ctx.saved
+        (x,) = ctx.saved
+        xp = backend.xp_of(x)
+        s = x * x.dtype.type(0.5)
+        xp.tanh(s, out=s)
+        s *= x.dtype.type(0.5)
+        s += x.dtype.type(0.5)                               # s = sigmoid(x), recomputed
         # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
         d = 1 - s
         d *= x
@@ -135,7 +141,8 @@ class GroupNorm(Function):
         d = v - per_c(mean)                                        # x - mean_g
         rstd = 1 / xp.sqrt(group_mean(xp.einsum(f"{sub},{sub}->nc", d, d)) + x.dtype.type(eps))  # (N, C)
         scale = rstd * affine[0] if has_weight else rstd           # y = d * scale + bias
-        out = d * per_c(scale.astype(x.dtype, copy=False))
+        out = d                                                    # d is a temporary (x is saved): reuse it
+        out *= per_c(scale.astype(x.dtype, copy=False))
         if has_bias:
             out += per_c(affine[-1][None, :])
         ctx.save_for_backward(v, mean, rstd, affine[0] if has_weight else None)

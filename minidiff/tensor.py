@@ -76,7 +76,7 @@ class Tensor:
     def __init__(self, data, requires_grad=False, dtype=None):
         self.data = _as_array(data, dtype)  # numpy.ndarray or cupy.ndarray
         self.grad = None  # same shape, dtype and backend as data once backward() ran
-        self._fn, self._ctx, self._parents = None, None, ()  # graph links, set by Function.apply
+        self._node = None  # the graph record (_Node) of a computed tensor, set by Function.apply
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_()
@@ -87,6 +87,19 @@ class Tensor:
             raise TypeError(f"only floating tensors can require gradients; this one is {self.data.dtype}")
         self.requires_grad = bool(flag)
         return self
+
+    # Graph links live in the _Node, not the Tensor: the graph must not keep an intermediate's array alive.
+    @property
+    def _fn(self):
+        return None if self._node is None else self._node._fn
+
+    @property
+    def _ctx(self):
+        return None if self._node is None else self._node._ctx
+
+    @property
+    def _parents(self):
+        return () if self._node is None else self._node._parents
 
     @property
     def shape(self):
@@ -147,8 +160,9 @@ class Tensor:
             grad = _as_array(grad, self.data.dtype)
             if grad.shape != self.data.shape:
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)} but the tensor has shape {self.shape}")
-        order = _topological_order(self)
-        grads = {id(self): grad}
+        root = self if self._node is None else self._node
+        order = _topological_order(root)
+        grads = {id(root): grad}
         given = set()  # ids of arrays already handed to a leaf in this pass
         while order:
             node = order.pop()  # popping drops our reference, so used activations can be freed
@@ -169,7 +183,7 @@ class Tensor:
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
             for parent, pg in zip(node._parents, parent_grads):
-                if pg is None or not isinstance(parent, Tensor) or not parent.requires_grad:
+                if pg is None or not isinstance(parent, (Tensor, _Node)) or not parent.requires_grad:
                     continue
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg  # a reused tensor sums its terms
@@ -191,8 +205,22 @@ def _topological_order(root):
         elif id(node) not in seen:
             seen.add(id(node))
             stack.append((node, True))
-            stack.extend((p, False) for p in node._parents if isinstance(p, Tensor) and p.requires_grad)
+            stack.extend((p, False) for p in node._parents if isinstance(p, (Tensor, _Node)) and p.requires_grad)
     return order
+
+
+class _Node:
+    """The graph record of a computed tensor: its Function, the saved context and its inputs' records.
+
+    Inputs are referenced as their _Node (leaves as the Tensor itself, whose .grad backward fills),
+    so an intermediate activation's array is freed as soon as neither a variable nor a saved
+    context holds it, as PyTorch's grad_fn graph does.
+    """
+
+    __slots__ = ("_fn", "_ctx", "_parents", "requires_grad")
+
+    def __init__(self, fn, ctx, parents):
+        self._fn, self._ctx, self._parents, self.requires_grad = fn, ctx, parents, True
 
 
 class Context:
@@ -232,7 +260,10 @@ class Function:
         out = Tensor.__new__(Tensor)
         out.data = cls.forward(ctx, *arrays, **params)
         out.grad, out.requires_grad = None, record
-        out._fn, out._ctx, out._parents = (cls, ctx, inputs) if record else (None, None, ())
+        out._node = None
+        if record:
+            parents = tuple(x._node if isinstance(x, Tensor) and x._node is not None else x for x in inputs)
+            out._node = _Node(cls, ctx, parents)
         return out
 
 
