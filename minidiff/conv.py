@@ -134,7 +134,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 class Conv2d(Function):
     """out = conv(x, weight) + bias: x (N, C, H, W), weight (O, C, kh, kw), bias (O,) -> (N, O, Ho, Wo).
 
-    Forward saves only x itself, which the graph keeps alive anyway, not the padded
+    Forward saves only x itself (often saved by the op that made it as well), not the padded
     copy nor the kh*kw times larger im2col matrix; backward pads and rebuilds the
     columns again (two copies, cheap next to the GEMMs) for the weight gradient.
     """

@@ -121,7 +121,7 @@ class GroupNorm(Function):
     Works on a (N, C, S) or (N, S, C) view, whichever the storage allows without a copy.
     Statistics are per-(n, c) sums (einsum, no temporaries) combined per group;
     the variance is two-pass (of x - mean), so a large mean does not cancel it away.
-    Saves x (alive in the graph anyway), mean and rstd; backward recomputes x - mean.
+    Saves x (shared with whatever else saves it), mean and rstd; backward recomputes x - mean.
     """
 
     @staticmethod
