@@ -156,8 +156,8 @@ def _add_options(parser, config_cls, suppress=False):
 
 EXAMPLES = {
     "train": "examples:\n  minidiff train                          # bundled 8x8 digits, a few minutes on a CPU\n"
-             "  minidiff train --data mnist --backend cupy --out runs/mnist\n"
-             "  minidiff train --data swissroll --out runs/swissroll\n"
+             "  minidiff train --data mnist --backend cupy        # writes runs/mnist\n"
+             "  minidiff train --data swissroll --out toy-run     # --out: a new folder in an existing one\n"
              "  minidiff train --out runs/digits --resume --steps 8000",
     "sample": "examples:\n  minidiff sample --checkpoint runs/digits --num 64 --out samples.png\n"
               "  minidiff sample --checkpoint runs/digits --num 1000 --sampler ddim --steps 50 --out samples.npz\n"
