@@ -17,10 +17,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import __version__, backend, checkpoint, data, images, metrics
+from . import __version__, backend, checkpoint, data, explainer, images, metrics
 from . import train as training
 from .checkpoint import CheckpointError
 from .data import DataError
+from .diffusion import GaussianDiffusion
 from .schedule import get_named_beta_schedule
 
 EXIT_USAGE = 2         # bad arguments, missing or corrupt inputs (argparse's own code)
@@ -60,12 +61,16 @@ class SampleConfig:
 class ForwardConfig:
     image: str = _opt(None, "an image file, or 'mondrian' for a procedural picture (default without --checkpoint)",
                       positional=True)
-    steps: int = _opt(30, "frames after the first one, evenly spaced over the T = 1000 steps")
-    beta_scale: float = _opt(1.0, "multiply the paper's betas (1e-4 .. 0.02) by this: the noise strength")
-    out: str = _opt("forward.png", ".png writes a filmstrip, .gif an animation")
+    steps: int = _opt(30, "frames after the first one, evenly spaced over the T = 1000 steps "
+                          "(.html: where its slider starts, 10 .. 50 in steps of 5)")
+    beta_scale: float = _opt(1.0, "multiply the paper's betas (1e-4 .. 0.02) by this: the noise strength "
+                                  "(.html: where its slider starts, 0.3 .. 1.5 in steps of 0.1)")
+    out: str = _opt("forward.png", ".png writes a filmstrip, .gif an animation, .html a page with sliders "
+                                   "(direction, steps, noise scale) that works offline")
     checkpoint: str = _opt(None, "show the reverse process of this model instead: noise becoming images")
     num: int = _opt(4, "images (rows) for --checkpoint")
-    image_size: int = _opt(64, "side of the picture for an IMAGE file or mondrian")
+    image_size: int = _opt(0, "side of the picture for an IMAGE file or mondrian (default 64; 32 for .html, "
+                              "which holds every frame of 13 chains)")
     ema: bool = _opt(True, "with --checkpoint: use the EMA weights")
     seed: int = _opt(0, "seed of the noise (and of the mondrian picture)")
     backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
@@ -164,7 +169,9 @@ EXAMPLES = {
               "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png",
     "forward": "examples:\n  minidiff forward mondrian --steps 10 --out forward.png\n"
                "  minidiff forward photo.jpg --beta-scale 0.5 --out forward.gif\n"
-               "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif",
+               "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif\n"
+               "  minidiff forward mondrian --out explainer.html      (open it in a browser)\n"
+               "  minidiff forward --checkpoint runs/digits --out explainer.html",
     "interpolate": "example:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png",
     "eval": "examples:\n  minidiff eval --checkpoint runs/digits --out report.json   # 1000 DDPM samples, all metrics\n"
             "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
@@ -478,13 +485,17 @@ def _sample_progressive(cfg, model, diffusion, steps, ddim, shape):
 
 def cmd_forward(args):
     cfg = _config(args)
+    ext = _check_output(cfg.out, (".png", ".gif", ".html"))
+    if cfg.image_size == 0:
+        cfg.image_size = 32 if ext == ".html" else 64
     _positive(steps=cfg.steps, num=cfg.num, image_size=cfg.image_size)
-    ext = _check_output(cfg.out, (".png", ".gif"))
     if not 0 < cfg.beta_scale <= 49:
         raise UsageError(f"--beta-scale must lie in (0, 49] so that every beta stays below 1, got {cfg.beta_scale}")
     if cfg.checkpoint is not None and cfg.image is not None:
         raise UsageError("give an IMAGE (forward process) or --checkpoint (reverse process), not both")
     _use_backend(cfg.backend)
+    if ext == ".html":
+        return _write_explainer(cfg)
     if cfg.checkpoint is not None:
         frames, labels = _reverse_frames(cfg)
     else:
@@ -498,27 +509,72 @@ def cmd_forward(args):
     return 0
 
 
-def _forward_frames(cfg):
-    """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
+def _forward_picture(cfg):
+    """x_0 for the forward demo: the IMAGE file or a seeded Mondrian, float64 (C, H, W) in [-1, 1]."""
     host = backend.host
-    rng = host.random.default_rng(cfg.seed)
     name = cfg.image or "mondrian"
     if name == "mondrian":
-        x = data.mondrian(cfg.image_size, rng=rng).astype(host.float64)
-    else:
-        if not os.path.exists(name):
-            raise UsageError(f"{name}: no such image file (or use 'mondrian')")
-        x = data.load_path(name, image_size=cfg.image_size)[0][0].astype(host.float64)   # (C, H, W)
-    betas = get_named_beta_schedule("linear", 1000) * cfg.beta_scale
-    T = len(betas)
-    keep = set(round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # steps 0 (x_0) .. T
-    frames, labels = [x], ["t=0"]
-    for t in range(1, T + 1):                                             # the paper's step t, 1-based
-        x = host.sqrt(1 - betas[t - 1]) * x + host.sqrt(betas[t - 1]) * rng.standard_normal(x.shape)
-        if t in keep:
+        return data.mondrian(cfg.image_size, rng=host.random.default_rng(cfg.seed)).astype(host.float64)
+    if not os.path.exists(name):
+        raise UsageError(f"{name}: no such image file (or use 'mondrian')")
+    return data.load_path(name, image_size=cfg.image_size)[0][0].astype(host.float64)   # (C, H, W)
+
+
+def _forward_chain(x, betas, keep, seed):
+    """x_0, then the x_t of the Markov chain of Eq. 2 (`GaussianDiffusion.q_step`) at the paper's steps in `keep`.
+
+    Frames are clipped to [-1, 1] for display only; the chain itself runs unclipped in float64.
+    """
+    diffusion = GaussianDiffusion(betas)
+    rng = backend.host.random.default_rng([seed, 1])   # the same noise for every beta scale
+    frames, steps = ([x], [0]) if 0 in keep else ([], [])
+    for t in range(len(betas)):                       # code t is the paper's step t + 1
+        x = diffusion.q_step(x, t, rng.standard_normal(x.shape))
+        if t + 1 in keep:
             frames.append(x.clip(-1, 1))
-            labels.append(f"t={t}")
-    return frames, labels
+            steps.append(t + 1)
+    return frames, steps
+
+
+def _forward_frames(cfg):
+    """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
+    betas = get_named_beta_schedule("linear", 1000) * cfg.beta_scale
+    keep = set(round(k * len(betas) / cfg.steps) for k in range(cfg.steps + 1))   # steps 0 (x_0) .. T
+    frames, steps = _forward_chain(_forward_picture(cfg), betas, keep, cfg.seed)
+    return frames, [f"t={t}" for t in steps]
+
+
+def _write_explainer(cfg):
+    """The page of explainer.py: one forward chain per noise scale, and the reverse chain of --checkpoint."""
+    if cfg.steps not in explainer.STEPS_CHOICES:
+        raise UsageError(f"for .html, --steps is where the slider starts: one of {explainer.STEPS_CHOICES}, "
+                         f"got {cfg.steps}")
+    if round(cfg.beta_scale, 1) not in explainer.SCALE_CHOICES or abs(cfg.beta_scale - round(cfg.beta_scale, 1)) > 1e-9:
+        raise UsageError("for .html, --beta-scale is where the slider starts: 0.3 .. 1.5 in steps of 0.1, "
+                         f"got {cfg.beta_scale}")
+    chains = []
+    if cfg.checkpoint is None:
+        x, base = _forward_picture(cfg), get_named_beta_schedule("linear", 1000)
+        title = f"The diffusion process on {'a Mondrian' if (cfg.image or 'mondrian') == 'mondrian' else os.path.basename(cfg.image)}"
+    else:
+        model, diffusion, _, info = _load_model(cfg.checkpoint, cfg.ema)
+        if info["channels"] is None:
+            raise UsageError("the checkpoint models 2-D points: a page of pictures needs an image model")
+        frames, steps = _reverse_chain(cfg, model, diffusion, info, set(explainer.shown_steps(diffusion.num_timesteps)))
+        chains.append(explainer.chain_entry("reverse", 1.0, steps, frames, diffusion.betas))
+        x, base = frames[steps.index(0)], diffusion.betas          # forward from the model's own samples
+        title = f"The diffusion process of the model in {cfg.checkpoint}"
+    keep = set(explainer.shown_steps(len(base)))
+    from tqdm.auto import tqdm
+    for scale in tqdm(explainer.SCALE_CHOICES, desc="forward chains", unit="scale", file=sys.stderr):
+        betas = backend.host.minimum(base * scale, 0.999)   # a scaled cosine schedule could reach 1
+        frames, steps = _forward_chain(backend.host.asarray(x, dtype=backend.host.float64), betas, keep, cfg.seed)
+        chains.append(explainer.chain_entry("forward", scale, steps, frames, betas))
+    with checkpoint.atomic_path(cfg.out) as tmp:
+        explainer.write_page(tmp, chains, len(base), title=title, default_steps=cfg.steps,
+                             default_scale=round(cfg.beta_scale, 1))
+    print(f"wrote {cfg.out} ({os.path.getsize(cfg.out) / 1e6:.1f} MB): open it in a browser", file=sys.stderr)
+    return 0
 
 
 def _reverse_frames(cfg):
@@ -529,16 +585,22 @@ def _reverse_frames(cfg):
     if cfg.beta_scale != 1.0:
         raise UsageError("--beta-scale applies to the forward process; a checkpoint's schedule is fixed")
     T = diffusion.num_timesteps
+    keep = set(T - round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # the paper's t of each frame
+    frames, steps = _reverse_chain(cfg, model, diffusion, info, keep)
+    return frames, [f"t={t}" for t in steps]
+
+
+def _reverse_chain(cfg, model, diffusion, info, keep):
+    """x_T, ..., x_0 of Algorithm 2 at the paper's steps t in `keep` (T = pure noise, 0 = the sample)."""
+    T = diffusion.num_timesteps
     shape = (cfg.num, info["channels"], info["image_size"], info["image_size"])
     noise = backend.Generator([cfg.seed, 1]).normal(shape)
-    keep = set(round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # count of reverse steps taken
-    frames, labels = [backend.to_numpy(noise)], [f"t={T}"]
-    for k, out in enumerate(diffusion.p_sample_loop_progressive(model, shape, noise=noise, seed=[cfg.seed, 2],
-                                                                 progress=True), start=1):
-        if k in keep:
+    frames, steps = ([backend.to_numpy(noise)], [T]) if T in keep else ([], [])
+    for out in diffusion.p_sample_loop_progressive(model, shape, noise=noise, seed=[cfg.seed, 2], progress=True):
+        if out["t"] in keep:      # the step at code t = the paper's t + 1 lands on the paper's x_t
             frames.append(backend.to_numpy(out["sample"]).clip(-1, 1))
-            labels.append(f"t={out['t']}")
-    return frames, labels
+            steps.append(out["t"])
+    return frames, steps
 
 
 # ---------------------------------------------------------------- interpolate

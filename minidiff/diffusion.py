@@ -73,6 +73,9 @@ class GaussianDiffusion:
         one_minus_prev = host.append(0.0, one_minus[:-1])
         self.one_minus_alphas_cumprod = one_minus
 
+        # q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I): Eq. 2
+        self.sqrt_alphas = host.sqrt(alphas)
+        self.sqrt_betas = host.sqrt(betas)
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): Eq. 4
         self.sqrt_alphas_cumprod = host.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = host.sqrt(one_minus)
@@ -142,6 +145,20 @@ class GaussianDiffusion:
         return backend.xp_of(x).full((x.shape[0],), i, dtype=backend.host.int64)
 
     # ------------------------------------------------------------------ forward process q
+
+    def q_step(self, x_prev, t, noise=None):
+        """x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps, one step of the forward Markov chain q(x_t | x_{t-1}): Eq. 2.
+
+        Code `t` is the paper's step t + 1: `q_step(x_0, 0)` gives x_1, the last step `T - 1` gives x_T.
+        Composed from x_0, these steps give a sample of Eq. 4 (tests/test_diffusion.py checks the moments).
+        """
+        x = _data(x_prev)
+        if noise is None:
+            xp = backend.xp_of(x)   # drawn on the host stream, then put where x lives
+            noise = _generator(None).normal(x.shape, dtype=x.dtype)
+            noise = backend.to_numpy(noise) if xp is host else xp.asarray(noise)
+        return (self._extract("sqrt_alphas", t, x_prev) * x_prev
+                + self._extract("sqrt_betas", t, x_prev) * noise)
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): Eq. 4."""

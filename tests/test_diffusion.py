@@ -48,6 +48,51 @@ def per_sample(coef, t, ndim=4):
 
 
 @hsettings
+@given(betas_arrays, st.integers(0, 10**6))
+def test_q_step_composes_into_q_sample(betas, pick):
+    """Eq. 2 composed from x_0 to step t is Eq. 4, exactly, by linearity of the chain.
+
+    With zero noise the chain scales x_0 by prod sqrt(alpha_s) = sqrt(alpha_bar_t) (Eq. 4's mean).
+    The noise injected at step s reaches x_t multiplied by sqrt(beta_s) prod_{r > s} sqrt(alpha_r);
+    those coefficients, found by pushing a unit noise through the remaining steps, must have squares
+    summing to 1 - alpha_bar_t (Eq. 4's variance), computed here from the betas alone.
+    """
+    d = GaussianDiffusion(betas)
+    t = pick % min(betas.size, 60)
+    x = np.array([[[[0.7]]]])
+    zero = np.zeros_like(x)
+    for s in range(t + 1):
+        x = d.q_step(x, s, zero)
+    alpha_bar = np.prod(1 - betas[:t + 1])
+    np.testing.assert_allclose(x.ravel(), np.sqrt(alpha_bar) * 0.7, rtol=1e-12)
+    variance = 0.0
+    for s in range(t + 1):
+        x = d.q_step(zero, s, np.ones_like(zero))          # unit noise at step s only
+        for r in range(s + 1, t + 1):
+            x = d.q_step(x, r, zero)
+        variance += float(x.ravel()[0]) ** 2
+    np.testing.assert_allclose(variance, 1 - alpha_bar, rtol=1e-9, atol=1e-300)
+
+
+def test_q_step_samples_follow_eq4(backend_name):
+    """Many chains of Eq. 2 from one x_0, on each backend: mean and variance of x_t match Eq. 4."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 200))
+    xp = backend.xp()
+    x_start = xp.asarray(np.full((20000, 1, 1, 1), 0.5, dtype=np.float32))
+    x = x_start
+    backend.manual_seed(3)
+    for s in range(150):
+        x = d.q_step(x, s)                                  # noise drawn on x's backend
+    assert backend.xp_of(x) is xp
+    x = backend.to_numpy(x).astype(np.float64).ravel()
+    alpha_bar = np.prod(1 - get_named_beta_schedule("linear", 200)[:150])
+    std_err = np.sqrt(1 / 20000)
+    assert abs(x.mean() - np.sqrt(alpha_bar) * 0.5) < 5 * std_err
+    assert abs(x.var() - (1 - alpha_bar)) < 5 * np.sqrt(2 / 20000)
+
+
+
+@hsettings
 @given(betas_arrays, st.data())
 def test_predict_start_from_noise_inverts_q_sample(betas, data):
     """Eq. 15 undoes Eq. 4. The tolerance grows as 1 / sqrt(alpha_bar_t): dividing by it amplifies
