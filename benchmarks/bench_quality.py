@@ -104,8 +104,8 @@ def main(argv=None):
         with trainer.ema.swapped(trainer.model):
             trainer.model.eval()
             held, _ = data.load_dataset(dataset, "heldout")
-            bpd = cli.eval_likelihood(trainer.model, trainer.diffusion, held, data.grey_levels(dataset), 256,
-                                      args.seed)
+            bpd_diffusion = training.build_diffusion(trainer.config, num_bins=data.grey_levels(dataset))
+            bpd = cli.eval_likelihood(trainer.model, bpd_diffusion, held, 256, args.seed)
 
     # --- the Markdown table
     title = f"# Sample quality of the `{args.preset}` preset"

@@ -45,9 +45,10 @@ class SampleConfig:
     checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)", required=True)
     num: int = _opt(64, "number of samples")
     out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools")
-    sampler: str = _opt("ddpm", "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021",
-                        choices=("ddpm", "ddim"))
-    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer ddpm steps respace the chain")
+    sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
+                              "with all T steps, ddim when --steps asks for fewer", choices=training.SAMPLERS)
+    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
+                         "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
     eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     ema: bool = _opt(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
     progressive: bool = _opt(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
@@ -99,9 +100,10 @@ class EvalConfig:
                            "with --samples and no --checkpoint (with --bpd also an image PATH)")
     num: int = _opt(None, "samples to draw (default 1000); with --samples, score the first N of the file "
                           "(default all)", type=int)
-    sampler: str = _opt("ddpm", "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021",
-                        choices=("ddpm", "ddim"))
-    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer ddpm steps respace the chain")
+    sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
+                              "with all T steps, ddim when --steps asks for fewer", choices=training.SAMPLERS)
+    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
+                         "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
     eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     ema: bool = _opt(True, "use the EMA weights (the paper's choice) or, with --no-ema, the live ones")
     metrics: bool = _opt(True, "sample-quality metrics (Frechet distance, precision/recall, class coverage, "
@@ -400,16 +402,12 @@ def cmd_train(args):
 # ---------------------------------------------------------------- sample
 
 
-def _sampling_diffusion(diffusion, sampler, steps):
-    """(diffusion to run, number of steps, ddim?) for --sampler/--steps."""
-    T = diffusion.num_timesteps
-    if steps < 0 or steps > T:
-        raise UsageError(f"--steps must be between 1 and T = {T} (0: the sampler's default), got {steps}")
-    if sampler == "ddim":
-        return diffusion, steps or min(50, T), True
-    if steps and steps < T:
-        return diffusion.respaced(steps), steps, False   # fewer ancestral steps (Nichol & Dhariwal 2021)
-    return diffusion, T, False
+def _sampling_plan(diffusion, sampler, steps):
+    """train.sampling_plan for --sampler/--steps, with its error as a usage error."""
+    try:
+        return training.sampling_plan(diffusion, sampler, steps)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
 
 
 def cmd_sample(args):
@@ -418,14 +416,15 @@ def cmd_sample(args):
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
     _use_backend(cfg.backend)
     model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
-    diffusion, steps, ddim = _sampling_diffusion(diffusion, cfg.sampler, cfg.steps)
+    sampling, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
     points = info["channels"] is None
     shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
-        return _sample_progressive(cfg, model, diffusion, steps, ddim, shape)
-    samples = _draw(model, diffusion, steps, ddim, shape, cfg.num, cfg.batch_size, cfg.seed, cfg.eta)
+        return _sample_progressive(cfg, model, sampling, steps, ddim, shape)
+    samples = training.draw_samples(diffusion, model, shape, cfg.num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
+                                    cfg.batch_size, progress=True)
     with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
@@ -436,22 +435,6 @@ def cmd_sample(args):
             images.save_grid(samples, tmp)
     print(f"wrote {cfg.num} samples to {cfg.out}", file=sys.stderr)
     return 0
-
-
-def _draw(model, diffusion, steps, ddim, shape, num, batch_size, seed, eta):
-    """`num` samples of `shape` (per sample) on the host, in batches; `sample` and `eval` draw alike."""
-    points = len(shape) == 1
-    chunks = []
-    for i, start in enumerate(range(0, num, batch_size)):
-        n = min(batch_size, num - start)
-        stream = [seed, i]  # one stream per batch: the first batch is the same whatever --num is
-        if ddim:   # x_0 predictions are clipped to [-1, 1] for images, never for 2-D points
-            x = diffusion.ddim_sample_loop(model, (n, *shape), num_steps=steps, eta=eta, seed=stream,
-                                           clip_denoised=not points, progress=True)
-        else:
-            x = diffusion.p_sample_loop(model, (n, *shape), seed=stream, clip_denoised=not points, progress=True)
-        chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
-    return backend.host.concatenate(chunks)
 
 
 def _frame_indices(num_steps, frames):
@@ -635,9 +618,11 @@ def cmd_interpolate(args):
 # ---------------------------------------------------------------- eval
 
 
-def eval_likelihood(model, diffusion, images_, levels, batch_size, seed):
-    """Bits/dim of the variational bound (Eq. 5, Table 2) over `images_`, with `levels` grey levels."""
-    diffusion.num_bins = levels  # the decoder L_0 (Eq. 13) discretises into the data's own levels
+def eval_likelihood(model, diffusion, images_, batch_size, seed):
+    """Bits/dim of the variational bound (Eq. 5, Table 2) over `images_`.
+
+    `diffusion.num_bins` must be the data's own grey levels: the decoder L_0 (Eq. 13) discretises into them.
+    """
     totals, priors, decoders = [], [], []
     for i, start in enumerate(range(0, len(images_), batch_size)):
         x = backend.to_active(images_[start:start + batch_size])
@@ -649,7 +634,7 @@ def eval_likelihood(model, diffusion, images_, levels, batch_size, seed):
     total, prior, decoder = host.concatenate(totals), host.concatenate(priors), host.concatenate(decoders)
     return {"bits_per_dim": float(total.mean()), "bits_per_dim_stderr": float(total.std() / math.sqrt(len(total))),
             "prior_bpd": float(prior.mean()), "decoder_bpd": float(decoder.mean()),
-            "num_images": int(len(total)), "grey_levels": int(levels)}
+            "num_images": int(len(total)), "grey_levels": diffusion.num_bins}
 
 
 DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size issue 6's targets are stated at
@@ -756,11 +741,13 @@ def cmd_eval(args):
             if num < MIN_EVAL_SAMPLES:
                 raise UsageError(f"--num must be at least {MIN_EVAL_SAMPLES} for the metrics (k-NN "
                                  f"precision/recall), got {num}")
-            sampling, steps, ddim = _sampling_diffusion(diffusion, cfg.sampler, cfg.steps)
+            _, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
             shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
             began = time.perf_counter()
-            drawn = _draw(model, sampling, steps, ddim, shape, num, cfg.batch_size, cfg.seed, cfg.eta)
-            report["sampling"] = {"sampler": cfg.sampler, "steps": steps, **({"eta": cfg.eta} if ddim else {}),
+            drawn = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
+                                          cfg.batch_size, progress=True)
+            report["sampling"] = {"sampler": "ddim" if ddim else "ddpm", "steps": steps,
+                                  **({"eta": cfg.eta} if ddim else {}),
                                   "num": num, "seed": cfg.seed, "seconds": round(time.perf_counter() - began, 3)}
             samples = drawn if points else images.to_uint8(drawn)   # uint8 NHWC, as sample --out x.npz
         try:
@@ -771,8 +758,9 @@ def cmd_eval(args):
         images_, _, data_info = bpd_images
         if cfg.bpd_num:
             images_ = images_[:cfg.bpd_num]
+        bpd_diffusion = training.build_diffusion(config, num_bins=data_info["grey_levels"])
         report["likelihood"] = {"split": cfg.split, **eval_likelihood(
-            model, diffusion, images_, data_info["grey_levels"], cfg.batch_size, cfg.seed)}
+            model, bpd_diffusion, images_, cfg.batch_size, cfg.seed)}
     _print_report(report)
     if cfg.out is not None:
         with checkpoint.atomic_path(cfg.out) as tmp, open(tmp, "w") as f:

@@ -49,17 +49,20 @@ class GaussianDiffusion:
         model_mean_type: "eps", "x0" or "v": what the model's output means.
         model_var_type: "fixed_small" (beta_tilde_t) or "fixed_large" (beta_t).
         loss_type: "mse" (L_simple, Eq. 14) or "kl" (the bound's term for t, Eq. 5, in bits/dim).
+        num_bins: grey levels of the data for the decoder L_0 (Eq. 13): 256 for 8-bit images, 17 for
+            the bundled 8x8 digits, 2 for binary data.
     """
 
-    num_bins = 256  # grey levels of the data for the decoder L_0 (Eq. 13); set 2 for binary data
-
-    def __init__(self, betas, model_mean_type="eps", model_var_type="fixed_small", loss_type="mse"):
+    def __init__(self, betas, model_mean_type="eps", model_var_type="fixed_small", loss_type="mse", num_bins=256):
         for value, allowed, what in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
                                      (model_var_type, VAR_TYPES, "model_var_type"),
                                      (loss_type, LOSS_TYPES, "loss_type")):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, allowed))}")
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
+        if int(num_bins) != num_bins or num_bins < 2:
+            raise ValueError(f"num_bins must be an integer of at least 2 (grey levels of the data), got {num_bins}")
+        self.num_bins = int(num_bins)
         self.betas = betas = check_betas(betas)  # float64 host array; cast at the point of use
         if betas.size < 2:
             raise ValueError("GaussianDiffusion needs at least 2 timesteps (beta_tilde at t = 1 fills in t = 0)")
@@ -152,11 +155,8 @@ class GaussianDiffusion:
         Code `t` is the paper's step t + 1: `q_step(x_0, 0)` gives x_1, the last step `T - 1` gives x_T.
         Composed from x_0, these steps give a sample of Eq. 4 (tests/test_diffusion.py checks the moments).
         """
-        x = _data(x_prev)
         if noise is None:
-            xp = backend.xp_of(x)   # drawn on the host stream, then put where x lives
-            noise = _generator(None).normal(x.shape, dtype=x.dtype)
-            noise = backend.to_numpy(noise) if xp is host else xp.asarray(noise)
+            noise = self._noise_like(_data(x_prev), backend.default_generator())
         return (self._extract("sqrt_alphas", t, x_prev) * x_prev
                 + self._extract("sqrt_betas", t, x_prev) * noise)
 
@@ -204,18 +204,12 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ reverse process p
 
-    def p_mean_variance(self, model, x, t, clip_denoised=True):
-        """Mean and variance of p(x_{t-1} | x_t) (Eq. 11 with sigma_t^2 fixed), and the x_0 prediction.
+    def predict_xstart(self, model_output, x, t, clip_denoised=True):
+        """The model's x_0 prediction from its output, whatever it predicts: Eq. 15 for eps,
+        itself for x_0, Salimans & Ho's inverse for v. Shared by the ancestral and DDIM samplers.
 
-        Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
-        """
-        return self._p_mean_variance_from_output(self._call_model(model, x, t), x, t, clip_denoised)
-
-    def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised):
-        """p_mean_variance for a given model output (array or Tensor: Tensors stay differentiable).
-
-        Goes through x_0 (Eq. 15) so that it can be clipped to the data range [-1, 1]; unclipped,
-        mu_tilde_t(x_t, x_0_hat) (Eq. 7) equals Eq. 11's 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1 - alpha_bar_t) eps).
+        clip_denoised clips it to the data range [-1, 1]: a trained model's early predictions
+        overshoot, and clipping them is what keeps few-step and ancestral samples in range.
         """
         if self.model_mean_type == "eps":
             pred_xstart = self.predict_start_from_noise(x, t, model_output)
@@ -223,32 +217,73 @@ class GaussianDiffusion:
             pred_xstart = model_output
         else:
             pred_xstart = self.predict_start_from_v(x, t, model_output)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clip(-1.0, 1.0)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return pred_xstart.clip(-1.0, 1.0) if clip_denoised else pred_xstart
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True, model_output=None):
+        """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 11, sigma_t^2 fixed as in Sec. 3.2) and x_0_hat.
+
+        Eq. 11's mean, mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta),
+        is computed as the posterior mean mu_tilde_t(x_t, x_0_hat) of Eq. 7 at x_0_hat from Eq. 15: the
+        same function of eps_theta (tests/test_diffusion.py checks the identity), but this route lets
+        x_0_hat be clipped to [-1, 1] first, as the original code does, and serves x_0 and v models too.
+        A given `model_output` (a Tensor while training on the bound) is used instead of calling `model`.
+        Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
+        """
+        if model_output is None:
+            model_output = self._call_model(model, x, t)
+        pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)    # = Eq. 11 when unclipped
         return {"mean": mean,
-                "variance": self._extract("model_variance", t, x),
+                "variance": self._extract("model_variance", t, x),          # sigma_t^2
                 "log_variance": self._extract("model_log_variance", t, x),
                 "pred_xstart": pred_xstart}
 
     def p_sample(self, model, x, t, noise=None, clip_denoised=True):
-        """One reverse step x_t -> x_{t-1} = mu_theta(x_t, t) + sigma_t z (Algorithm 2, line 4); no noise where t == 0."""
+        """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, and no noise at the last step.
+
+        The last step is the paper's t = 1, code t = 0. A mask rather than an `if`: no GPU sync, and a
+        batch may mix timesteps. Returns {"sample": x_{t-1}, "pred_xstart": x_0_hat}.
+        """
         if noise is None:
-            noise = backend.default_generator().normal(x.shape, dtype=x.dtype)
-        return self._p_sample(model, x, t, noise, clip_denoised)[0]
-
-    def _p_sample(self, model, x, t, noise, clip_denoised):
+            noise = self._noise_like(x, backend.default_generator())
         out = self.p_mean_variance(model, x, t, clip_denoised)
-        # A mask rather than an `if`: no GPU sync, and a batch may mix timesteps (the original's way).
         nonzero = (backend.xp_of(x).asarray(_data(t)) != 0).astype(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return out["mean"] + nonzero * out["variance"] ** 0.5 * noise, out["pred_xstart"]
+        return {"sample": out["mean"] + nonzero * out["variance"] ** 0.5 * noise, "pred_xstart": out["pred_xstart"]}
 
-    def _reverse(self, model, x, start, generator, clip_denoised, progress, draw_noise=None):
-        """Run p from timestep `start` down to 0 (Algorithm 2, lines 2-5), yielding every step."""
-        draw_noise = draw_noise or (lambda: generator.normal(x.shape, dtype=x.dtype))
-        for i in tqdm(range(start, -1, -1), desc="sampling", disable=not progress):
-            x, pred_xstart = self._p_sample(model, x, self._full_t(x, i), draw_noise(), clip_denoised)
-            yield {"t": i, "sample": x, "pred_xstart": pred_xstart}
+    def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+        """Algorithm 2, yielding {"t", "sample", "pred_xstart"} after every step (Fig. 6 shows pred_xstart).
+
+            1: x_T ~ N(0, I)
+            2: for t = T, ..., 1 do
+            3:     z ~ N(0, I) if t > 1, else z = 0
+            4:     x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z
+            5: end for
+            6: return x_0
+
+        The code's i runs from T - 1 to 0: i is the paper's t - 1, and the yielded "t" is i.
+        """
+        generator = _generator(seed)
+        x = self._initial_noise(shape, noise, generator)                                  # line 1
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):  # line 2
+            z = self._noise_like(x, generator)                                             # line 3 (zeroed at i = 0)
+            out = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised)          # line 4
+            x = out["sample"]
+            yield {"t": i, "sample": x, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+        """Ancestral sampling, Algorithm 2: x_T ~ N(0, I), then T reverse steps; returns x_0 (line 6).
+
+        `noise` is x_T; `seed` makes the whole chain reproducible (same seed, same bits).
+        """
+        for step in self.p_sample_loop_progressive(model, shape, noise, seed, clip_denoised, progress):
+            pass
+        return step["sample"]
+
+    def _noise_like(self, x, generator):
+        """Standard normal noise shaped like x, in x's dtype, on x's backend (drawn on the host stream)."""
+        z = generator.normal(x.shape, dtype=x.dtype)
+        xp = backend.xp_of(x)
+        return backend.to_numpy(z) if xp is host else xp.asarray(z)
 
     def _initial_noise(self, shape, noise, generator):
         """x_T ~ N(0, I) (Algorithm 2, line 1), or the caller's `noise`."""
@@ -257,21 +292,6 @@ class GaussianDiffusion:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)} was asked for")
         return _data(noise)
-
-    def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
-        """Algorithm 2 step by step: yields {"t", "sample" (x_{t-1}), "pred_xstart"} for t = T-1 .. 0 (Fig. 6)."""
-        generator = _generator(seed)
-        x = self._initial_noise(shape, noise, generator)
-        yield from self._reverse(model, x, self.num_timesteps - 1, generator, clip_denoised, progress)
-
-    def p_sample_loop(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
-        """Ancestral sampling, Algorithm 2: x_T ~ N(0, I), then T reverse steps; returns x_0.
-
-        `noise` is x_T; `seed` makes the whole chain reproducible (same seed, same bits).
-        """
-        for step in self.p_sample_loop_progressive(model, shape, noise, seed, clip_denoised, progress):
-            pass
-        return step["sample"]
 
     def respaced(self, num_steps):
         """The same model sampled with num_steps ancestral steps (Nichol & Dhariwal 2021, Sec. 4).
@@ -282,8 +302,7 @@ class GaussianDiffusion:
         """
         kept = space_timesteps(self.num_timesteps, num_steps)
         spaced = GaussianDiffusion(respace_betas(self.alphas_cumprod, kept),
-                                   self.model_mean_type, self.model_var_type, self.loss_type)
-        spaced.num_bins = self.num_bins
+                                   self.model_mean_type, self.model_var_type, self.loss_type, self.num_bins)
         spaced.timestep_map = kept if self.timestep_map is None else self.timestep_map[kept]
         return spaced
 
@@ -299,11 +318,13 @@ class GaussianDiffusion:
                                      clip_denoised=True, progress=False):
         """DDIM (Song et al. 2021) step by step: yields {"t", "sample", "pred_xstart"}; one model call per step.
 
-        x_prev = sqrt(alpha_bar_prev) x_0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z  (Eq. 12),
-        sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)  (Eq. 16).
-        eta = 0 is deterministic; eta = 1 is the DDPM-like sampler. The last step goes to alpha_bar = 1.
-        When clip_denoised clips x_0_hat, eps_hat is recomputed from the clipped x_0_hat first
-        (the original DDIM and improved-diffusion convention).
+        From x_T ~ N(0, I), for the kept timesteps t from last to first (ddim_timesteps), with
+        alpha_bar_prev the next kept step's alpha_bar (1 after the last step):
+            x_0_hat, eps_hat = the model's predictions at (x_t, t)
+            sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)   (Eq. 16)
+            x_prev = sqrt(alpha_bar_prev) x_0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z    (Eq. 12)
+        eta = 0 is deterministic; eta = 1 is the DDPM-like sampler. When clip_denoised clips x_0_hat,
+        eps_hat is recomputed from the clipped x_0_hat (the original DDIM and improved-diffusion convention).
         """
         generator = _generator(seed)
         x = self._initial_noise(shape, noise, generator)
@@ -313,14 +334,13 @@ class GaussianDiffusion:
             # Python floats: a float64 numpy scalar would promote the float32 chain.
             alpha_bar = float(self.alphas_cumprod[timesteps[i]])
             alpha_bar_prev = float(self.alphas_cumprod[timesteps[i - 1]]) if i > 0 else 1.0
-            out = self.p_mean_variance(model, x, t, clip_denoised)
-            eps = self.predict_noise_from_start(x, t, out["pred_xstart"])
+            pred_xstart = self.predict_xstart(self._call_model(model, x, t), x, t, clip_denoised)
+            eps = self.predict_noise_from_start(x, t, pred_xstart)
             sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * math.sqrt(1 - alpha_bar / alpha_bar_prev)
-            x = (math.sqrt(alpha_bar_prev) * out["pred_xstart"]
-                 + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps)
+            x = math.sqrt(alpha_bar_prev) * pred_xstart + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps
             if sigma > 0:
-                x = x + sigma * generator.normal(x.shape, dtype=x.dtype)
-            yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": out["pred_xstart"]}
+                x = x + sigma * self._noise_like(x, generator)
+            yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": pred_xstart}
 
     def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
                          clip_denoised=True, progress=False):
@@ -371,7 +391,7 @@ class GaussianDiffusion:
         """
         model_output = model_output if isinstance(model_output, Tensor) else Tensor(model_output)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
+        out = self.p_mean_variance(None, x_t, t, clip_denoised, model_output=model_output)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, out["mean"], 0.5 * out["log_variance"], num_bins=self.num_bins)) / math.log(2.0)
@@ -427,7 +447,8 @@ class GaussianDiffusion:
         xt_a, xt_b = self.q_sample(x_a, t_batch, noise), self.q_sample(x_b, t_batch, _data(noise))
         lambdas = [float(lam) for lam in lambdas]
         mixed = xp.concatenate([(1.0 - lam) * xt_a + lam * xt_b for lam in lambdas])  # (L * N, ...)
-        shared = lambda: xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype)] * len(lambdas))  # noqa: E731
-        for step in self._reverse(model, mixed, int(t), generator, clip_denoised, progress, draw_noise=shared):
-            pass
-        return step["sample"].reshape(len(lambdas), *x_a.shape)
+        x = mixed
+        for i in tqdm(range(int(t), -1, -1), desc="sampling", disable=not progress):   # Algorithm 2 from step t
+            z = xp.concatenate([self._noise_like(x_a, generator)] * len(lambdas))         # one z for every lambda
+            x = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised)["sample"]
+        return x.reshape(len(lambdas), *x_a.shape)

@@ -161,7 +161,7 @@ def test_p_sample_adds_no_noise_at_t0_and_sigma_z_elsewhere():
         x, noise = np.linspace(-1, 1, 8).reshape(4, 2), np.ones((4, 2))
         model = constant_model(np.full((4, 2), 0.1))
         mean = d.p_mean_variance(model, x, t)["mean"]
-        step = d.p_sample(model, x, t, noise=noise) - mean
+        step = d.p_sample(model, x, t, noise=noise)["sample"] - mean
         sigma = np.sqrt(LINEAR_100[t] if var_type == "fixed_large" else d.posterior_variance[t])
         np.testing.assert_allclose(step, np.where(t[:, None] == 0, 0.0, sigma[:, None]) * noise, rtol=1e-12)
         assert np.all(step[t == 0] == 0)
@@ -183,7 +183,7 @@ def test_float32_stays_float32_and_tensors_are_accepted():
     t = np.array([1, 50])
     assert d.q_sample(x, t, np.ones_like(x)).dtype == np.float32
     model64 = constant_model(np.zeros((2, 1, 2, 2), np.float64))
-    assert d.p_sample(model64, x, t).dtype == np.float32
+    assert d.p_sample(model64, x, t)["sample"].dtype == np.float32
     assert d.p_sample_loop(model64, x.shape, seed=0).dtype == np.float32
     assert d.ddim_sample_loop(model64, x.shape, num_steps=5, eta=1.0, seed=0).dtype == np.float32
     # A Tensor in gives a Tensor out, with the gradient of Eq. 4: d x_t / d x_0 = sqrt(alpha_bar_t).

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from minidiff import checkpoint, diffusion
+from minidiff import train as training
 from minidiff.train import (PRESETS, MLPDenoiser, TrainConfig, TrainingDiverged, Trainer, load_model, make_config,
                             preset_for, train)
 
@@ -167,3 +168,33 @@ def test_mlp_denoiser_learns_a_swiss_roll_direction():
                                      warmup=5, lr=1e-2)))
     losses = [r["loss"] for r in records]
     assert math.isfinite(losses[-1]) and np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_one_policy_for_sampling_with_fewer_steps():
+    """All T steps: Algorithm 2. Fewer: DDIM by default; ancestral only when asked, on a respaced chain."""
+    from minidiff.diffusion import GaussianDiffusion
+    from minidiff.schedule import get_named_beta_schedule
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 100))
+    assert training.sampling_plan(d) == (d, 100, False)
+    assert training.sampling_plan(d, steps=100) == (d, 100, False)
+    assert training.sampling_plan(d, steps=10) == (d, 10, True)
+    assert training.sampling_plan(d, "ddim") == (d, 50, True)
+    spaced, steps, ddim = training.sampling_plan(d, "ddpm", 10)
+    assert (spaced.num_timesteps, steps, ddim) == (10, 10, False) and spaced.timestep_map is not None
+    with pytest.raises(ValueError, match="between 1 and T = 100"):
+        training.sampling_plan(d, steps=101)
+
+
+def test_draw_samples_batches_are_seeded_streams():
+    """The first batch is the same whatever the number drawn; a respaced draw keeps num_bins."""
+    from minidiff.diffusion import GaussianDiffusion
+    from minidiff.schedule import get_named_beta_schedule
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 20), num_bins=17)
+    model = lambda x, t: x * 0.1  # noqa: E731
+    a = training.draw_samples(d, model, (1, 2, 2), num=3, seed=4, steps=5, batch_size=2)
+    b = training.draw_samples(d, model, (1, 2, 2), num=2, seed=4, steps=5, batch_size=2)
+    assert a.shape == (3, 1, 2, 2)
+    np.testing.assert_array_equal(a[:2], b)
+    assert d.respaced(5).num_bins == 17
+    with pytest.raises(ValueError, match="num_bins"):
+        GaussianDiffusion(get_named_beta_schedule("linear", 20), num_bins=1)
