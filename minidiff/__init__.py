@@ -13,12 +13,12 @@ from . import ops  # binds the Tensor operators (+, @, ...)
 from . import functional
 from . import functional as F
 from . import nn, optim
-from .unet import UNet
+from .unet import MLPDenoiser, UNet
 from .schedule import get_named_beta_schedule
 from .diffusion import GaussianDiffusion
 
 __all__ = [
     "backend", "use_backend", "gpu_available", "manual_seed", "Generator", "to_numpy",
     "Tensor", "Function", "no_grad", "is_grad_enabled", "ops", "functional", "F", "nn", "optim",
-    "UNet", "get_named_beta_schedule", "GaussianDiffusion",
+    "UNet", "MLPDenoiser", "get_named_beta_schedule", "GaussianDiffusion",
 ]

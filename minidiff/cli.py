@@ -328,9 +328,13 @@ def train_config_from_args(args):
     except ValueError as err:
         raise UsageError(str(err)) from None
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", base.data))))
-    parent = os.path.dirname(os.path.abspath(out))
-    if args.out is not None and not os.path.isdir(parent):  # the default runs/ folder is created as needed
-        raise UsageError(f"--out {out}: the folder {parent} does not exist")
+    # A run folder is created with its parents when training starts, as every training tool does;
+    # only a file standing where a folder must go is an error.
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
     ckpt = os.path.join(out, training.CHECKPOINT)
     if args.resume:
         if args.overwrite:

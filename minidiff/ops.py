@@ -38,6 +38,10 @@ class Add(Function):
         return unbroadcast(grad, sa), unbroadcast(grad, sb)
 
 
+def add(a, b):
+    return Add.apply(a, b)
+
+
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -48,6 +52,10 @@ class Sub(Function):
     def backward(ctx, grad):
         sa, sb = ctx.shapes  # d(a-b)/da = 1, d(a-b)/db = -1
         return unbroadcast(grad, sa), unbroadcast(-grad, sb) if ctx.needs_input_grad[1] else None
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
 
 
 class Mul(Function):
@@ -64,6 +72,10 @@ class Mul(Function):
         return ga, gb
 
 
+def mul(a, b):
+    return Mul.apply(a, b)
+
+
 class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -76,6 +88,10 @@ class Div(Function):
         ga = unbroadcast(grad / b, _shape(a)) if ctx.needs_input_grad[0] else None
         gb = unbroadcast(-grad * a / (b * b), _shape(b)) if ctx.needs_input_grad[1] else None
         return ga, gb
+
+
+def div(a, b):
+    return Div.apply(a, b)
 
 
 class Pow(Function):
@@ -94,6 +110,13 @@ class Pow(Function):
         return (grad * (2 * a) if p == 2 else grad * p * a ** (p - 1)), None
 
 
+def pow(a, p):
+    """a ** p for a constant Python exponent p."""
+    if isinstance(p, Tensor):
+        raise TypeError("pow supports a constant (Python number) exponent; use exp(p * log(a)) for a tensor exponent")
+    return Pow.apply(a, p)
+
+
 class Maximum(Function):
     @staticmethod
     def forward(ctx, a, b):
@@ -108,6 +131,10 @@ class Maximum(Function):
         ga = unbroadcast(grad * mask, _shape(a)) if ctx.needs_input_grad[0] else None
         gb = unbroadcast(grad * ~mask, _shape(b)) if ctx.needs_input_grad[1] else None
         return ga, gb
+
+
+def maximum(a, b):
+    return Maximum.apply(a, b)
 
 
 class Where(Function):
@@ -130,6 +157,12 @@ class Where(Function):
         return None, ga, gb
 
 
+def where(cond, a, b):
+    """Elementwise cond ? a : b; gradients flow to a and b, never to cond."""
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    return Where.apply(cond, a, b)
+
+
 class MatMul(Function):
     """C = A @ B on stacks of matrices: (..., n, k) @ (..., k, m) -> (..., n, m)."""
 
@@ -150,6 +183,10 @@ class MatMul(Function):
         return ga, gb
 
 
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
 # ---------------------------------------------------------------- elementwise unary
 
 
@@ -161,6 +198,10 @@ class Neg(Function):
     @staticmethod
     def backward(ctx, grad):
         return -grad  # d(-a)/da = -1
+
+
+def neg(a):
+    return Neg.apply(a)
 
 
 class Exp(Function):
@@ -176,6 +217,10 @@ class Exp(Function):
         return grad * out  # d exp(a)/da = exp(a)
 
 
+def exp(a):
+    return Exp.apply(a)
+
+
 class Log(Function):
     @staticmethod
     def forward(ctx, a):
@@ -186,6 +231,10 @@ class Log(Function):
     def backward(ctx, grad):
         (a,) = ctx.saved
         return grad / a  # d log(a)/da = 1/a
+
+
+def log(a):
+    return Log.apply(a)
 
 
 class Sqrt(Function):
@@ -201,6 +250,10 @@ class Sqrt(Function):
         return grad / (2 * out)  # d sqrt(a)/da = 1 / (2 sqrt(a))
 
 
+def sqrt(a):
+    return Sqrt.apply(a)
+
+
 class Tanh(Function):
     @staticmethod
     def forward(ctx, a):
@@ -212,6 +265,10 @@ class Tanh(Function):
     def backward(ctx, grad):
         (out,) = ctx.saved
         return grad * (1 - out * out)  # d tanh(a)/da = 1 - tanh(a)^2
+
+
+def tanh(a):
+    return Tanh.apply(a)
 
 
 class Sigmoid(Function):
@@ -228,6 +285,10 @@ class Sigmoid(Function):
         return grad * out * (1 - out)  # d sigmoid(a)/da = sigmoid(a) (1 - sigmoid(a))
 
 
+def sigmoid(a):
+    return Sigmoid.apply(a)
+
+
 class Abs(Function):
     @staticmethod
     def forward(ctx, a):
@@ -239,6 +300,10 @@ class Abs(Function):
     def backward(ctx, grad):
         (a,) = ctx.saved
         return grad * backend.xp_of(a).sign(a)  # d|a|/da = sign(a) (0 at 0)
+
+
+def abs(a):  # noqa: A001 - mirrors numpy's name
+    return Abs.apply(a)
 
 
 class Clip(Function):
@@ -254,6 +319,10 @@ class Clip(Function):
         lo, hi = ctx.bounds
         inside = (a >= (lo if lo is not None else -float("inf"))) & (a <= (hi if hi is not None else float("inf")))
         return grad * inside  # d clip(a)/da = 1 inside [lo, hi], 0 outside
+
+
+def clip(a, lo=None, hi=None):
+    return Clip.apply(a, lo=lo, hi=hi)
 
 
 # ---------------------------------------------------------------- reductions
@@ -290,6 +359,10 @@ class Sum(Function):
         return xp.broadcast_to(_expand_reduced(grad, ctx.shape, ctx.axes, ctx.keepdims), ctx.shape)
 
 
+def sum(a, axis=None, keepdims=False):  # noqa: A001
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
 class Mean(Function):
     @staticmethod
     def forward(ctx, a, axis=None, keepdims=False):
@@ -304,6 +377,10 @@ class Mean(Function):
         xp = backend.xp_of(grad)  # d mean(a)/da_i = 1/n over the n reduced entries
         g = _expand_reduced(grad, ctx.shape, ctx.axes, ctx.keepdims) / ctx.count
         return xp.broadcast_to(g, ctx.shape)
+
+
+def mean(a, axis=None, keepdims=False):
+    return Mean.apply(a, axis=axis, keepdims=keepdims)
 
 
 class Max(Function):
@@ -323,6 +400,10 @@ class Max(Function):
         return mask * _expand_reduced(grad, a.shape, ctx.axes, ctx.keepdims)
 
 
+def max(a, axis=None, keepdims=False):  # noqa: A001
+    return Max.apply(a, axis=axis, keepdims=keepdims)
+
+
 # ---------------------------------------------------------------- shape and movement
 
 
@@ -338,6 +419,12 @@ class Reshape(Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.reshape(ctx.shape)  # reshape only moves entries: its adjoint reshapes back
+
+
+def reshape(a, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape.apply(a, shape=shape)
 
 
 class Transpose(Function):
@@ -358,6 +445,16 @@ class Transpose(Function):
         return grad.transpose(inverse)
 
 
+def transpose(a, *axes):
+    """Permute axes (all reversed when none are given), like numpy.transpose."""
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return Transpose.apply(a, axes=axes or None)
+
+
+permute = transpose
+
+
 class GetItem(Function):
     """Basic indexing and slicing, and integer-array (gather) indexing."""
 
@@ -372,6 +469,14 @@ class GetItem(Function):
         out = xp.zeros(ctx.shape, dtype=grad.dtype)
         xp.add.at(out, ctx.index, grad)  # add.at: repeated indices accumulate (cupy-safe too)
         return out
+
+
+def getitem(a, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return GetItem.apply(a, index=index)
 
 
 class Concatenate(Function):
@@ -393,6 +498,10 @@ class Concatenate(Function):
         return tuple(xp.split(grad, cuts, axis=ctx.axis))
 
 
+def concatenate(tensors, axis=0):
+    return Concatenate.apply(*tensors, axis=axis)
+
+
 class Stack(Function):
     @staticmethod
     def forward(ctx, *arrays, axis=0):
@@ -403,6 +512,10 @@ class Stack(Function):
     def backward(ctx, grad):
         xp = backend.xp_of(grad)  # stack's adjoint unstacks grad along the new axis
         return tuple(xp.moveaxis(grad, ctx.axis, 0))
+
+
+def stack(tensors, axis=0):
+    return Stack.apply(*tensors, axis=axis)
 
 
 class Pad(Function):
@@ -420,6 +533,10 @@ class Pad(Function):
     @staticmethod
     def backward(ctx, grad):
         return grad[ctx.slices]  # padding adds constants: its adjoint crops back to the input
+
+
+def pad(a, pad_width, value=0.0):
+    return Pad.apply(a, pad_width=pad_width, value=value)
 
 
 # ---------------------------------------------------------------- softmax
@@ -441,6 +558,10 @@ class Softmax(Function):
         return s * (grad - (grad * s).sum(axis=ctx.axis, keepdims=True))
 
 
+def softmax(a, axis=-1):
+    return Softmax.apply(a, axis=axis)
+
+
 class LogSoftmax(Function):
     @staticmethod
     def forward(ctx, a, axis=-1):
@@ -456,137 +577,6 @@ class LogSoftmax(Function):
         (out,) = ctx.saved  # dL/da = g - softmax(a) * sum(g)
         xp = backend.xp_of(out)
         return grad - xp.exp(out) * grad.sum(axis=ctx.axis, keepdims=True)
-
-
-# ---------------------------------------------------------------- functional wrappers
-
-
-def _t(x):
-    return x if isinstance(x, Tensor) else Tensor(x)
-
-
-def add(a, b):
-    return Add.apply(a, b)
-
-
-def sub(a, b):
-    return Sub.apply(a, b)
-
-
-def mul(a, b):
-    return Mul.apply(a, b)
-
-
-def div(a, b):
-    return Div.apply(a, b)
-
-
-def neg(a):
-    return Neg.apply(a)
-
-
-def pow(a, p):
-    """a ** p for a constant Python exponent p."""
-    if isinstance(p, Tensor):
-        raise TypeError("pow supports a constant (Python number) exponent; use exp(p * log(a)) for a tensor exponent")
-    return Pow.apply(a, p)
-
-
-def matmul(a, b):
-    return MatMul.apply(a, b)
-
-
-def exp(a):
-    return Exp.apply(a)
-
-
-def log(a):
-    return Log.apply(a)
-
-
-def sqrt(a):
-    return Sqrt.apply(a)
-
-
-def tanh(a):
-    return Tanh.apply(a)
-
-
-def sigmoid(a):
-    return Sigmoid.apply(a)
-
-
-def abs(a):  # noqa: A001 - mirrors numpy's name
-    return Abs.apply(a)
-
-
-def maximum(a, b):
-    return Maximum.apply(a, b)
-
-
-def clip(a, lo=None, hi=None):
-    return Clip.apply(a, lo=lo, hi=hi)
-
-
-def where(cond, a, b):
-    """Elementwise cond ? a : b; gradients flow to a and b, never to cond."""
-    cond = cond.data if isinstance(cond, Tensor) else cond
-    return Where.apply(cond, a, b)
-
-
-def sum(a, axis=None, keepdims=False):  # noqa: A001
-    return Sum.apply(a, axis=axis, keepdims=keepdims)
-
-
-def mean(a, axis=None, keepdims=False):
-    return Mean.apply(a, axis=axis, keepdims=keepdims)
-
-
-def max(a, axis=None, keepdims=False):  # noqa: A001
-    return Max.apply(a, axis=axis, keepdims=keepdims)
-
-
-def reshape(a, *shape):
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
-    return Reshape.apply(a, shape=shape)
-
-
-def transpose(a, *axes):
-    """Permute axes (all reversed when none are given), like numpy.transpose."""
-    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-        axes = tuple(axes[0])
-    return Transpose.apply(a, axes=axes or None)
-
-
-permute = transpose
-
-
-def getitem(a, index):
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    return GetItem.apply(a, index=index)
-
-
-def concatenate(tensors, axis=0):
-    return Concatenate.apply(*tensors, axis=axis)
-
-
-cat = concatenate
-
-
-def stack(tensors, axis=0):
-    return Stack.apply(*tensors, axis=axis)
-
-
-def pad(a, pad_width, value=0.0):
-    return Pad.apply(a, pad_width=pad_width, value=value)
-
-
-def softmax(a, axis=-1):
-    return Softmax.apply(a, axis=axis)
 
 
 def log_softmax(a, axis=-1):

@@ -5,7 +5,7 @@ step on L_simple = |eps - eps_theta(x_t, t)|^2 (Eq. 14) with linear warmup and g
 clipping, updates the EMA of the weights, and yields {"step", "loss", "lr", "grad_norm", ...}.
 With an `out_dir` it also writes the checkpoint, the metrics log, the loss curve and EMA
 sample grids there. Every knob is a commented field of `TrainConfig`; presets bundle them.
-May import: backend, tensor, functional, nn, optim, schedule, diffusion, unet, data, images, checkpoint.
+May import: backend, optim, schedule, diffusion, unet, data, images, checkpoint.
 """
 import dataclasses
 import json
@@ -14,14 +14,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import backend, checkpoint, data, images, nn
-from . import functional as F
+from . import backend, checkpoint, data, images
 from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from .optim import EMA, Adam
 from .schedule import NAMES as BETA_SCHEDULES
 from .schedule import get_named_beta_schedule
-from .tensor import Tensor
-from .unet import UNet
+from .unet import MLPDenoiser, UNet
 
 CHECKPOINT = checkpoint.FILENAME  # DIR/checkpoint.safetensors
 GRID_STEPS = 50  # DDIM steps for the periodic sample grids: ~20x cheaper than the full chain
@@ -162,32 +160,6 @@ def config_from_dict(values):
 
 
 # ---------------------------------------------------------------- models
-
-
-class MLPDenoiser(nn.Module):
-    """eps_theta(x_t, t) for 2-D points: a residual MLP told t at every layer.
-
-    h = Linear(x_t); for each layer h = h + Linear(SiLU(h + Linear_l(e))), where e is the
-    U-Net's sinusoidal embedding of t through a dense layer and SiLU; out = Linear(SiLU(h)).
-    Small enough to learn a swiss roll in about a minute on a CPU.
-    """
-
-    def __init__(self, dim=2, hidden=128, layers=3, time_dim=32):
-        self.time_dim = time_dim
-        self.config = {"kind": "mlp", "dim": dim, "hidden": hidden, "layers": layers, "time_dim": time_dim}
-        self.temb = nn.Linear(time_dim, hidden)
-        self.inp = nn.Linear(dim, hidden)
-        self.temb_proj = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
-        self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
-        self.out = nn.Linear(hidden, dim, init_scale=0.0)   # starts at eps = 0, as the U-Net's last conv
-
-    def forward(self, x, t):
-        x = x if isinstance(x, Tensor) else Tensor(x)
-        emb = F.silu(self.temb(F.timestep_embedding(t, self.time_dim)))      # (N, hidden)
-        h = self.inp(x)                                                       # (N, hidden)
-        for proj, layer in zip(self.temb_proj, self.hidden):
-            h = h + layer(F.silu(h + proj(emb)))                              # residual, conditioned on t
-        return self.out(F.silu(h))                                            # (N, dim)
 
 
 def build_model(config, channels, image_size):

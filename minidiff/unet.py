@@ -6,6 +6,7 @@ embedding through two dense layers; per resolution `num_res_blocks` residual blo
 a middle (res, attn, res); an up path with `num_res_blocks + 1` blocks per level
 fed with the skip connections, nearest upsampling + conv; GroupNorm -> swish -> conv_out.
 Parameter names follow the original (down.0.block.1.conv1.weight, mid.attn_1.q.weight, ...).
+MLPDenoiser, the same eps_theta for 2-D points, sits beside it.
 May import: tensor, ops, functional, nn.
 """
 from . import functional as F
@@ -201,6 +202,32 @@ class UNet(nn.Module):
             if level.upsample is not None:
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLPDenoiser(nn.Module):
+    """eps_theta(x_t, t) for 2-D points: a residual MLP told t at every layer.
+
+    h = Linear(x_t); for each layer h = h + Linear(SiLU(h + Linear_l(e))), where e is the
+    U-Net's sinusoidal embedding of t through a dense layer and SiLU; out = Linear(SiLU(h)).
+    Small enough to learn a swiss roll in about a minute on a CPU.
+    """
+
+    def __init__(self, dim=2, hidden=128, layers=3, time_dim=32):
+        self.time_dim = time_dim
+        self.config = {"kind": "mlp", "dim": dim, "hidden": hidden, "layers": layers, "time_dim": time_dim}
+        self.temb = nn.Linear(time_dim, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.temb_proj = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
+        self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
+        self.out = nn.Linear(hidden, dim, init_scale=0.0)   # starts at eps = 0, as the U-Net's last conv
+
+    def forward(self, x, t):
+        x = x if isinstance(x, Tensor) else Tensor(x)
+        emb = F.silu(self.temb(F.timestep_embedding(t, self.time_dim)))      # (N, hidden)
+        h = self.inp(x)                                                       # (N, hidden)
+        for proj, layer in zip(self.temb_proj, self.hidden):
+            h = h + layer(F.silu(h + proj(emb)))                              # residual, conditioned on t
+        return self.out(F.silu(h))                                            # (N, dim)
 
 
 def _is_pos_int(v):

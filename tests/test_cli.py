@@ -198,7 +198,6 @@ def test_corrupt_and_missing_checkpoints(tmp_path, capsys):
     (["train", "--image-size", "16"], "8x8"),
     (["train", "--preset", "huge"], "invalid choice"),
     (["train", "--backend", "tpu"], "invalid choice"),
-    (["train", "--out", "/no/such/folder/run"], "does not exist"),
     (["train", "--lr", "fast"], "invalid float"),
     (["sample", "--out", "x.png"], "required"),
     (["forward", "--steps", "0"], "--steps must be a positive"),
@@ -393,3 +392,15 @@ def test_eval_bad_samples(array, argv, message, tmp_path, capsys, monkeypatch):
     assert run("eval", *samples, *argv) == 2
     assert message in one_error_line(capsys)
     assert (tmp_path / "keep.json").read_bytes() == b"earlier results"
+
+
+def test_train_creates_the_run_folder_with_its_parents(tmp_path, capsys):
+    """A run folder is made with its parents (an output *file* in a missing folder stays an error)."""
+    out = tmp_path / "runs" / "nested" / "short"
+    assert run("train", "--out", out, "--steps", 1, *TINY) == 0
+    assert (out / "checkpoint.safetensors").is_file()
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("not a folder")
+    assert run("train", "--out", tmp_path / "a_file" / "run", "--steps", 1, *TINY) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+    assert (tmp_path / "a_file").read_text() == "not a folder"
