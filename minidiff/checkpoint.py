@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 
+from safetensors import SafetensorError
 from safetensors.numpy import load as _load_tensors
 from safetensors.numpy import save as _save_tensors
 
@@ -56,7 +57,7 @@ def load(path):
         tensors = _load_tensors(data)
         tree = json.loads(metadata["state"])
         return _join(tree, tensors)
-    except Exception as err:  # SafetensorError, JSONDecodeError, KeyError: all mean a damaged file
+    except (SafetensorError, ValueError, KeyError, TypeError) as err:  # bad tensors, bad JSON, a missing key
         raise CheckpointError(f"{path}: corrupt minidiff checkpoint ({err})") from None
 
 
@@ -67,7 +68,7 @@ def _read_metadata(path, data):
         if length > len(data) - 8:
             raise ValueError(f"header of {length} bytes in a {len(data)}-byte file")
         metadata = json.loads(data[8:8 + length])["__metadata__"]
-    except Exception:
+    except (struct.error, ValueError, KeyError, TypeError):   # short file, bad JSON, no metadata
         raise CheckpointError(f"{path}: not a minidiff checkpoint (not a readable safetensors file)") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a minidiff checkpoint (a safetensors file without minidiff metadata)")

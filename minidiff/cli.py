@@ -15,6 +15,8 @@ import re
 import signal
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 from . import __version__, backend, checkpoint, data, explainer, images, metrics
@@ -663,7 +665,7 @@ def _read_samples(path, points):
                 array = loaded["arr_0" if "arr_0" in names else names[0]]
     except UsageError:
         raise
-    except Exception as err:  # zip, zlib, format and pickle errors alike: the file is unusable
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # the file is unusable
         raise UsageError(f"--samples {path}: not a readable .npz file ({type(err).__name__}: {err})") from None
     if points:
         if array.ndim != 2 or array.shape[1] != 2 or array.dtype.kind not in "fiu":

@@ -65,12 +65,12 @@ class GaussianDiffusion:
         self.num_bins = int(num_bins)
         self.betas = betas = check_betas(betas)  # float64 host array; cast at the point of use
         if betas.size < 2:
-            raise ValueError("GaussianDiffusion needs at least 2 timesteps (beta_tilde at t = 1 fills in t = 0)")
+            raise ValueError("GaussianDiffusion needs at least 2 timesteps (beta_tilde at code t = 1 fills in code t = 0)")
         self.num_timesteps = int(betas.size)
         alphas = 1.0 - betas
         self.alphas_cumprod = host.cumprod(alphas)  # alpha_bar_t = prod_{s <= t} alpha_s (Eq. 4)
         self.alphas_cumprod_prev = host.append(1.0, self.alphas_cumprod[:-1])  # alpha_bar_{t-1}; 1 before step 1
-        # 1 - alpha_bar_t without cancellation (exactly beta_1 at t = 0): the naive 1 - cumprod loses
+        # 1 - alpha_bar_t without cancellation (exactly beta_1 at code t = 0, the paper's step 1): the naive 1 - cumprod loses
         # ~1e-16 / (1 - alpha_bar_t) relative, i.e. 1e-10 for a beta_1 of 1e-6.
         one_minus = -host.expm1(host.cumsum(host.log1p(-betas)))
         one_minus_prev = host.append(0.0, one_minus[:-1])
@@ -89,7 +89,7 @@ class GaussianDiffusion:
 
         # q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I): Eq. 6-7
         self.posterior_variance = betas * one_minus_prev / one_minus
-        # beta_tilde at t = 0 is 0 (log = -inf): use t = 1's value, as the original code's second
+        # beta_tilde at code t = 0 is 0 (log = -inf): use code t = 1's value, as the original code's second
         # version and improved-diffusion do. The decoder L_0 (Eq. 13) uses it, so bits/dim depend on it.
         self.posterior_log_variance_clipped = host.log(
             host.append(self.posterior_variance[1], self.posterior_variance[1:]))
@@ -97,7 +97,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = one_minus_prev * host.sqrt(alphas) / one_minus
 
         # The reverse process's fixed variance sigma_t^2 (Sec. 3.2). "fixed_large" takes beta_t but,
-        # as the original code does, t = 1's beta_tilde for the log-variance at t = 0 (used by L_0).
+        # as the original code does, code t = 1's beta_tilde for the log-variance at code t = 0 (used by L_0).
         if model_var_type == "fixed_small":
             self.model_variance = self.posterior_variance
             self.model_log_variance = self.posterior_log_variance_clipped
@@ -357,7 +357,7 @@ class GaussianDiffusion:
 
         "mse": L_simple (Eq. 14), the mean over non-batch axes of (target - model output)^2 with the
         target eps, x_0 or v; also returned as "mse". "kl": the bound's term for t (Eq. 5) in bits/dim,
-        L_0 (Eq. 13) where t == 0, computed without clipping x_0 as the original does; also as "vb".
+        L_0 (Eq. 13) where code t == 0 (the paper's step 1), computed without clipping x_0 as the original does; also as "vb".
         The model runs with gradients on, so a training step is
             losses = diffusion.training_losses(model, x_start, t)
             losses["loss"].mean().backward()
@@ -386,8 +386,8 @@ class GaussianDiffusion:
     def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised):
         """The bound's term for timestep t in bits/dim (Tensor (N,)), and pred_xstart.
 
-        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 (Eq. 5), and
-        L_0 = -log p(x_0 | x_1), the discretised Gaussian decoder (Eq. 13), for t == 0.
+        In the paper's indices: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for steps t > 1 (Eq. 5),
+        and L_0 = -log p(x_0 | x_1), the discretised Gaussian decoder (Eq. 13), at step 1 (code t == 0).
         """
         model_output = model_output if isinstance(model_output, Tensor) else Tensor(model_output)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
