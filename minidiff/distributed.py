@@ -96,8 +96,8 @@ class World:
         if batch_size % self.size:
             lower, upper = batch_size // self.size * self.size, -(-batch_size // self.size) * self.size
             hint = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ValueError(f"batch_size {batch_size} is the global batch and must split evenly among the "
-                             f"{self.size} MPI ranks: use a multiple of {self.size}, e.g. {hint}")
+            raise ValueError(f"batch_size must split evenly among the {self.size} MPI ranks (it is the global "
+                             f"batch), got {batch_size}: use a multiple of {self.size}, e.g. {hint}")
 
     def shard(self, batch):
         """This rank's rows of a global batch (a view): rows [r B/N, (r+1) B/N)."""
@@ -175,8 +175,9 @@ class World:
         digests = self.comm.allgather(digest.hexdigest())
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         if differ:
-            raise DistributedError(f"the parameters differ across MPI ranks at step {step} (ranks "
-                                   f"{', '.join(map(str, differ))} differ from rank 0): the replicas drifted "
+            raise DistributedError(f"the parameters differ across MPI ranks at step {step} (rank"
+                                   f"{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} against "
+                                   f"rank 0): the replicas drifted "
                                    f"apart, so no checkpoint was written for this step")
 
     def from_root(self, fn):
