@@ -229,7 +229,7 @@ def main(argv=None):
 
 def _print_on_root(message):
     """Errors that every MPI rank raises together are printed once, by rank 0."""
-    if distributed._world is None or distributed._world.is_root:
+    if distributed.is_root():
         print(message, file=sys.stderr)
 
 
@@ -403,6 +403,9 @@ def cmd_train(args):
                     interrupted = True
                     break
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one raised by the consumer
+        if world.size > 1:  # the ranks may be at different steps now: end them all at once
+            world.report_failure(f"minidiff train: interrupted again: every MPI rank stops now (MPI_Abort); "
+                                 f"the last periodic checkpoint in {out} is intact")
         interrupted = True
     finally:
         bar.close()

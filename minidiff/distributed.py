@@ -58,6 +58,11 @@ def world():
     return _world
 
 
+def is_root():
+    """True unless this process is an MPI rank other than 0 (for messages printed once per job)."""
+    return _world is None or _world.is_root
+
+
 def _detect():
     size = launcher_size()
     if size is None or size == 1 or os.environ.get("MINIDIFF_MPI") == "0":

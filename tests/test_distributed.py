@@ -82,6 +82,46 @@ def test_a_world_of_one_is_the_plain_run():
         world.first_error(ValueError("boom"))
 
 
+class FakeComm:
+    """Rank 0 of 2, whose peer answers `peer` to every collective (the arithmetic of the checks, without MPI)."""
+
+    def __init__(self, peer):
+        self.peer = peer
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def allgather(self, value):
+        return [value, self.peer(value)]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+def test_replicas_that_differ_stop_the_run():
+    weights = [np.arange(6, dtype=np.float32)]
+    distributed.World(FakeComm(lambda digest: digest)).check_replicas(weights, step=4)
+    with pytest.raises(distributed.DistributedError, match="differ across MPI ranks at step 4 .rank 1 against rank 0"):
+        distributed.World(FakeComm(lambda digest: "another digest")).check_replicas(weights, step=4)
+
+
+def test_setup_errors_are_agreed_on():
+    quiet = distributed.World(FakeComm(lambda error: None))
+    quiet.first_error(None)
+    with pytest.raises(ValueError, match="^on rank 0$"):
+        quiet.first_error(ValueError("on rank 0"))
+    with pytest.raises(FileNotFoundError, match="^on MPI rank 1 of 2: no data here$"):
+        distributed.World(FakeComm(lambda error: FileNotFoundError("no data here"))).first_error(None)
+    with pytest.raises(KeyError):   # rank 0's own error comes first
+        distributed.World(FakeComm(lambda error: ValueError("later"))).first_error(KeyError("first"))
+    assert distributed.World(FakeComm(None)).from_root(lambda: 41 + 1) == 42
+    with pytest.raises(OSError, match="disk"):
+        distributed.World(FakeComm(None)).from_root(lambda: (_ for _ in ()).throw(OSError("disk")))
+
+
 def test_launcher_size_from_the_environment():
     assert distributed.launcher_size({}) is None
     assert distributed.launcher_size({"PMI_SIZE": "4", "PMI_RANK": "1"}) == 4
