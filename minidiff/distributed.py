@@ -6,6 +6,8 @@ draws them, and the random numbers of each row (its t, its noise, its dropout ma
 ones a 1-process run gives that row (ShardedGenerator). After backward one Allreduce over one
 flat gradient buffer turns the N local means into the global mean, so every rank takes the
 same Adam step from the same gradient: the run is the 1-process run up to float summation order.
+Before backward a second, tiny all-reduce (two float64 numbers) gives every rank the global
+batch's loss, so a NaN on any rank stops all of them at the same step, and a Ctrl-C flag.
 
 mpi4py is imported only when the process was started by an MPI launcher, so a plain
 `minidiff train` never touches MPI. With N = 1 every method here is a no-op.
