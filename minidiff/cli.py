@@ -328,7 +328,8 @@ def train_config_from_args(args):
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", base.data))))
     parent = os.path.dirname(os.path.abspath(out))
     on_root = distributed.world().from_root   # under MPI only rank 0's files count: it alone reads and writes
-    if args.out is not None and not on_root(lambda: os.path.isdir(parent)):  # the default runs/ folder is created as needed
+    # the default runs/ folder is created as needed
+    if args.out is not None and not on_root(lambda: os.path.isdir(parent)):
         raise UsageError(f"--out {out}: the folder {parent} does not exist")
     ckpt = os.path.join(out, training.CHECKPOINT)
     if args.resume:
