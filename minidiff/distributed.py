@@ -13,7 +13,6 @@ mpi4py is imported only when the process was started by an MPI launcher, so a pl
 `minidiff train` never touches MPI. With N = 1 every method here is a no-op.
 May import: backend.
 """
-import contextlib
 import hashlib
 import math
 import os
@@ -248,25 +247,16 @@ class World:
                 time.sleep(0.01)
         self.abort(message)
 
-    @contextlib.contextmanager
-    def abort_on_failure(self, describe, collective=()):
-        """Run the block; an exception on any rank ends every rank (MPI_Abort) with a clear message.
-
-        `describe(err)` words the message (it can name the step and the last checkpoint).
-        Exceptions of the `collective` types are raised by all ranks together (a diverged
-        loss, drifted replicas) and pass through for an orderly exit.
+    def fail(self, err, advice=""):
+        """After `err` on this rank: with N > 1, end every rank (MPI_Abort) with a message naming the
+        rank and the error, plus `advice` (the step, the last checkpoint), printed by rank 0. Returns
+        (for the caller to re-raise) only in a 1-rank world.
         """
         if self.size == 1:
-            yield
             return
-        try:
-            yield
-        except collective:
-            raise
-        except (Exception, KeyboardInterrupt) as err:
-            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-            self.report_failure(f"minidiff train: error on MPI rank {self.rank} of {self.size}: {detail}\n"
-                                f"{describe(err)}")
+        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+        self.report_failure(f"minidiff train: error on MPI rank {self.rank} of {self.size}: {detail}"
+                            + (f"\n{advice}" if advice else ""))
 
 
 class ShardedGenerator(backend.Generator):

@@ -365,7 +365,7 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
             log = MetricsLog(out_dir, config.log_format, keep_until=start)
     saved_step = start
 
-    def failure(err):   # the message rank 0 prints when some rank fails (MPI only)
+    def failure():   # what rank 0 adds when some rank fails (MPI only)
         kept = f"the last checkpoint (step {saved_step}) in {out_dir} is intact" if out_dir is not None and \
             saved_step else "no checkpoint was written yet"
         return (f"all {world.size} ranks are stopped (MPI_Abort) at step {trainer.step + 1}; {kept}"
@@ -373,41 +373,46 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
 
     began = time.perf_counter()
     try:
-        with world.abort_on_failure(failure, collective=(TrainingDiverged, distributed.DistributedError)):
-            while trainer.step < config.steps:
-                try:
-                    loss, grad_norm, lr = trainer.train_step()
-                except TrainingDiverged as err:
-                    where = f"; the last good checkpoint (step {saved_step}) is kept in {out_dir}" if out_dir else ""
-                    raise TrainingDiverged(f"{err}: training stopped{where}. Try a lower --lr") from None
-                step = trainer.step
-                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "time": time.perf_counter() - began}
-                if write and (step % config.log_every == 0 or step == config.steps):
+        while trainer.step < config.steps:
+            try:
+                loss, grad_norm, lr = trainer.train_step()
+            except TrainingDiverged as err:
+                where = f"; the last good checkpoint (step {saved_step}) is kept in {out_dir}" if out_dir else ""
+                raise TrainingDiverged(f"{err}: training stopped{where}. Try a lower --lr") from None
+            step = trainer.step
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "time": time.perf_counter() - began}
+            if write:
+                if step % config.log_every == 0 or step == config.steps:
                     log.write(record)
-                if write and config.sample_every and step % config.sample_every == 0 and step < config.steps:
+                if config.sample_every and step % config.sample_every == 0 and step < config.steps:
                     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
                     path = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
                     grid = trainer.sample(min(config.num_samples, 64), seed=config.seed,
                                           steps=min(GRID_STEPS, config.num_timesteps - 1))
                     _save_picture(grid, path, trainer.data)
                     record["samples"] = path
-                if out_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                    world.check_replicas(trainer.replicated_arrays(), step)   # every rank (MPI only)
-                    if write:
-                        trainer.save(ckpt_path)
-                        log.flush()
-                        log.plot(os.path.join(out_dir, "loss.png"))
-                    saved_step = step
-                    record["checkpoint"] = ckpt_path
-                if trainer.stop:
-                    record["stop"] = True
-                yield record
+            if out_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+                world.check_replicas(trainer.replicated_arrays(), step)   # every rank (MPI only)
+                if write:
+                    trainer.save(ckpt_path)
+                    log.flush()
+                    log.plot(os.path.join(out_dir, "loss.png"))
+                saved_step = step
+                record["checkpoint"] = ckpt_path
+            if trainer.stop:
+                record["stop"] = True
+            yield record
     except GeneratorExit:  # the consumer stopped early (Ctrl-C): the last step is complete, save it
         if write and trainer.step > saved_step:
             trainer.save(ckpt_path)
             log.flush()
             log.plot(os.path.join(out_dir, "loss.png"))
+        raise
+    except (TrainingDiverged, distributed.DistributedError):   # raised by every rank together
+        raise
+    except (Exception, KeyboardInterrupt) as err:   # MPI: one rank failed; rank 0 reports it, all ranks end
+        world.fail(err, failure())
         raise
     finally:
         if write:
