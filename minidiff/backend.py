@@ -137,4 +137,11 @@ def default_generator():
     return _default_generator
 
 
+def set_default_generator(generator):
+    """Make `generator` the default one (distributed training installs a per-rank view of it)."""
+    global _default_generator
+    _default_generator = generator
+    return generator
+
+
 use_backend(os.environ.get("MINIDIFF_BACKEND", "numpy"))

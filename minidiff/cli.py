@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 
-from . import __version__, backend, checkpoint, data, explainer, images, metrics
+from . import __version__, backend, checkpoint, data, distributed, explainer, images, metrics
 from . import train as training
 from .checkpoint import CheckpointError
 from .data import DataError
@@ -231,11 +231,17 @@ def main(argv=None):
         message = str(err)
         if not message.startswith("minidiff"):
             message = f"minidiff {getattr(args, 'command', '') or ''}: error: {message}".replace("  ", " ")
-        print(message, file=sys.stderr)
+        _print_on_root(message)
         return EXIT_USAGE
-    except training.TrainingDiverged as err:
-        print(f"minidiff train: error: {err}", file=sys.stderr)
+    except (training.TrainingDiverged, distributed.DistributedError) as err:
+        _print_on_root(f"minidiff train: error: {err}")
         return 1
+
+
+def _print_on_root(message):
+    """Errors that every MPI rank raises together are printed once, by rank 0."""
+    if distributed.is_root():
+        print(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------- shared checks and helpers
@@ -308,6 +314,7 @@ class _GracefulInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        distributed.world().stop_requested = True   # under MPI the ranks agree on it at the next step
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -330,18 +337,24 @@ def train_config_from_args(args):
     except ValueError as err:
         raise UsageError(str(err)) from None
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", base.data))))
+    on_root = distributed.world().from_root   # under MPI only rank 0's files count: it alone reads and writes
     # A run folder is created with its parents when training starts, as every training tool does;
     # only a file standing where a folder must go is an error.
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+
+    def file_in_the_way():
+        existing = os.path.abspath(out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        return None if os.path.isdir(existing) else existing
+
+    blocked = on_root(file_in_the_way)
+    if blocked is not None:
+        raise UsageError(f"--out {out}: {blocked} is a file, not a folder")
     ckpt = os.path.join(out, training.CHECKPOINT)
     if args.resume:
         if args.overwrite:
             raise UsageError("--resume and --overwrite contradict each other")
-        state = checkpoint.load(ckpt)  # CheckpointError: missing or corrupt, naming the file
+        state = on_root(lambda: checkpoint.load(ckpt))  # CheckpointError: missing or corrupt, naming the file
         values = {**state["config"], **given}
         if preset is not None and preset != values["preset"]:
             raise UsageError(f"cannot resume with --preset {preset}: the run was trained with {values['preset']}")
@@ -352,7 +365,7 @@ def train_config_from_args(args):
         except ValueError as err:
             raise UsageError(str(err)) from None
         return config, out, int(state["step"])
-    if os.path.exists(ckpt) and not args.overwrite:
+    if not args.overwrite and on_root(lambda: os.path.exists(ckpt)):
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out")
     try:
@@ -362,17 +375,36 @@ def train_config_from_args(args):
     return config, out, 0
 
 
-def cmd_train(args):
-    from tqdm.auto import tqdm
-
+def _train_setup(args, world):
+    """The checks of cmd_train that run before anything is written."""
     config, out, start = train_config_from_args(args)
+    try:
+        world.check_batch(config.batch_size)
+    except ValueError as err:
+        raise UsageError(_as_option(str(err))) from None
     _use_backend(config.backend)
     if config.data not in data.TOY_DATASETS:  # fail on bad data now, before the run folder is touched
         data.load_images(config.data, "train", image_size=config.image_size or None)
+    return config, out, start
+
+
+def cmd_train(args):
+    from tqdm.auto import tqdm
+
+    world = distributed.world()   # one rank of N under mpiexec (mpi4py), else a world of one
+    error = None
+    try:
+        config, out, start = _train_setup(args, world)
+    except Exception as err:  # noqa: BLE001  (re-raised by first_error, on every rank)
+        error = err
+    world.first_error(error)   # MPI: all ranks start, or all stop with the first rank's error
+    if world.size > 1 and world.is_root and args.progress:
+        print(f"data-parallel over {world.size} MPI ranks: {config.batch_size // world.size} of each batch of "
+              f"{config.batch_size} per rank", file=sys.stderr)
     began = time.perf_counter()
-    run = training.train(config, out, resume=args.resume, progress=args.progress)
-    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=not args.progress,
-               desc=f"train {config.data}", smoothing=0.02)
+    run = training.train(config, out, resume=args.resume, progress=args.progress and world.is_root, world=world)
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (args.progress and world.is_root), desc=f"train {config.data}", smoothing=0.02)
     step, smoothed, interrupted = start, None, False
     try:
         with _GracefulInterrupt() as stop:
@@ -385,23 +417,27 @@ def cmd_train(args):
                     bar.write(f"step {step}: samples -> {record['samples']}")
                 if step == config.steps:
                     bar.close()
-                    if args.progress:
+                    if args.progress and world.is_root:
                         print(f"drawing {config.num_samples} samples with the EMA weights ...", file=sys.stderr)
-                if stop.requested:
+                if record.get("stop") or (stop.requested and world.size == 1):  # MPI: all ranks at one step
                     interrupted = True
                     break
     except KeyboardInterrupt:  # a second Ctrl-C inside a step, or one raised by the consumer
+        if world.size > 1:  # the ranks may be at different steps now: end them all at once
+            world.report_failure(f"minidiff train: interrupted again: every MPI rank stops now (MPI_Abort); "
+                                 f"the last periodic checkpoint in {out} is intact")
         interrupted = True
     finally:
         bar.close()
         run.close()  # at a step boundary this saves the checkpoint (train's GeneratorExit path)
     if interrupted:
-        print(f"interrupted after step {step}: checkpoint saved in {out}; continue with "
-              f"'minidiff train --out {out} --resume'", file=sys.stderr)
+        _print_on_root(f"interrupted after step {step}: checkpoint saved in {out}; continue with "
+                       f"'minidiff train --out {out} --resume'")
         return EXIT_INTERRUPTED
     minutes, seconds = divmod(time.perf_counter() - began, 60)
-    print(f"trained {config.steps} steps in {int(minutes)}m{seconds:02.0f}s; wrote {out}/samples.png, "
-          f"{training.CHECKPOINT}, metrics.{config.log_format} and loss.png", file=sys.stderr)
+    _print_on_root(f"trained {config.steps} steps in {int(minutes)}m{seconds:02.0f}s; wrote {out}/samples.png, "
+                   f"{training.CHECKPOINT}, metrics.{config.log_format} and loss.png"
+                   + (f" ({world.size} MPI ranks)" if world.size > 1 else ""))
     return 0
 
 

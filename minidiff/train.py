@@ -5,7 +5,8 @@ step on L_simple = |eps - eps_theta(x_t, t)|^2 (Eq. 14) with linear warmup and g
 clipping, updates the EMA of the weights, and yields {"step", "loss", "lr", "grad_norm", ...}.
 With an `out_dir` it also writes the checkpoint, the metrics log, the loss curve and EMA
 sample grids there. Every knob is a commented field of `TrainConfig`; presets bundle them.
-May import: backend, optim, schedule, diffusion, unet, data, images, checkpoint.
+Under `mpiexec -n N` (mpi4py installed) the run is data-parallel over N ranks: see distributed.py.
+May import: backend, optim, schedule, diffusion, unet, data, images, checkpoint, distributed.
 """
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import backend, checkpoint, data, images
+from . import backend, checkpoint, data, distributed, images
 from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
 from .optim import EMA, Adam
 from .schedule import NAMES as BETA_SCHEDULES
@@ -198,38 +199,52 @@ class TrainingDiverged(FloatingPointError):
 class Trainer:
     """Everything a run holds: data stream, model, EMA, optimizer and random streams.
 
-    Its `state_dict` is the whole run, so a resumed run continues bit for bit.
+    Its `state_dict` is the whole run, so a resumed run continues bit for bit. With a
+    `world` of N > 1 ranks (default: distributed.world(), MPI under mpiexec) this rank
+    trains on its share of each global batch, with that share's random numbers, and the
+    gradients are averaged over ranks; the state_dict is the same on every rank and
+    holds nothing per rank, so any N resumes it.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, world=None):
         validate(config)
+        self.world = world or distributed.world()
+        self.world.check_batch(config.batch_size)
         backend.use_backend(config.backend)
         self.config = config
         self.data, self.info = load_data(config)
         self.batches = data.Batches(self.data, config.batch_size, rng=[config.seed, 1], hflip=config.hflip)
         backend.manual_seed(config.seed)   # the default generator: weight init here, dropout masks later
         self.model = build_model(config, self.info["channels"], self.info["image_size"])
+        # Each rank keeps its rows of every global draw (dropout masks here, t and eps below).
+        backend.set_default_generator(self.world.sharded(backend.default_generator()))
         self.model.train()
         self.diffusion = build_diffusion(config)
         self.optimizer = Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                               warmup_steps=config.warmup, grad_clip=config.grad_clip)
         self.ema = EMA(self.model, decay=config.ema_decay)
-        self.rng = backend.Generator([config.seed, 2])   # t and eps of Algorithm 1
+        self.rng = self.world.sharded(backend.Generator([config.seed, 2]))   # t and eps of Algorithm 1
         self.step = 0
+        self.stop = False   # MPI: set when some rank asked to stop after the current step
 
     def train_step(self):
         """One step of Algorithm 1; returns (loss, grad_norm, lr) as Python floats."""
         cfg = self.config
-        x_start = backend.to_active(next(self.batches))                              # (N, C, H, W) or (N, 2)
+        world = self.world
+        x_start = backend.to_active(world.shard(next(self.batches)))                 # (N, C, H, W) or (N, 2)
         t = self.rng.integers(0, cfg.num_timesteps, (len(x_start),))                  # t ~ Uniform, (N,)
         noise = self.rng.normal(x_start.shape)                                        # eps ~ N(0, I)
         loss = self.diffusion.training_losses(self.model, x_start, t, noise=noise)["loss"].mean()
         value = float(loss.data)   # GPU sync: needed every step to stop on NaN before it reaches the weights
-        if not math.isfinite(value):
+        if world.size > 1:   # the global batch's loss (equal shares: the mean of the ranks' means)
+            value, stop = world.mean([value, float(world.stop_requested)])
+            self.stop = stop > 0   # any rank asked to stop (Ctrl-C): all stop after this same step
+        if not math.isfinite(value):   # the same value on every rank, so all of them stop here together
             raise TrainingDiverged(f"loss is {value} at step {self.step + 1}")
         lr = self.optimizer.current_lr()
         self.optimizer.zero_grad()
         loss.backward()
+        world.mean_gradients_(self.optimizer.flat)   # one Allreduce over the flat gradient buffer (N > 1)
         grad_norm = self.optimizer.step()        # clips, warms up, updates in place; float() = sync
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
@@ -259,6 +274,11 @@ class Trainer:
 
     def save(self, path):
         checkpoint.save(path, self.state_dict())
+
+    def replicated_arrays(self):
+        """The arrays every MPI rank must hold bit for bit: weights, Adam's moments, the EMA."""
+        opt = self.optimizer
+        return [opt.flat.data, opt.flat_exp_avg, opt.flat_exp_avg_sq, self.ema.flat_shadow]
 
     def sample(self, num, seed, steps=0, progress=False):
         """`num` samples from the EMA weights, with their own seed (the training streams are untouched).
@@ -318,7 +338,7 @@ def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=
     return backend.host.concatenate(chunks)
 
 
-def train(config, out_dir=None, resume=False, progress=False):
+def train(config, out_dir=None, resume=False, progress=False, world=None):
     """Run Algorithm 1 and yield one record per step: {"step", "loss", "lr", "grad_norm", "time", ...}.
 
     With `out_dir`: resume from DIR/checkpoint.safetensors if `resume`; write the checkpoint
@@ -327,19 +347,36 @@ def train(config, out_dir=None, resume=False, progress=False):
     A record also carries "checkpoint" or "samples" (a path) on the steps that wrote one.
     Closing the generator early (Ctrl-C in the CLI) saves a checkpoint of the last finished
     step. A NaN loss raises TrainingDiverged and leaves the last good checkpoint in place.
+
+    Under MPI (`world`, default distributed.world()) every rank runs this; rank 0 alone reads
+    the checkpoint to resume (and sends it to the others) and writes files. At each checkpoint
+    the ranks compare a checksum of their weights. An error on one rank ends every rank
+    (MPI_Abort) with a message naming it; the last checkpoint stays valid. A record carries
+    "stop" when some rank asked to stop (distributed.World.stop_requested) after this step.
     """
-    trainer = Trainer(config)
+    trainer = Trainer(config, world)
+    world = trainer.world
+    write = out_dir is not None and world.is_root   # rank 0 alone writes files
     start = 0
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
         ckpt_path = os.path.join(out_dir, CHECKPOINT)
+        if write:
+            os.makedirs(out_dir, exist_ok=True)
         if resume:
-            state = checkpoint.load(ckpt_path)
+            state = world.from_root(lambda: checkpoint.load(ckpt_path))   # rank 0's file, sent to every rank
             check_resumable(state, config)
             trainer.load_state_dict(state)
             start = trainer.step
-        log = MetricsLog(out_dir, config.log_format, keep_until=start)
+        if write:
+            log = MetricsLog(out_dir, config.log_format, keep_until=start)
     saved_step = start
+
+    def failure():   # what rank 0 adds when some rank fails (MPI only)
+        kept = f"the last checkpoint (step {saved_step}) in {out_dir} is intact" if out_dir is not None and \
+            saved_step else "no checkpoint was written yet"
+        return (f"all {world.size} ranks are stopped (MPI_Abort) at step {trainer.step + 1}; {kept}"
+                + (f"; continue with 'minidiff train --out {out_dir} --resume'" if saved_step else ""))
+
     began = time.perf_counter()
     try:
         while trainer.step < config.steps:
@@ -351,7 +388,7 @@ def train(config, out_dir=None, resume=False, progress=False):
             step = trainer.step
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "time": time.perf_counter() - began}
-            if out_dir is not None:
+            if write:
                 if step % config.log_every == 0 or step == config.steps:
                     log.write(record)
                 if config.sample_every and step % config.sample_every == 0 and step < config.steps:
@@ -361,23 +398,32 @@ def train(config, out_dir=None, resume=False, progress=False):
                                           steps=min(GRID_STEPS, config.num_timesteps - 1))
                     _save_picture(grid, path, trainer.data)
                     record["samples"] = path
-                if step % config.checkpoint_every == 0 or step == config.steps:
+            if out_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+                world.check_replicas(trainer.replicated_arrays(), step)   # every rank (MPI only)
+                if write:
                     trainer.save(ckpt_path)
                     log.flush()
                     log.plot(os.path.join(out_dir, "loss.png"))
-                    saved_step = step
-                    record["checkpoint"] = ckpt_path
+                saved_step = step
+                record["checkpoint"] = ckpt_path
+            if trainer.stop:
+                record["stop"] = True
             yield record
     except GeneratorExit:  # the consumer stopped early (Ctrl-C): the last step is complete, save it
-        if out_dir is not None and trainer.step > saved_step:
+        if write and trainer.step > saved_step:
             trainer.save(ckpt_path)
             log.flush()
             log.plot(os.path.join(out_dir, "loss.png"))
         raise
+    except (TrainingDiverged, distributed.DistributedError):   # raised by every rank together
+        raise
+    except (Exception, KeyboardInterrupt) as err:   # MPI: one rank failed; rank 0 reports it, all ranks end
+        world.fail(err, failure())
+        raise
     finally:
-        if out_dir is not None:
+        if write:
             log.close()
-    if out_dir is not None:  # the final grid, drawn once the last step's record is out
+    if write:  # the final grid, drawn once the last step's record is out
         samples = trainer.sample(config.num_samples, seed=config.seed, steps=config.sample_steps, progress=progress)
         _save_picture(samples, os.path.join(out_dir, "samples.png"), trainer.data)
 

@@ -19,7 +19,7 @@ LEVEL = {
     "backend": 0,
     "tensor": 1, "schedule": 1, "data": 1, "images": 1,
     "ops": 2,
-    "conv": 3, "testing": 3, "losses": 3, "optim": 3,
+    "conv": 3, "testing": 3, "losses": 3, "optim": 3, "distributed": 3,
     "functional": 4, "diffusion": 4, "explainer": 2,
     "nn": 5,
     "unet": 6, "classifier": 6,
