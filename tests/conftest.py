@@ -8,6 +8,7 @@ Tests of the `compat` extra (torch, diffusers) call `compat_import(name)`: on a 
 machine without the extra they skip with COMPAT_REASON; in CI (env CI=true, where .ci/run
 installs the extra) such a skip is turned into a failure, so they can never silently not run.
 """
+import importlib
 import os
 
 # The tests' matrices are small: one BLAS thread avoids oversubscribing the 2 cores
@@ -39,7 +40,10 @@ def in_ci(environ=os.environ):
 
 def compat_import(name):
     """Import `name` (torch, diffusers) or skip the calling test (or module) with COMPAT_REASON."""
-    return pytest.importorskip(name, reason=f"{COMPAT_REASON} [{name} is not importable]")
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:  # missing, or installed but broken: either way the extra is not usable
+        pytest.skip(f"{COMPAT_REASON} [{name}: {err}]", allow_module_level=True)
 
 
 def _fail_compat_skip_in_ci(report):
