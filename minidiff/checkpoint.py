@@ -146,3 +146,22 @@ def _write_all(f, data, chunk=1 << 20):
     view = memoryview(data)
     for start in range(0, len(view), chunk):
         f.write(view[start:start + chunk])
+
+
+def peek(path):
+    """The nested dict of a checkpoint without its arrays (placeholders stay), reading only the header.
+
+    Tells a training checkpoint from a converted model before reading hundreds of megabytes.
+    """
+    path = resolve(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        head += f.read(min(length, 100 << 20))  # a real header is kilobytes; a garbage length stays bounded
+    metadata = _read_metadata(path, head)
+    try:
+        return json.loads(metadata["state"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: corrupt minidiff checkpoint ({err})") from None

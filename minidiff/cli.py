@@ -1,4 +1,4 @@
-"""The `minidiff` command line: train, sample, forward, interpolate, eval.
+"""The `minidiff` command line: train, sample, forward, interpolate, eval, convert.
 
 Each subcommand's options come from a dataclass (TrainConfig in train.py, the others
 below): one field, one option, its help text in the field's metadata. Bad arguments
@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 
-from . import __version__, backend, checkpoint, data, distributed, explainer, images, metrics
+from . import __version__, backend, checkpoint, data, distributed, explainer, images, metrics, pretrained
 from . import train as training
 from .checkpoint import CheckpointError
 from .data import DataError
@@ -42,9 +42,14 @@ def _opt(default, help, **extra):
 # ---------------------------------------------------------------- the subcommands' configs
 
 
+PRETRAINED_HELP = ("a diffusers DDPM folder instead of --checkpoint, e.g. one of the paper's models fetched with "
+                   "'hf download google/ddpm-cifar10-32 --local-dir DIR'")
+
+
 @dataclass
 class SampleConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)", required=True)
+    checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)")
+    pretrained: str = _opt(None, PRETRAINED_HELP)
     num: int = _opt(64, "number of samples")
     out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools")
     sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
@@ -81,11 +86,13 @@ class ForwardConfig:
 
 @dataclass
 class InterpolateConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder", required=True)
+    checkpoint: str = _opt(None, "checkpoint file or run folder")
+    pretrained: str = _opt(None, PRETRAINED_HELP + "; needs --data")
     t: int = _opt(500, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation")
     pairs: int = _opt(4, "pairs of held-out images (rows)")
     lambdas: int = _opt(9, "mixing weights from 0 to 1 (columns between the two sources)")
-    data: str = _opt(None, "images to interpolate: default the checkpoint's data set (its held-out split)")
+    data: str = _opt(None, "images to interpolate: default the checkpoint's data set (its held-out split); "
+                           "with --pretrained, a folder, .npz or CIFAR-10 batch (resized to the model's size)")
     out: str = _opt("interpolate.png", ".png picture")
     ema: bool = _opt(True, "use the EMA weights")
     seed: int = _opt(0, "seed of the pairs and the noise")
@@ -120,6 +127,14 @@ class EvalConfig:
     seed: int = _opt(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
                         "of the floor's draws and of the bound's Monte Carlo terms")
     backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+
+
+@dataclass
+class ConvertConfig:
+    pretrained: str = _opt(None, "the diffusers DDPM folder to convert (flat, or model_index.json with unet/ and "
+                                 "scheduler/)", required=True)
+    out: str = _opt(None, "the minidiff checkpoint to write (.safetensors); sample from it with --checkpoint",
+                    required=True)
 
 
 # ---------------------------------------------------------------- building the parser
@@ -170,13 +185,17 @@ EXAMPLES = {
              "  minidiff train --out runs/digits --resume --steps 8000",
     "sample": "examples:\n  minidiff sample --checkpoint runs/digits --num 64 --out samples.png\n"
               "  minidiff sample --checkpoint runs/digits --num 1000 --sampler ddim --steps 50 --out samples.npz\n"
-              "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png",
+              "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png\n"
+              "  minidiff sample --pretrained ddpm-cifar10-32 --sampler ddim --steps 50 --num 16   # the paper's model",
     "forward": "examples:\n  minidiff forward mondrian --steps 10 --out forward.png\n"
                "  minidiff forward photo.jpg --beta-scale 0.5 --out forward.gif\n"
                "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif\n"
                "  minidiff forward mondrian --out explainer.html      (open it in a browser)\n"
                "  minidiff forward --checkpoint runs/digits --out explainer.html",
-    "interpolate": "example:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png",
+    "interpolate": "examples:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png\n"
+                   "  minidiff interpolate --pretrained ddpm-cifar10-32 --data cifar-10-batches-py/test_batch",
+    "convert": "example:\n  minidiff convert --pretrained ddpm-cifar10-32 --out cifar10.safetensors\n"
+               "  minidiff sample --checkpoint cifar10.safetensors --sampler ddim --steps 50 --num 16",
     "eval": "examples:\n  minidiff eval --checkpoint runs/digits --out report.json   # 1000 DDPM samples, all metrics\n"
             "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
             "  minidiff eval --samples other_model.npz --data digits --out other.json\n"
@@ -209,7 +228,9 @@ def build_parser():
             ("interpolate", InterpolateConfig, cmd_interpolate, "interpolate between held-out images in "
                                                                 "latent space (Fig. 8)"),
             ("eval", EvalConfig, cmd_eval, "score a model's samples (or a .npz of anyone's) against held-out "
-                                            "data; --bpd adds bits/dim (Table 2)")):
+                                            "data; --bpd adds bits/dim (Table 2)"),
+            ("convert", ConvertConfig, cmd_convert, "convert a diffusers DDPM folder (the paper's own models) to "
+                                                    "one minidiff checkpoint file")):
         p = add(name, help)
         _add_options(p, cls)
         p.set_defaults(run=fn, config_cls=cls)
@@ -275,6 +296,12 @@ def _use_backend(name):
 
 
 def _load_model(path, use_ema):
+    """(model, diffusion, config, info) of a training checkpoint, or of a converted model (config None)."""
+    if pretrained.is_converted(path):
+        if not use_ema:
+            raise UsageError(f"{path} holds one set of weights (a converted model): drop --no-ema")
+        model, diffusion, info = pretrained.load_converted(path)
+        return model, diffusion, None, info
     try:
         return training.load_model(path, use_ema=use_ema)
     except (ValueError, KeyError, TypeError) as err:
@@ -284,9 +311,19 @@ def _load_model(path, use_ema):
 
 
 def _model_images(config, info, name, split):
-    """Images for a trained model: its own data set by default; sizes must match the model's."""
+    """Images for a trained model: its own data set by default; sizes must match the model's.
+
+    A pretrained or converted model (config None) has no data set of its own: --data is needed,
+    and its images are brought to the model's size and channels.
+    """
     if info["channels"] is None:
         raise UsageError(f"the checkpoint's model was trained on 2-D points ({config.data}); this command needs images")
+    if config is None:
+        if name is None:
+            raise UsageError(f"a pretrained model has no data set of its own: give --data, images to bring to "
+                             f"its {info['channels']}x{info['image_size']}x{info['image_size']} (e.g. a folder of "
+                             f"pictures or a CIFAR-10 batch file)")
+        return data.load_images(name, split, image_size=info["image_size"], channels=info["channels"])
     name = name or config.data
     images_, labels, data_info = data.load_images(name, split)
     size, channels = images_.shape[-1], images_.shape[1]
@@ -452,21 +489,35 @@ def _sampling_plan(diffusion, sampler, steps):
         raise UsageError(f"--{err}") from None
 
 
+def _load_source(cfg):
+    """(model, diffusion, config, info) from --checkpoint or --pretrained, exactly one of them."""
+    if (cfg.checkpoint is None) == (cfg.pretrained is None):
+        raise UsageError("exactly one of --checkpoint (a minidiff run or converted model) and --pretrained "
+                         "(a diffusers DDPM folder) is required")
+    if cfg.checkpoint is not None:
+        return _load_model(cfg.checkpoint, cfg.ema)
+    if not cfg.ema:
+        raise UsageError("--no-ema applies to minidiff training checkpoints; a diffusers folder holds one set of "
+                         "weights (the ddpm-ema-* repositories hold EMA weights)")
+    model, diffusion, info = pretrained.load_with_info(cfg.pretrained)
+    return model, diffusion, None, info
+
+
 def cmd_sample(args):
     cfg = _config(args)
     _positive(num=cfg.num, batch_size=cfg.batch_size, frames=cfg.frames)
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
     _use_backend(cfg.backend)
-    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    model, diffusion, config, info = _load_source(cfg)
     sampling, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
     points = info["channels"] is None
     shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
-        return _sample_progressive(cfg, model, sampling, steps, ddim, shape)
+        return _sample_progressive(cfg, model, sampling, steps, ddim, shape, info.get("clip_denoised", True))
     samples = training.draw_samples(diffusion, model, shape, cfg.num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
-                                    cfg.batch_size, progress=True)
+                                    cfg.batch_size, clip_denoised=info.get("clip_denoised", True), progress=True)
     with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
@@ -484,14 +535,16 @@ def _frame_indices(num_steps, frames):
     return sorted({round(k * (num_steps - 1) / max(frames - 1, 1)) for k in range(frames)})
 
 
-def _sample_progressive(cfg, model, diffusion, steps, ddim, shape):
+def _sample_progressive(cfg, model, diffusion, steps, ddim, shape, clip_denoised=True):
     """Fig. 6: the x_0 prediction at evenly spaced steps of one chain per row."""
     shape = (cfg.num, *shape)
     if ddim:
         chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta,
-                                                       seed=[cfg.seed, 0], progress=True)
+                                                       seed=[cfg.seed, 0], clip_denoised=clip_denoised,
+                                                       progress=True)
     else:
-        chain = diffusion.p_sample_loop_progressive(model, shape, seed=[cfg.seed, 0], progress=True)
+        chain = diffusion.p_sample_loop_progressive(model, shape, seed=[cfg.seed, 0], clip_denoised=clip_denoised,
+                                                    progress=True)
     keep = set(_frame_indices(steps, cfg.frames))
     frames, labels = [], []
     for k, out in enumerate(chain):
@@ -638,7 +691,7 @@ def cmd_interpolate(args):
         raise UsageError(f"--lambdas must be at least 2 (0 and 1), got {cfg.lambdas}")
     _check_output(cfg.out, (".png",))
     _use_backend(cfg.backend)
-    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    model, diffusion, config, info = _load_source(cfg)
     if not 0 <= cfg.t < diffusion.num_timesteps:
         raise UsageError(f"--t must lie in 0 .. {diffusion.num_timesteps - 1}, got {cfg.t}")
     images_, _, _ = _model_images(config, info, cfg.data, "heldout")
@@ -648,7 +701,8 @@ def cmd_interpolate(args):
     x_a = backend.to_active(images_[pick[:cfg.pairs]])
     x_b = backend.to_active(images_[pick[cfg.pairs:]])
     lambdas = [k / (cfg.lambdas - 1) for k in range(cfg.lambdas)]
-    mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True)  # (L, N, ...)
+    mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True,
+                                  clip_denoised=info.get("clip_denoised", True))  # (L, N, ...)
     columns = [x_a] + [mixed[k] for k in range(len(lambdas))] + [x_b]
     labels = ["source"] + [f"{lam:.2g}" for lam in lambdas] + ["source"]
     with checkpoint.atomic_path(cfg.out) as tmp:
@@ -827,3 +881,20 @@ def _print_report(report):
         width = max(map(len, section))
         for key, value in section.items():
             print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------- convert
+
+
+def cmd_convert(args):
+    """A diffusers DDPM folder -> one minidiff checkpoint (model, schedule, sampling settings)."""
+    cfg = _config(args)
+    _check_output(cfg.out, (".safetensors",))
+    if os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a folder; give a file name ending in .safetensors")
+    model, diffusion, info = pretrained.load_with_info(cfg.pretrained)
+    pretrained.save_converted(cfg.out, model, diffusion, info)
+    print(f"wrote {cfg.out}: a {model.num_parameters():,}-parameter U-Net for {info['channels']}x"
+          f"{info['image_size']}x{info['image_size']} images and its {diffusion.num_timesteps}-step schedule; "
+          f"sample with 'minidiff sample --checkpoint {cfg.out}'", file=sys.stderr)
+    return 0

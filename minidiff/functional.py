@@ -320,25 +320,30 @@ def attention(q, k, v):
 # ---------------------------------------------------------------- timestep embedding
 
 
-def timestep_embedding(t, dim):
+def timestep_embedding(t, dim, flip_sin_to_cos=False, freq_shift=1):
     """Sinusoidal embedding (N,) -> (N, dim) float32, as get_timestep_embedding in the original DDPM code.
 
-    half = dim // 2, freq_i = exp(-i ln(10000) / (half - 1)), [sin(t freq), cos(t freq)],
+    half = dim // 2, freq_i = exp(-i ln(10000) / (half - freq_shift)), [sin(t freq), cos(t freq)],
     zero-padded by one column when dim is odd. Computed in float64 and cast (the
     original computes in float32; the values agree to float32 rounding of t * freq).
+    The defaults are the original's; diffusers' UNet2DModel exposes both choices as config
+    fields (`flip_sin_to_cos=True` puts cos first, `freq_shift=0` divides by half), so
+    models trained with other settings embed t exactly as they were trained.
     """
     half = dim // 2
-    if half < 2:
-        raise ValueError(f"timestep_embedding needs dim >= 4 (its frequencies divide by dim // 2 - 1); got {dim}")
+    if half - freq_shift <= 0 or half < 2:
+        raise ValueError(f"timestep_embedding needs dim >= 4 (its frequencies divide by dim // 2 - freq_shift); "
+                         f"got dim={dim}, freq_shift={freq_shift}")
     t = t.data if isinstance(t, Tensor) else t
     xp = backend.xp()
     if not backend.is_array(t) or backend.xp_of(t) is not xp:
         t = backend.to_active(backend.to_numpy(t))               # ints, lists or the other backend's array
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding expects timesteps of shape (N,); got {t.shape}")
-    freqs = xp.exp(xp.arange(half, dtype=xp.float64) * (-math.log(10000) / (half - 1)))  # (half,)
+    freqs = xp.exp(xp.arange(half, dtype=xp.float64) * (-math.log(10000) / (half - freq_shift)))  # (half,)
     args = t.astype(xp.float64)[:, None] * freqs[None, :]                                # (N, half)
-    emb = xp.concatenate([xp.sin(args), xp.cos(args)], axis=1)
+    parts = [xp.cos(args), xp.sin(args)] if flip_sin_to_cos else [xp.sin(args), xp.cos(args)]
+    emb = xp.concatenate(parts, axis=1)
     if dim % 2:
         emb = xp.concatenate([emb, xp.zeros((emb.shape[0], 1), dtype=emb.dtype)], axis=1)
     return Tensor(emb.astype(backend.DTYPE))

@@ -318,14 +318,16 @@ def sampling_plan(diffusion, sampler=None, steps=0):
     return diffusion, T, False
 
 
-def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=0.0, batch_size=256, progress=False):
+def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=0.0, batch_size=256,
+                 clip_denoised=True, progress=False):
     """`num` samples of `shape` (per sample) as one host array, drawn in batches by sampling_plan's policy.
 
     Batch i has its own stream [seed, i], so the first samples are the same whatever `num` is.
-    Images clip the x_0 prediction to their range [-1, 1]; 2-D points (shape (2,)) are unbounded.
+    Images clip the x_0 prediction to their range [-1, 1] unless clip_denoised=False (a pretrained
+    scheduler's clip_sample=False); 2-D points (shape (2,)) are never clipped.
     """
     diffusion, steps, ddim = sampling_plan(diffusion, sampler, steps)
-    clip = len(shape) > 1
+    clip = clip_denoised and len(shape) > 1
     chunks = []
     for i, start in enumerate(range(0, num, batch_size)):
         batch = (min(batch_size, num - start), *shape)

@@ -32,11 +32,11 @@ def default_num_groups(ch):
 class ResnetBlock(nn.Module):
     """x + conv2(dropout(swish(norm2(conv1(swish(norm1(x))) + dense(swish(temb)))))); 1x1 shortcut if widths differ."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, num_groups):
-        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=GROUPNORM_EPS)
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, num_groups, eps=GROUPNORM_EPS):
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=GROUPNORM_EPS)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, init_scale=0.0)  # near zero: the block starts as identity
         # The original's "nin_shortcut": a 1x1 conv (network-in-network) only where widths change.
@@ -52,10 +52,17 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """x + proj_out(attention(q, k, v)) over the H*W positions, single head; q, k, v are 1x1 projections."""
+    """x + proj_out(attention(q, k, v)) over the H*W positions; q, k, v are 1x1 projections.
 
-    def __init__(self, ch, num_groups):
-        self.norm = nn.GroupNorm(num_groups, ch, eps=GROUPNORM_EPS)
+    One head as the paper; `head_dim` splits the channels into ch // head_dim heads of
+    head_dim channels each (diffusers' attention_head_dim), attended separately and concatenated.
+    """
+
+    def __init__(self, ch, num_groups, eps=GROUPNORM_EPS, head_dim=None):
+        if head_dim is not None and ch % head_dim:
+            raise ValueError(f"AttnBlock: head_dim={head_dim} does not divide the {ch} channels into equal heads")
+        self.heads = 1 if head_dim is None else ch // head_dim
+        self.norm = nn.GroupNorm(num_groups, ch, eps=eps)
         self.q = nn.Linear(ch, ch)
         self.k = nn.Linear(ch, ch)
         self.v = nn.Linear(ch, ch)
@@ -65,16 +72,30 @@ class AttnBlock(nn.Module):
         n, c, height, width = x.shape
         # (N, C, H, W) -> (N, HW, C); a free view when x has conv2d's channels-last strides
         h = self.norm(x).transpose(0, 2, 3, 1).reshape(n, height * width, c)
-        h = F.attention(self.q(h), self.k(h), self.v(h))  # (N, HW, C)
+        if self.heads == 1:
+            h = F.attention(self.q(h), self.k(h), self.v(h))  # (N, HW, C)
+        else:  # (N, HW, C) -> (N heads, HW, C / heads): each head attends over its own channels
+            split = lambda a: a.reshape(n, height * width, self.heads, c // self.heads).transpose(  # noqa: E731
+                0, 2, 1, 3).reshape(n * self.heads, height * width, c // self.heads)
+            h = F.attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+            h = h.reshape(n, self.heads, height * width, c // self.heads).transpose(0, 2, 1, 3).reshape(
+                n, height * width, c)
         h = self.proj_out(h).reshape(n, height, width, c).transpose(0, 3, 1, 2)  # back to (N, C, H, W)
         return x + h
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv with TensorFlow "SAME" padding (0 top/left, 1 bottom/right): (H, W) -> (H/2, W/2)."""
+DOWNSAMPLE_PADDINGS = {"same": (0, 1, 0, 1), "symmetric": 1}  # the original's TF "SAME"; diffusers' default
 
-    def __init__(self, ch):
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=(0, 1, 0, 1))
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: (H, W) -> (H/2, W/2).
+
+    padding "same" is TensorFlow's "SAME" (0 top/left, 1 bottom/right), as the original code and
+    diffusers' downsample_padding=0; "symmetric" pads 1 on every side (diffusers' downsample_padding=1).
+    """
+
+    def __init__(self, ch, padding="same"):
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=DOWNSAMPLE_PADDINGS[padding])
 
     def forward(self, x, temb_act=None):
         return self.conv(x)
@@ -107,20 +128,37 @@ class UNet(nn.Module):
     The paper's CIFAR-10 model is UNet(32, 3, 128, (1, 2, 2, 2), 2, (16,), 0.1), 35,746,307
     parameters. `num_groups` overrides the GroupNorm group count (default: default_num_groups(ch)).
     `config` holds the constructor arguments, so UNet(**model.config) rebuilds the model.
+
+    The keyword-only options exist to hold other trainings of the same architecture exactly
+    (diffusers' UNet2DModel, see minidiff.pretrained); their defaults are the original's, and
+    `config` lists them only when they differ from those defaults:
+    norm_eps (GroupNorm epsilon), downsample_padding ("same" or "symmetric", see Downsample),
+    flip_sin_to_cos and freq_shift (see F.timestep_embedding), attn_head_dim (None: one head).
     """
 
+    OPTION_DEFAULTS = dict(norm_eps=GROUPNORM_EPS, downsample_padding="same", flip_sin_to_cos=False,
+                           freq_shift=1, attn_head_dim=None)
+
     def __init__(self, image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions,
-                 dropout=0.0, out_channels=None, num_groups=None):
+                 dropout=0.0, out_channels=None, num_groups=None, *, norm_eps=GROUPNORM_EPS,
+                 downsample_padding="same", flip_sin_to_cos=False, freq_shift=1, attn_head_dim=None):
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
         num_groups = default_num_groups(ch) if num_groups is None and _is_pos_int(ch) else num_groups
         _validate(image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
                   out_channels, num_groups)
+        options = dict(norm_eps=norm_eps, downsample_padding=downsample_padding, flip_sin_to_cos=flip_sin_to_cos,
+                       freq_shift=freq_shift, attn_head_dim=attn_head_dim)
+        _validate_options(ch, ch_mult, **options)
         self.config = dict(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                            dropout=dropout, out_channels=out_channels, num_groups=num_groups)
+        self.config.update({k: v for k, v in options.items() if v != self.OPTION_DEFAULTS[k]})
         self.ch, self.image_size, self.in_channels = ch, image_size, in_channels
+        self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
         temb_ch, g = 4 * ch, num_groups
+        block = lambda i, o: ResnetBlock(i, o, temb_ch, dropout, g, eps=norm_eps)  # noqa: E731
+        attn = lambda c: AttnBlock(c, g, eps=norm_eps, head_dim=attn_head_dim)  # noqa: E731
 
         # Timestep embedding: sinusoids (ch) -> dense -> swish -> dense (4 ch)
         self.temb = nn.Module()
@@ -134,12 +172,12 @@ class UNet(nn.Module):
         for i, mult in enumerate(ch_mult):
             level = Level()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(cur, ch * mult, temb_ch, dropout, g))
+                level.block.append(block(cur, ch * mult))
                 cur = ch * mult
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(cur, g))
+                    level.attn.append(attn(cur))
                 skip_ch.append(cur)
-            level.downsample = Downsample(cur) if i != len(ch_mult) - 1 else None
+            level.downsample = Downsample(cur, downsample_padding) if i != len(ch_mult) - 1 else None
             if level.downsample is not None:
                 res //= 2
                 skip_ch.append(cur)
@@ -147,26 +185,26 @@ class UNet(nn.Module):
 
         # Middle, always with attention
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(cur, cur, temb_ch, dropout, g)
-        self.mid.attn_1 = AttnBlock(cur, g)
-        self.mid.block_2 = ResnetBlock(cur, cur, temb_ch, dropout, g)
+        self.mid.block_1 = block(cur, cur)
+        self.mid.attn_1 = attn(cur)
+        self.mid.block_2 = block(cur, cur)
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip; self.up[i] is level i, as up_{i}
         up = [None] * len(ch_mult)
         for i in reversed(range(len(ch_mult))):
             level = Level()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(cur + skip_ch.pop(), ch * ch_mult[i], temb_ch, dropout, g))
+                level.block.append(block(cur + skip_ch.pop(), ch * ch_mult[i]))
                 cur = ch * ch_mult[i]
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(cur, g))
+                    level.attn.append(attn(cur))
             level.upsample = Upsample(cur) if i != 0 else None
             if level.upsample is not None:
                 res *= 2
             up[i] = level
         self.up = nn.ModuleList(up)
 
-        self.norm_out = nn.GroupNorm(g, cur, eps=GROUPNORM_EPS)
+        self.norm_out = nn.GroupNorm(g, cur, eps=norm_eps)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1, init_scale=0.0)  # near zero: eps_theta starts at 0
 
     def forward(self, x, t):
@@ -175,7 +213,7 @@ class UNet(nn.Module):
         s = self.image_size
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, s, s):
             raise ValueError(f"UNet expects x of shape (N, {self.in_channels}, {s}, {s}); got {x.shape}")
-        temb = F.timestep_embedding(t, self.ch)  # (N, ch)
+        temb = F.timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift)  # (N, ch)
         if temb.shape[0] != x.shape[0]:
             raise ValueError(f"UNet: {x.shape[0]} images but {temb.shape[0]} timesteps")
         temb = self.temb.dense1(F.silu(self.temb.dense0(temb)))  # (N, 4 ch)
@@ -260,3 +298,21 @@ def _validate(image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolut
         widths = sorted({ch * m for m in ch_mult})
         raise ValueError(f"UNet: num_groups={num_groups} does not divide ch={ch}, so GroupNorm cannot split "
                          f"the channel widths (e.g. {widths}) into equal groups")
+
+
+def _validate_options(ch, ch_mult, norm_eps, downsample_padding, flip_sin_to_cos, freq_shift, attn_head_dim):
+    """Raise one ValueError naming the keyword option that cannot be built."""
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+        raise ValueError(f"UNet: norm_eps must be a positive number; got {norm_eps!r}")
+    if downsample_padding not in DOWNSAMPLE_PADDINGS:
+        raise ValueError(f"UNet: downsample_padding must be one of {', '.join(map(repr, DOWNSAMPLE_PADDINGS))}; "
+                         f"got {downsample_padding!r}")
+    if not isinstance(flip_sin_to_cos, bool):
+        raise ValueError(f"UNet: flip_sin_to_cos must be True or False; got {flip_sin_to_cos!r}")
+    if isinstance(freq_shift, bool) or not isinstance(freq_shift, (int, float)) or not freq_shift < ch // 2:
+        raise ValueError(f"UNet: freq_shift must be a number below ch // 2 = {ch // 2}; got {freq_shift!r}")
+    if attn_head_dim is not None:
+        widths = sorted({ch * m for m in ch_mult})
+        if not _is_pos_int(attn_head_dim) or any(w % attn_head_dim for w in widths):
+            raise ValueError(f"UNet: attn_head_dim={attn_head_dim!r} must be a positive integer dividing every "
+                             f"channel width {widths} (None: one head)")

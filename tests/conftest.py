@@ -3,7 +3,12 @@
 HYPOTHESIS_PROFILE=dev (default) keeps the suite fast; "ci" runs more examples.
 Tests marked `gpu` run only where CuPy sees a GPU (MINIDIFF_BACKEND=cupy makes the
 whole suite run its `backend_name`-parametrised tests on cupy as well).
+
+Tests of the `compat` extra (torch, diffusers) call `compat_import(name)`: on a user's
+machine without the extra they skip with COMPAT_REASON; in CI (env CI=true, where .ci/run
+installs the extra) such a skip is turned into a failure, so they can never silently not run.
 """
+import importlib
 import os
 
 # The tests' matrices are small: one BLAS thread avoids oversubscribing the 2 cores
@@ -22,6 +27,43 @@ settings.register_profile("dev", max_examples=20, deadline=None,
 settings.register_profile("ci", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+COMPAT_REASON = ("needs the compat extra (torch and diffusers): pip install torch==2.13.0 && "
+                 "pip install -e '.[compat]'")
+
+
+def in_ci(environ=os.environ):
+    """Whether this run is CI's (CI=true, as .ci/run and the usual CI services set it)."""
+    return environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def compat_import(name):
+    """Import `name` (torch, diffusers) or skip the calling test (or module) with COMPAT_REASON."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:  # missing, or installed but broken: either way the extra is not usable
+        pytest.skip(f"{COMPAT_REASON} [{name}: {err}]", allow_module_level=True)
+
+
+def _fail_compat_skip_in_ci(report):
+    """Turn a skip with COMPAT_REASON into a failure when in_ci(): CI must run every extra's test."""
+    if in_ci() and report.skipped and isinstance(report.longrepr, tuple) and COMPAT_REASON in str(report.longrepr[2]):
+        report.outcome = "failed"
+        report.longrepr = (f"CI=true: a test of the compat extra was skipped, which fails CI "
+                           f"(.ci/run installs the extra): {report.longrepr[2]}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_compat_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_compat_skip_in_ci(outcome.get_result())
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

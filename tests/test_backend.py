@@ -24,7 +24,7 @@ LEVEL = {
     "nn": 5,
     "unet": 6, "classifier": 6,
     "checkpoint": 7,
-    "train": 8, "metrics": 8,
+    "train": 8, "metrics": 8, "pretrained": 8,
     "cli": 9,
 }
 EXEMPT = {"__init__", "__main__"}  # the public API re-exports; `python -m minidiff`

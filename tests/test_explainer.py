@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from minidiff import cli, explainer
-from minidiff import train as training
 from minidiff.diffusion import GaussianDiffusion
 from minidiff.schedule import get_named_beta_schedule
 

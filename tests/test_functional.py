@@ -259,6 +259,21 @@ def test_timestep_embedding_matches_the_original_formula(backend_name, dim):
         assert not F.timestep_embedding(np.array(t), dim).numpy()[:, -1].any()
 
 
+@pytest.mark.parametrize("flip, shift", [(True, 0), (False, 0), (True, 1)])
+def test_timestep_embedding_options_follow_their_formula(flip, shift):
+    """diffusers' variants: freq_i = exp(-i ln(10000) / (half - shift)), and cos before sin when flipped."""
+    t, dim = [0, 3, 999], 10
+    half = dim // 2
+    expected = np.zeros((len(t), dim))
+    for row, step in enumerate(t):
+        for i in range(half):
+            arg = step * math.exp(-i * math.log(10000) / (half - shift))
+            first, second = (math.cos(arg), math.sin(arg)) if flip else (math.sin(arg), math.cos(arg))
+            expected[row, i], expected[row, half + i] = first, second
+    emb = F.timestep_embedding(np.array(t), dim, flip_sin_to_cos=flip, freq_shift=shift)
+    np.testing.assert_allclose(emb.numpy(), expected, rtol=0, atol=1e-6)
+
+
 def test_timestep_embedding_rejects_too_small_dims():
     with pytest.raises(ValueError, match="dim"):
         F.timestep_embedding(np.array([1]), 3)

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import compat_import
 
 import minidiff
 from minidiff import backend, nn
@@ -60,7 +61,7 @@ def test_adam_keeps_float32_and_updates_in_place():
 
 
 def test_adam_matches_torch_adamw_with_warmup_and_clipping():
-    torch = pytest.importorskip("torch")
+    torch = compat_import("torch")
     rng = np.random.default_rng(0)
     w0, target = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
     p = param(w0, np.float64)

@@ -264,3 +264,59 @@ def test_forward_wiring_follows_the_original_model_function():
     assert not hs
     want = model.conv_out(F.silu(model.norm_out(h)))
     np.testing.assert_array_equal(backend.to_numpy(model(x, t).data), backend.to_numpy(want.data))
+
+
+def test_multi_head_attention_and_options_match_numpy_references():
+    """attn_head_dim splits channels into heads (each its own softmax); norm_eps and symmetric padding reach the layers."""
+    from minidiff.unet import AttnBlock, Downsample
+    minidiff.manual_seed(0)
+    x = np.random.default_rng(1).standard_normal((2, 8, 3, 3))
+    attn = AttnBlock(8, num_groups=2, eps=1e-5, head_dim=2)  # 4 heads of 2 channels
+    w = randomized(attn)
+    assert attn.norm.eps == 1e-5 and attn.heads == 4
+    h = np_group_norm(x, 2, w["norm.weight"], w["norm.bias"], eps=1e-5).reshape(2, 8, 9).transpose(0, 2, 1)
+    q, k, v = (h @ w[f"{n}.weight"].T + w[f"{n}.bias"] for n in "qkv")
+    heads = []
+    for i in range(4):  # head i attends with its own channels 2i, 2i + 1
+        c = slice(2 * i, 2 * i + 2)
+        s = q[..., c] @ k[..., c].transpose(0, 2, 1) / np.sqrt(2.0)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ v[..., c])
+    out = np.concatenate(heads, axis=-1) @ w["proj_out.weight"].T + w["proj_out.bias"]
+    want = x + out.transpose(0, 2, 1).reshape(x.shape)
+    got = attn(Tensor(backend.to_active(x)))
+    np.testing.assert_allclose(backend.to_numpy(got.data), want, rtol=1e-10, atol=1e-10)
+
+    down = Downsample(8, padding="symmetric")
+    w = randomized(down)
+    x = np.random.default_rng(2).standard_normal((2, 8, 6, 6))
+    got = backend.to_numpy(down(Tensor(backend.to_active(x))).data)
+    np.testing.assert_allclose(got, np_conv(x, w["conv.weight"], w["conv.bias"], 2, (1, 1, 1, 1)), rtol=1e-10)
+
+
+def test_options_appear_in_config_only_when_changed_and_rebuild():
+    plain = UNet(8, 1, 16, (1, 2), 1, (4,))
+    assert set(plain.config) == {"image_size", "in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                 "dropout", "out_channels", "num_groups"}
+    model = UNet(8, 1, 16, (1, 2), 1, (4,), norm_eps=1e-5, downsample_padding="symmetric", flip_sin_to_cos=True,
+                 freq_shift=0, attn_head_dim=8)
+    assert {k: model.config[k] for k in UNet.OPTION_DEFAULTS} == dict(
+        norm_eps=1e-5, downsample_padding="symmetric", flip_sin_to_cos=True, freq_shift=0, attn_head_dim=8)
+    rebuilt = UNet(**model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    x, t = Tensor(images(2, 1, 8)), backend.to_active(np.array([3, 700]))
+    np.testing.assert_array_equal(backend.to_numpy(rebuilt(x, t).data), backend.to_numpy(model(x, t).data))
+    assert {m.eps for m in model.modules() if type(m).__name__ == "GroupNorm"} == {1e-5}
+    assert model.mid.attn_1.heads == 4 and model.down[0].downsample.conv.padding == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(norm_eps=0), "norm_eps"),
+    (dict(downsample_padding=1), "downsample_padding"),
+    (dict(attn_head_dim=12), "attn_head_dim=12"),
+    (dict(freq_shift=8), "freq_shift"),
+    (dict(flip_sin_to_cos="yes"), "flip_sin_to_cos"),
+])
+def test_impossible_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(8, 1, 16, (1, 2), 1, (4,), **kwargs)

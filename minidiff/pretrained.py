@@ -1,0 +1,395 @@
+"""The paper's own trained models: diffusers-format DDPM folders loaded into minidiff.UNet.
+
+Ho et al.'s CIFAR-10, CelebA-HQ and LSUN weights are published in the diffusers format
+(google/ddpm-cifar10-32, google/ddpm-celebahq-256, google/ddpm-church-256, ..., and the
+ddpm-ema-* variants): a UNet2DModel (config.json + diffusion_pytorch_model.safetensors) and
+a DDPMScheduler (scheduler_config.json). `load(path)` reads such a folder, flat or in the
+pipeline layout (model_index.json, unet/, scheduler/), and returns (minidiff.UNet, GaussianDiffusion).
+
+Everything is derived from the configs, never guessed: the U-Net's widths, levels and
+attention placement from block_out_channels / layers_per_block / *_block_types, and the
+details a training can vary (norm_eps, downsample_padding, flip_sin_to_cos, freq_shift,
+attention_head_dim) through UNet's keyword options. A field minidiff cannot represent is
+refused with one error naming the field and its value. A missing field takes diffusers'
+own default (UNET_DEFAULTS, SCHEDULER_DEFAULTS: diffusers 0.42's, as diffusers itself does);
+a field diffusers does not know is ignored, again as diffusers does.
+
+Safety: weights are read only from .safetensors files (a table of raw tensors). A .bin or
+.pt file is a Python pickle, which can run code when opened; it is never opened.
+May import: backend, schedule, diffusion, unet, checkpoint (besides json, os, safetensors).
+"""
+import json
+import os
+
+from safetensors import safe_open
+
+from . import backend, checkpoint
+from .checkpoint import CheckpointError
+from .diffusion import GaussianDiffusion
+from .schedule import betas_for_alpha_bar, check_betas, cosine_alpha_bar
+from .unet import UNet
+
+host = backend.host
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.pt", "pytorch_model.bin")
+FORMAT = "minidiff-model"  # the "format" of a converted checkpoint (see save_converted)
+
+# UNet2DModel.__init__'s defaults (diffusers 0.42): what diffusers assumes for a field a config.json omits.
+UNET_DEFAULTS = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+    "num_class_embeds": None, "num_train_timesteps": None,
+}
+# DDPMScheduler.__init__'s defaults (DDIMScheduler shares those minidiff reads).
+SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
+    "thresholding": False, "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# diffusers' *_log variants compute the same sigma_t through a log; "learned*" needs a second output head.
+VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+                  "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+
+
+class PretrainedError(CheckpointError):
+    """A diffusers folder that is missing, unreadable or unrepresentable; the message names file and field."""
+
+
+# ---------------------------------------------------------------- finding the files
+
+
+def find_files(path):
+    """{"unet_config", "weights", "scheduler_config"} paths of a flat or pipeline-layout folder.
+
+    Pipeline layout: model_index.json with unet/ and scheduler/ subfolders; flat: config.json,
+    the weights and scheduler_config.json side by side. Subfolders win where both exist.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        what = "a file" if os.path.exists(path) else "no such folder"
+        raise PretrainedError(f"{path}: {what}; --pretrained takes a diffusers model folder (config.json, "
+                              f"{WEIGHTS}, scheduler_config.json, or model_index.json with unet/ and scheduler/)")
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index):
+        _check_model_index(index, _read_json(index))
+    unet_dir = os.path.join(path, "unet") if os.path.isfile(os.path.join(path, "unet", "config.json")) else path
+    sched_dir = os.path.join(path, "scheduler") if os.path.isdir(os.path.join(path, "scheduler")) else path
+    unet_config = os.path.join(unet_dir, "config.json")
+    if not os.path.isfile(unet_config):
+        raise PretrainedError(f"{path}: no config.json (nor unet/config.json): not a diffusers UNet2DModel folder")
+    scheduler_config = os.path.join(sched_dir, "scheduler_config.json")
+    if not os.path.isfile(scheduler_config):
+        raise PretrainedError(f"{path}: no scheduler_config.json (nor scheduler/scheduler_config.json): the "
+                              f"noise schedule the model was trained with is unknown")
+    return {"unet_config": unet_config, "weights": _weights_file(unet_dir), "scheduler_config": scheduler_config}
+
+
+def _weights_file(folder):
+    weights = os.path.join(folder, WEIGHTS)
+    if os.path.isfile(weights):
+        return weights
+    if os.path.isfile(weights + ".index.json"):
+        raise PretrainedError(f"{weights}.index.json: sharded weights are not supported; the DDPM models fit "
+                              f"one {WEIGHTS}")
+    pickles = [name for name in PICKLES if os.path.isfile(os.path.join(folder, name))]
+    if pickles:
+        raise PretrainedError(f"{os.path.join(folder, pickles[0])} is a pickle, which minidiff never opens (it can "
+                              f"run code): use the safetensors file {WEIGHTS} of the model repository instead")
+    raise PretrainedError(f"{folder}: no {WEIGHTS}")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PretrainedError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise PretrainedError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_model_index(path, index):
+    unet, scheduler = index.get("unet"), index.get("scheduler")
+    if not isinstance(unet, list) or unet[-1:] != ["UNet2DModel"]:
+        raise PretrainedError(f"{path}: unet is {unet!r}; minidiff loads a UNet2DModel (DDPM pipelines)")
+    if isinstance(scheduler, list) and scheduler[-1] not in SCHEDULERS:
+        raise PretrainedError(f"{path}: scheduler is {scheduler!r}; minidiff reads {' or '.join(SCHEDULERS)}")
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _refuse(where, field, value, why):
+    raise PretrainedError(f"{where}: {field}={json.dumps(value)} is not supported: {why}")
+
+
+def unet_kwargs(config, where="config.json"):
+    """minidiff.UNet's constructor arguments for a UNet2DModel config (dict), or PretrainedError."""
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        _refuse(where, "_class_name", config["_class_name"], "minidiff loads UNet2DModel, the DDPM U-Net")
+    c = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if k in UNET_DEFAULTS}}
+    fixed = {"center_input_sample": (False, "minidiff's U-Net takes x_t as it is"),
+             "time_embedding_type": ("positional", "minidiff embeds t with the paper's sinusoids"),
+             "mid_block_type": ("UNetMidBlock2D", "minidiff's middle is (res, attention, res)"),
+             "downsample_type": ("conv", "minidiff downsamples with a stride-2 conv"),
+             "upsample_type": ("conv", "minidiff upsamples with nearest neighbours and a conv"),
+             "resnet_time_scale_shift": ("default", "minidiff's res blocks add the timestep projection"),
+             "add_attention": (True, "minidiff's middle always has attention"),
+             "class_embed_type": (None, "minidiff's models are unconditional"),
+             "num_class_embeds": (None, "minidiff's models are unconditional")}
+    for field, (allowed, why) in fixed.items():
+        if c[field] != allowed:
+            _refuse(where, field, c[field], why)
+    if c["act_fn"] not in ("silu", "swish"):
+        _refuse(where, "act_fn", c["act_fn"], "minidiff's U-Net uses swish (silu)")
+    if c["mid_block_scale_factor"] != 1:
+        _refuse(where, "mid_block_scale_factor", c["mid_block_scale_factor"], "minidiff's residuals are unscaled")
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+        _refuse(where, "attn_norm_num_groups", c["attn_norm_num_groups"],
+                f"minidiff's attention normalises with norm_num_groups={c['norm_num_groups']} groups")
+
+    widths = c["block_out_channels"]
+    if not isinstance(widths, (list, tuple)) or not widths or not all(_pos_int(w) for w in widths):
+        _refuse(where, "block_out_channels", widths, "expected a list of positive integers")
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        _refuse(where, "block_out_channels", widths, f"minidiff's widths are multiples of the first one ({ch})")
+    if c["time_embedding_dim"] not in (None, 4 * ch):
+        _refuse(where, "time_embedding_dim", c["time_embedding_dim"], f"minidiff's timestep embedding has 4 x {ch}")
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    for field, blocks, plain, attn in (("down_block_types", down, "DownBlock2D", "AttnDownBlock2D"),
+                                       ("up_block_types", up, "UpBlock2D", "AttnUpBlock2D")):
+        if len(blocks) != len(widths):
+            _refuse(where, field, blocks, f"needs one block per entry of block_out_channels ({len(widths)})")
+        for block in blocks:
+            if block not in (plain, attn):
+                _refuse(where, field, blocks, f"block type {block!r} is not one of {plain}, {attn}")
+    size = c["sample_size"]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not _pos_int(size):
+        _refuse(where, "sample_size", c["sample_size"], "minidiff needs the (square) image size")
+    resolutions = [size // 2 ** i for i in range(len(widths))]
+    attn_down = [r for r, block in zip(resolutions, down) if block == "AttnDownBlock2D"]
+    attn_up = [r for r, block in zip(reversed(resolutions), up) if block == "AttnUpBlock2D"]
+    if sorted(attn_down) != sorted(attn_up):
+        _refuse(where, "up_block_types", up, f"minidiff puts attention on both paths at the same resolutions; "
+                                             f"down_block_types has it at {attn_down}")
+    padding = {0: "same", 1: "symmetric"}.get(c["downsample_padding"])
+    if padding is None:
+        _refuse(where, "downsample_padding", c["downsample_padding"], "minidiff pads by 0 (TF SAME) or 1")
+    if c["freq_shift"] >= ch // 2:
+        _refuse(where, "freq_shift", c["freq_shift"], f"the embedding divides by {ch // 2} - freq_shift")
+    head_dim = c["attention_head_dim"]
+    if head_dim is not None and (not _pos_int(head_dim) or any(w % head_dim for w in widths)):
+        _refuse(where, "attention_head_dim", head_dim, f"must divide every width {widths} into whole heads")
+    kwargs = dict(image_size=size, in_channels=c["in_channels"], ch=ch, ch_mult=tuple(w // ch for w in widths),
+                  num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(sorted(attn_down, reverse=True)),
+                  dropout=float(c["dropout"]), out_channels=c["out_channels"], num_groups=c["norm_num_groups"],
+                  norm_eps=float(c["norm_eps"]), downsample_padding=padding,
+                  flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=c["freq_shift"], attn_head_dim=head_dim)
+    return kwargs
+
+
+def scheduler_settings(config, where="scheduler_config.json"):
+    """(betas float64 (T,), GaussianDiffusion keyword arguments, clip_denoised) from a scheduler config."""
+    name = config.get("_class_name", "DDPMScheduler")
+    if name not in SCHEDULERS:
+        _refuse(where, "_class_name", name, f"minidiff reads {' and '.join(SCHEDULERS)} configs")
+    c = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in SCHEDULER_DEFAULTS}}
+    if c["thresholding"]:
+        _refuse(where, "thresholding", c["thresholding"], "minidiff clips x_0 to [-1, 1] (clip_sample) only")
+    if c["rescale_betas_zero_snr"]:
+        _refuse(where, "rescale_betas_zero_snr", c["rescale_betas_zero_snr"], "minidiff uses the betas as given")
+    if c["clip_sample"] and c["clip_sample_range"] != 1.0:
+        _refuse(where, "clip_sample_range", c["clip_sample_range"], "minidiff clips x_0 to the data range [-1, 1]")
+    if c["variance_type"] not in VARIANCE_TYPES:
+        _refuse(where, "variance_type", c["variance_type"],
+                f"minidiff's reverse variances are fixed ({', '.join(VARIANCE_TYPES)})")
+    if c["prediction_type"] not in PREDICTION_TYPES:
+        _refuse(where, "prediction_type", c["prediction_type"], f"use one of {', '.join(PREDICTION_TYPES)}")
+    T = c["num_train_timesteps"]
+    if not _pos_int(T) or T < 2:
+        _refuse(where, "num_train_timesteps", T, "needs an integer of at least 2")
+    if c["trained_betas"] is not None:
+        betas = host.asarray(c["trained_betas"], dtype=host.float64)
+        if betas.shape != (T,):
+            _refuse(where, "trained_betas", f"<{betas.size} values>", f"needs num_train_timesteps={T} values")
+    else:
+        start, end = float(c["beta_start"]), float(c["beta_end"])
+        schedule = c["beta_schedule"]
+        if schedule == "linear":  # Ho et al. 2020, Sec. 4
+            betas = host.linspace(start, end, T, dtype=host.float64)
+        elif schedule == "scaled_linear":  # linear in sqrt(beta)
+            betas = host.linspace(start ** 0.5, end ** 0.5, T, dtype=host.float64) ** 2
+        elif schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, Eq. 17
+            betas = betas_for_alpha_bar(T, cosine_alpha_bar)
+        elif schedule == "sigmoid":
+            betas = 1.0 / (1.0 + host.exp(-host.linspace(-6.0, 6.0, T, dtype=host.float64))) * (end - start) + start
+        else:
+            _refuse(where, "beta_schedule", schedule, "use linear, scaled_linear, squaredcos_cap_v2 or sigmoid")
+    try:
+        betas = check_betas(betas)
+    except ValueError as err:
+        raise PretrainedError(f"{where}: {err}") from None
+    kwargs = dict(model_mean_type=PREDICTION_TYPES[c["prediction_type"]],
+                  model_var_type=VARIANCE_TYPES[c["variance_type"]])
+    return betas, kwargs, bool(c["clip_sample"])
+
+
+def _pos_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+# ---------------------------------------------------------------- weights
+
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+           "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+# minidiff attention names -> (diffusers' current name, its older name); the group_norm never changed
+_ATTN = {"norm": ("group_norm",), "q": ("to_q", "query"), "k": ("to_k", "key"), "v": ("to_v", "value"),
+         "proj_out": ("to_out.0", "proj_attn")}
+
+
+def diffusers_names(name, num_levels):
+    """The UNet2DModel parameter name(s) of minidiff parameter `name`, the current one first.
+
+    diffusers lists its up blocks from the lowest resolution (up_blocks.0) up; minidiff's
+    up.{i} is level i, as the original code's up_{i}, so up.{i} is up_blocks.{L - 1 - i}.
+    """
+    fixed = {"temb.dense0": "time_embedding.linear_1", "temb.dense1": "time_embedding.linear_2",
+             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+    module, leaf = name.rsplit(".", 1)
+    if module in fixed:
+        return [f"{fixed[module]}.{leaf}"]
+    parts = module.split(".")
+    if parts[0] == "mid":
+        block = {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"}[parts[1]]
+        prefix, kind, rest = f"mid_block.{block}", parts[1][:-2], parts[2:]
+    else:
+        level = int(parts[1]) if parts[0] == "down" else num_levels - 1 - int(parts[1])
+        path = "down_blocks" if parts[0] == "down" else "up_blocks"
+        if parts[2] in ("downsample", "upsample"):
+            return [f"{path}.{level}.{parts[2]}rs.0.conv.{leaf}"]
+        kind = parts[2]
+        prefix, rest = f"{path}.{level}.{'resnets' if kind == 'block' else 'attentions'}.{parts[3]}", parts[4:]
+    if kind == "block":
+        return [f"{prefix}.{_RESNET[rest[0]]}.{leaf}"]
+    return [f"{prefix}.{alias}.{leaf}" for alias in _ATTN[rest[0]]]
+
+
+def read_weights(path, model):
+    """minidiff state dict for `model` from a UNet2DModel .safetensors file, float32 host arrays.
+
+    Every tensor is matched by name (current or older attention names) and shape; a missing
+    tensor, a shape mismatch, a left-over tensor or a damaged file is one PretrainedError naming it.
+    """
+    try:
+        handle = safe_open(path, framework="numpy")
+    except Exception as err:  # SafetensorError: truncated file, bad header
+        raise PretrainedError(f"{path}: not a readable safetensors file ({err}); download it again") from None
+    with handle as f:
+        available = set(f.keys())
+        num_levels = len(model.down)
+        state, used = {}, set()
+        for name, param in model.named_parameters():
+            candidates = diffusers_names(name, num_levels)
+            key = next((k for k in candidates if k in available), None)
+            if key is None:
+                raise PretrainedError(f"{path}: tensor {candidates[0]} is missing (it holds minidiff's {name}); "
+                                      f"the file does not match its config.json")
+            try:
+                value = f.get_tensor(key)
+            except Exception as err:  # e.g. bfloat16, which numpy lacks, or data cut off
+                raise PretrainedError(f"{path}: cannot read tensor {key} ({err})") from None
+            if value.shape != param.shape and value.shape == (*param.shape, 1, 1):
+                value = value.reshape(param.shape)  # attention projections saved as 1x1 convolutions
+            if value.shape != param.shape:
+                raise PretrainedError(f"{path}: tensor {key} has shape {tuple(value.shape)} but the config "
+                                      f"needs {param.shape} (minidiff's {name})")
+            if value.dtype.kind != "f":
+                raise PretrainedError(f"{path}: tensor {key} has dtype {value.dtype}; expected floating point")
+            if not host.isfinite(value).all():
+                raise PretrainedError(f"{path}: tensor {key} holds NaN or infinite values")
+            state[name] = value.astype(backend.DTYPE)
+            used.add(key)
+    left = sorted(available - used)
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise PretrainedError(f"{path}: tensors {', '.join(left[:3])}{more} have no place in the U-Net its "
+                              f"config.json describes")
+    return state
+
+
+# ---------------------------------------------------------------- the public loaders
+
+
+def load(path):
+    """(model, diffusion) from a diffusers DDPM folder: a minidiff.UNet in eval mode and its GaussianDiffusion."""
+    model, diffusion, _ = load_with_info(path)
+    return model, diffusion
+
+
+def load_with_info(path):
+    """(model, diffusion, info); info has "source", "image_size", "channels" and "clip_denoised".
+
+    clip_denoised is the scheduler's clip_sample: whether the x_0 prediction is clipped to [-1, 1]
+    while sampling (True for the DDPM models).
+    """
+    files = find_files(path)
+    kwargs = unet_kwargs(_read_json(files["unet_config"]), files["unet_config"])
+    betas, diffusion_kwargs, clip = scheduler_settings(_read_json(files["scheduler_config"]),
+                                                       files["scheduler_config"])
+    try:
+        model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
+    except ValueError as err:
+        raise PretrainedError(f"{files['unet_config']}: {err}") from None
+    model.load_state_dict(read_weights(files["weights"], model))
+    model.eval()
+    info = {"source": os.path.abspath(os.fspath(path)), "image_size": kwargs["image_size"],
+            "channels": kwargs["in_channels"], "clip_denoised": clip}
+    return model, GaussianDiffusion(betas, **diffusion_kwargs), info
+
+
+def save_converted(path, model, diffusion, info):
+    """Write model, schedule and info as one minidiff checkpoint (atomic; loads with load_converted)."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}
+    checkpoint.save(path, {"format": FORMAT, "model_config": config, "model": model.state_dict(),
+                           "diffusion": {"betas": diffusion.betas, "model_mean_type": diffusion.model_mean_type,
+                                         "model_var_type": diffusion.model_var_type},
+                           "info": dict(info)})
+
+
+def is_converted(path):
+    """Whether `path` is a checkpoint written by save_converted (reads the header only)."""
+    return checkpoint.peek(path).get("format") == FORMAT
+
+
+def load_converted(path):
+    """(model, diffusion, info) from a checkpoint written by save_converted: no diffusers files needed."""
+    state = checkpoint.load(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint.resolve(path)}: not a converted minidiff model")
+    try:
+        model = UNet(**state["model_config"])
+        model.load_state_dict(state["model"])
+        d = state["diffusion"]
+        diffusion = GaussianDiffusion(d["betas"], model_mean_type=d["model_mean_type"],
+                                      model_var_type=d["model_var_type"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint.resolve(path)}: cannot rebuild the model ({err})") from None
+    model.eval()
+    return model, diffusion, state["info"]
+

@@ -1,0 +1,455 @@
+"""minidiff.pretrained held to diffusers: folders written by diffusers itself, loaded and run by minidiff.
+
+The U-Net tests build UNet2DModels with diffusers, perturb every parameter (so that no
+zero or one initialisation can hide a wrong mapping), save them with save_pretrained in
+both layouts and require minidiff's output to match diffusers' to 1e-4 of its scale.
+The scheduler tests compare minidiff's schedule, p_sample and DDIM with DDPMScheduler and
+DDIMScheduler where the conventions coincide, and pin down where they differ by design.
+Tests that need torch and diffusers (the `compat` extra) skip without it, and fail in CI.
+The refusals and file checks need neither and always run.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import compat_import
+from safetensors.numpy import load_file, save_file
+
+from minidiff import backend, pretrained
+from minidiff.cli import main
+from minidiff.diffusion import GaussianDiffusion
+from minidiff.pretrained import PretrainedError
+from minidiff.schedule import get_named_beta_schedule
+from minidiff.tensor import Tensor
+
+# google/ddpm-cifar10-32's config.json, at a chosen width
+CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, norm_eps=1e-6,
+               down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+               up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+               downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None,
+               act_fn="silu", center_input_sample=False, time_embedding_type="positional", mid_block_scale_factor=1)
+CIFAR10_FULL = dict(CIFAR10, block_out_channels=[128, 256, 256, 256], norm_num_groups=32)
+CIFAR10_NARROW = dict(CIFAR10, block_out_channels=[32, 64, 64, 64], norm_num_groups=8)
+# google/ddpm-celebahq-256 (church, bedroom, cat alike): six levels, attention at 16x16; here 64x64 and narrow
+CELEBAHQ_SMALL = dict(CIFAR10, sample_size=64, block_out_channels=[16, 16, 32, 32, 64, 64], norm_num_groups=4,
+                      down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                        "DownBlock2D", "DownBlock2D"],
+                      up_block_types=["UpBlock2D", "UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D",
+                                      "UpBlock2D"])
+# diffusers' own defaults where the DDPM models differ: eps 1e-5, symmetric padding, cos first, 4 heads of 8
+DIFFUSERS_DEFAULTS = dict(sample_size=16, in_channels=1, out_channels=2, block_out_channels=[32, 64],
+                          norm_num_groups=8, layers_per_block=1, attention_head_dim=8,
+                          down_block_types=["AttnDownBlock2D", "DownBlock2D"],
+                          up_block_types=["UpBlock2D", "AttnUpBlock2D"])
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    compat_import("torch")
+    return compat_import("diffusers")
+
+
+def perturbed_unet(diffusers, config, seed=0):
+    """A UNet2DModel with every parameter moved off its initial value (norms off 1 and 0, biases off 0)."""
+    import torch
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.2 * torch.randn_like(p)).add_(0.03 * torch.randn_like(p))  # no 0s, no 1s, same scale
+    return model
+
+
+def save_folder(diffusers, model, path, layout, scheduler=None):
+    """What diffusers writes: flat (model + scheduler side by side) or a DDPMPipeline folder."""
+    scheduler = scheduler or diffusers.DDPMScheduler(variance_type="fixed_large")
+    if layout == "pipeline":
+        diffusers.DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(path)
+        assert os.path.isfile(os.path.join(path, "model_index.json"))
+    else:
+        model.save_pretrained(path)
+        scheduler.save_pretrained(path)
+    return path
+
+
+def diffusers_output(model, x, t):
+    import torch
+    with torch.no_grad():
+        return model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+
+
+def assert_matches_diffusers(model, folder, batch=3, seed=1):
+    size, channels = model.config.sample_size, model.config.in_channels
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+    t = rng.integers(0, 1000, batch).astype(np.int64)
+    ours, diffusion = pretrained.load(folder)
+    expected = diffusers_output(model, x, t)
+    got = backend.to_numpy(ours(Tensor(backend.to_active(x)), backend.to_active(t)).data)
+    scale = np.abs(expected).max()
+    assert scale > 0.1 and got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * scale, (np.abs(got - expected).max(), scale)
+    return ours, diffusion
+
+
+# ---------------------------------------------------------------- the U-Net against diffusers
+
+
+@pytest.mark.parametrize("layout", ["flat", "pipeline"])
+def test_cifar10_configuration_matches_diffusers(diffusers, tmp_path, layout, backend_name):
+    model = perturbed_unet(diffusers, CIFAR10_NARROW)
+    ours, diffusion = assert_matches_diffusers(model, save_folder(diffusers, model, str(tmp_path), layout))
+    assert ours.config["attn_resolutions"] == (16,) and ours.config["ch_mult"] == (1, 2, 2, 2)
+    assert diffusion.model_var_type == "fixed_large" and diffusion.num_timesteps == 1000
+
+
+def test_full_width_cifar10_model_matches_diffusers(diffusers, tmp_path):
+    """The paper's 35.7M-parameter CIFAR-10 model: one forward pass."""
+    model = perturbed_unet(diffusers, CIFAR10_FULL)
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307
+    ours, _ = assert_matches_diffusers(model, save_folder(diffusers, model, str(tmp_path), "flat"), batch=2)
+    assert ours.num_parameters() == 35_746_307
+    # the paper's own minidiff configuration, with the original code's options as UNet defaults
+    assert ours.config == dict(image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                               attn_resolutions=(16,), dropout=0.0, out_channels=3, num_groups=32)
+
+
+def test_six_level_celebahq_shaped_model_matches_diffusers(diffusers, tmp_path):
+    model = perturbed_unet(diffusers, CELEBAHQ_SMALL)
+    ours, _ = assert_matches_diffusers(model, save_folder(diffusers, model, str(tmp_path), "pipeline"), batch=2)
+    assert ours.config["attn_resolutions"] == (16,) and len(ours.config["ch_mult"]) == 6
+
+
+def test_diffusers_default_options_match(diffusers, tmp_path):
+    """norm_eps 1e-5, downsample_padding 1, flip_sin_to_cos, freq_shift 0 and multi-head attention."""
+    model = perturbed_unet(diffusers, DIFFUSERS_DEFAULTS)
+    ours, _ = assert_matches_diffusers(model, save_folder(diffusers, model, str(tmp_path), "flat"))
+    assert ours.config["attn_head_dim"] == 8 and ours.config["downsample_padding"] == "symmetric"
+    assert ours.config["flip_sin_to_cos"] is True and ours.config["freq_shift"] == 0
+
+
+def test_missing_config_fields_take_diffusers_defaults(diffusers):
+    """A config.json that omits a field means diffusers' __init__ default: the table must equal them."""
+    import inspect
+    params = inspect.signature(diffusers.UNet2DModel.__init__).parameters
+    assert {k: p.default for k, p in params.items() if k != "self"} == pretrained.UNET_DEFAULTS
+    params = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k in pretrained.SCHEDULER_DEFAULTS}
+    assert defaults == pretrained.SCHEDULER_DEFAULTS
+
+
+def test_older_attention_names_load(diffusers, tmp_path):
+    """Checkpoints from before diffusers 0.14 name attention query/key/value/proj_attn."""
+    model = perturbed_unet(diffusers, CIFAR10_NARROW)
+    folder = save_folder(diffusers, model, str(tmp_path), "flat")
+    path = os.path.join(folder, pretrained.WEIGHTS)
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    tensors = {}
+    for key, value in load_file(path).items():
+        for new, name in old.items():
+            key = key.replace(f".{new}.", f".{name}.")
+        tensors[key] = value
+    assert any(".query." in k for k in tensors)
+    save_file(tensors, path)
+    assert_matches_diffusers(model, folder)
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(diffusers, tmp_path_factory):
+    model = perturbed_unet(diffusers, CIFAR10_NARROW)
+    return save_folder(diffusers, model, str(tmp_path_factory.mktemp("cifar")), "flat")
+
+
+def copy_folder(src, dst):
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        with open(os.path.join(src, name), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            g.write(f.read())
+    return dst
+
+
+def test_damaged_weights_name_the_problem(cifar_folder, tmp_path):
+    weights = pretrained.WEIGHTS
+    truncated = copy_folder(cifar_folder, str(tmp_path / "truncated"))
+    data = open(os.path.join(cifar_folder, weights), "rb").read()
+    with open(os.path.join(truncated, weights), "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(PretrainedError, match="not a readable safetensors file"):
+        pretrained.load(truncated)
+
+    tensors = load_file(os.path.join(cifar_folder, weights))
+    missing = copy_folder(cifar_folder, str(tmp_path / "missing"))
+    save_file({k: v for k, v in tensors.items() if k != "mid_block.attentions.0.to_k.weight"},
+              os.path.join(missing, weights))
+    with pytest.raises(PretrainedError, match=r"mid_block\.attentions\.0\.to_k\.weight is missing"):
+        pretrained.load(missing)
+
+    wrong = copy_folder(cifar_folder, str(tmp_path / "wrong"))
+    save_file({**tensors, "conv_in.weight": np.zeros((32, 3, 5, 5), np.float32)}, os.path.join(wrong, weights))
+    with pytest.raises(PretrainedError, match=r"conv_in\.weight has shape \(32, 3, 5, 5\)"):
+        pretrained.load(wrong)
+
+    extra = copy_folder(cifar_folder, str(tmp_path / "extra"))
+    save_file({**tensors, "class_embedding.weight": np.zeros((10, 128), np.float32)}, os.path.join(extra, weights))
+    with pytest.raises(PretrainedError, match="class_embedding.weight"):
+        pretrained.load(extra)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("sampler", [["--sampler", "ddpm", "--steps", "3"], ["--sampler", "ddim", "--steps", "3"],
+                                     ["--sampler", "ddim", "--steps", "2", "--eta", "1", "--progressive"]])
+def test_cli_samples_from_a_diffusers_folder_and_its_conversion_alike(cifar_folder, tmp_path, sampler):
+    out = tmp_path / "pretrained.png"
+    assert run("sample", "--pretrained", cifar_folder, "--num", 2, *sampler, "--out", out) == 0
+    converted = tmp_path / "cifar.safetensors"
+    assert run("convert", "--pretrained", cifar_folder, "--out", converted) == 0
+    assert run("sample", "--checkpoint", converted, "--num", 2, *sampler, "--out", tmp_path / "converted.png") == 0
+    assert out.read_bytes() == (tmp_path / "converted.png").read_bytes()
+
+
+def test_converted_checkpoint_needs_no_diffusers_files(cifar_folder, tmp_path):
+    converted = tmp_path / "cifar.safetensors"
+    assert run("convert", "--pretrained", cifar_folder, "--out", converted) == 0
+    model, diffusion, info = pretrained.load_converted(converted)
+    original, original_diffusion = pretrained.load(cifar_folder)
+    for (name, a), (_, b) in zip(model.named_parameters(), original.named_parameters()):
+        np.testing.assert_array_equal(backend.to_numpy(a.data), backend.to_numpy(b.data), err_msg=name)
+    np.testing.assert_array_equal(diffusion.betas, original_diffusion.betas)
+    assert diffusion.model_var_type == "fixed_large" and info["clip_denoised"] is True
+
+
+def test_cli_interpolates_with_a_pretrained_model(cifar_folder, tmp_path, capsys):
+    pictures = (np.random.default_rng(0).random((20, 40, 40, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "pictures.npz", pictures)
+    out = tmp_path / "interpolate.png"
+    assert run("interpolate", "--pretrained", cifar_folder, "--t", 3, "--pairs", 1, "--lambdas", 3,
+               "--out", out) == 2
+    assert "--data" in one_error_line(capsys)
+    assert run("interpolate", "--pretrained", cifar_folder, "--data", tmp_path / "pictures.npz", "--t", 3,
+               "--pairs", 1, "--lambdas", 3, "--out", out) == 0
+    assert out.stat().st_size > 0
+
+
+# ---------------------------------------------------------------- schedules and samplers against diffusers
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_betas_and_alphas_cumprod_equal_ddpm_schedulers(diffusers, tmp_path, schedule):
+    ours = diffusion_for(dict(beta_schedule=schedule, beta_start=2e-4, beta_end=0.03, num_train_timesteps=500),
+                         tmp_path)
+    theirs = diffusers.DDPMScheduler(beta_schedule=schedule, beta_start=2e-4, beta_end=0.03, num_train_timesteps=500)
+    # diffusers holds its tables in float32; minidiff computes in float64 (schedule.py says why)
+    np.testing.assert_allclose(ours.betas, theirs.betas.double().numpy(), rtol=2e-6)
+    np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double().numpy(), rtol=2e-5)
+
+
+def test_the_ddpm_models_schedule_is_minidiffs_linear_schedule(tmp_path):
+    """google/ddpm-*'s scheduler_config.json (linear, 1e-4 .. 0.02, T = 1000) is minidiff's default, bit for bit."""
+    ours = diffusion_for({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                          "num_train_timesteps": 1000, "clip_sample": True}, tmp_path)
+    np.testing.assert_array_equal(ours.betas, get_named_beta_schedule("linear", 1000))
+
+
+def diffusion_for(scheduler_config, tmp_path):
+    """minidiff's GaussianDiffusion for a scheduler_config.json (through the file, as load reads it)."""
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"_class_name": "DDPMScheduler", **scheduler_config}))
+    betas, kwargs, _ = pretrained.scheduler_settings(json.loads(path.read_text()), str(path))
+    return GaussianDiffusion(betas, **kwargs)
+
+
+def eps_model(x, t):
+    """A fixed stand-in for eps_theta: smooth in x, different at every t."""
+    x = x.data if isinstance(x, Tensor) else x
+    t = backend.to_numpy(t).astype(np.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return np.tanh(backend.to_numpy(x)) * np.cos(t / 300.0) + 0.1 * np.sin(t / 50.0)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_p_sample_equals_ddpm_scheduler_step(diffusers, tmp_path, variance_type, prediction_type):
+    import torch
+    config = dict(variance_type=variance_type, prediction_type=prediction_type)
+    ours = diffusion_for(config, tmp_path)
+    theirs = diffusers.DDPMScheduler(**config)
+    # posterior variances beta_tilde_t (Eq. 7), t >= 1 (at t = 0 diffusers clamps 0 to 1e-20)
+    tilde = np.array([float(theirs._get_variance(t)) for t in range(1, 1000)]) if variance_type == "fixed_small" \
+        else None
+    if tilde is not None:
+        # diffusers forms 1 - alpha_bar in float32 and loses ~6e-8 of it to cancellation at small t (4e-4
+        # relative at t = 1); minidiff does not (diffusion.py's one_minus_alphas_cumprod), hence the atol.
+        np.testing.assert_allclose(ours.posterior_variance[1:], tilde, rtol=1e-4, atol=1e-7)
+    rng = np.random.default_rng(2)
+    for t in (999, 600, 150, 1, 0):
+        x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        # DDPMScheduler.step takes no variance_noise (DDIMScheduler.step does): it draws randn from
+        # `generator`, so the same seeded draw, made here first, is the noise given to p_sample.
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        out = eps_model(x, np.array([t, t]))
+        got = ours.p_sample(lambda *_: out, x, np.array([t, t]), noise=noise.numpy())
+        expected = theirs.step(torch.from_numpy(out), t, torch.from_numpy(x),
+                               generator=torch.Generator().manual_seed(t)).prev_sample.numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"t={t}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_loop_equals_ddim_scheduler_where_conventions_coincide(diffusers, tmp_path, eta):
+    """minidiff's DDIM is DDIMScheduler with "leading" spacing, steps_offset 0, alpha_bar = 1 after the
+    last step (set_alpha_to_one) and use_clipped_model_output=True (eps recomputed from the clipped x_0)."""
+    import torch
+    ours = diffusion_for({}, tmp_path)
+    theirs = diffusers.DDIMScheduler(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
+    steps, shape, seed = 10, (2, 3, 4, 4), 7
+    theirs.set_timesteps(steps)
+    np.testing.assert_array_equal(theirs.timesteps.numpy(), ours.ddim_timesteps(steps)[::-1])
+    got = ours.ddim_sample_loop(eps_model, shape, num_steps=steps, eta=eta, seed=seed)
+    # replay minidiff's draws: x_T first, then one normal per step that adds noise (sigma > 0)
+    generator = backend.Generator(seed)
+    x = torch.from_numpy(backend.to_numpy(generator.normal(shape)))
+    for t in theirs.timesteps.tolist():
+        last = t == theirs.timesteps[-1]
+        noise = np.zeros(shape, np.float32) if eta == 0 or last else backend.to_numpy(generator.normal(shape))
+        out = torch.from_numpy(eps_model(x.numpy(), np.array([t, t])))
+        x = theirs.step(out, t, x, eta=eta, use_clipped_model_output=True,
+                        variance_noise=torch.from_numpy(noise)).prev_sample
+    np.testing.assert_allclose(backend.to_numpy(got), x.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_documented_differences_from_diffusers(diffusers, tmp_path):
+    """Where minidiff differs from diffusers by design; pinned so that a change is noticed.
+
+    1. DDIM spacing: diffusers' "linspace" and "trailing" spacings end at T - 1; minidiff's (and the DDIM
+       paper's, and diffusers' default "leading") use 0, c, ..., (n - 1) c with c = T // n.
+    2. Fewer DDPM steps: minidiff respaces the chain over round(i (T - 1) / (n - 1)) (improved-diffusion,
+       first and last step kept); DDPMScheduler.set_timesteps(n) takes "leading" steps that stop short of T - 1.
+    3. DDIMScheduler.step defaults to use_clipped_model_output=False: with clipping it keeps the raw eps;
+       minidiff recomputes eps from the clipped x_0 (the original DDIM code), as use_clipped_model_output=True.
+    """
+    import torch
+    ours = diffusion_for({}, tmp_path)
+    for spacing in ("linspace", "trailing"):
+        scheduler = diffusers.DDIMScheduler(timestep_spacing=spacing)
+        scheduler.set_timesteps(10)
+        assert scheduler.timesteps[0] == 999 and ours.ddim_timesteps(10).max() == 900
+    scheduler = diffusers.DDPMScheduler()
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.max() == 900 and ours.respaced(10).timestep_map.max() == 999
+
+    scheduler = diffusers.DDIMScheduler()
+    scheduler.set_timesteps(10)
+    x = torch.full((1, 1, 2, 2), 3.0)  # x_0 = x_t / sqrt(alpha_bar) - ... lies far outside [-1, 1]: clipping acts
+    eps = torch.zeros_like(x)
+    raw = scheduler.step(eps, 900, x).prev_sample
+    clipped = scheduler.step(eps, 900, x, use_clipped_model_output=True).prev_sample
+    assert not torch.allclose(raw, clipped, rtol=1e-3)
+    first = next(ours.ddim_sample_loop_progressive(lambda *_: np.zeros((1, 1, 2, 2), np.float32), (1, 1, 2, 2),
+                                                   num_steps=10, noise=np.full((1, 1, 2, 2), 3.0, np.float32)))
+    np.testing.assert_allclose(backend.to_numpy(first["sample"]), clipped.numpy(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- refusals and unsafe files (no torch needed)
+
+
+def write_folder(path, unet=None, scheduler=None, weights=b"\0" * 8, weights_name=pretrained.WEIGHTS):
+    """A flat folder with the given configs; the weights file is only read after the configs pass."""
+    os.makedirs(path, exist_ok=True)
+    config = {"_class_name": "UNet2DModel", **{k: v for k, v in CIFAR10_NARROW.items()}, **(unet or {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(path, "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "DDPMScheduler", "variance_type": "fixed_large", **(scheduler or {})}, f)
+    if weights is not None:
+        with open(os.path.join(path, weights_name), "wb") as f:
+            f.write(weights)
+    return str(path)
+
+
+@pytest.mark.parametrize("unet, scheduler, field", [
+    ({"time_embedding_type": "fourier"}, {}, 'time_embedding_type="fourier"'),
+    ({"class_embed_type": "timestep"}, {}, 'class_embed_type="timestep"'),
+    ({"num_class_embeds": 10}, {}, "num_class_embeds=10"),
+    ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}, {},
+     "CrossAttnDownBlock2D"),
+    ({"up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]}, {}, "up_block_types="),
+    ({"block_out_channels": [32, 48, 64, 64]}, {}, "block_out_channels=[32, 48, 64, 64]"),
+    ({"resnet_time_scale_shift": "scale_shift"}, {}, 'resnet_time_scale_shift="scale_shift"'),
+    ({"center_input_sample": True}, {}, "center_input_sample=true"),
+    ({"sample_size": [32, 64]}, {}, "sample_size=[32, 64]"),
+    ({"norm_num_groups": 7}, {}, "num_groups=7"),
+    ({"_class_name": "UNet2DConditionModel"}, {}, '_class_name="UNet2DConditionModel"'),
+    ({}, {"variance_type": "learned_range"}, 'variance_type="learned_range"'),
+    ({}, {"thresholding": True}, "thresholding=true"),
+    ({}, {"beta_schedule": "exponential"}, 'beta_schedule="exponential"'),
+    ({}, {"_class_name": "PNDMScheduler"}, '_class_name="PNDMScheduler"'),
+    ({}, {"prediction_type": "flow"}, 'prediction_type="flow"'),
+])
+def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, scheduler, field):
+    folder = write_folder(tmp_path / "model", unet, scheduler)
+    with pytest.raises(PretrainedError) as err:
+        pretrained.load(folder)
+    message = str(err.value)
+    assert field in message and "\n" not in message, message
+
+
+def test_pickle_weights_are_never_opened(tmp_path, monkeypatch):
+    """A .bin is a pickle: it can run code when loaded, so minidiff refuses it without opening it."""
+    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes", weights_name="diffusion_pytorch_model.bin")
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    with pytest.raises(PretrainedError, match=r"\.bin is a pickle.*diffusion_pytorch_model\.safetensors"):
+        pretrained.load(folder)
+    assert not any(p.endswith(".bin") for p in opened)
+
+
+def test_bad_folders_exit_2_with_one_line(tmp_path, capsys):
+    assert run("sample", "--pretrained", tmp_path / "none", "--out", tmp_path / "s.png") == 2
+    assert "no such folder" in one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert run("sample", "--pretrained", tmp_path / "empty", "--out", tmp_path / "s.png") == 2
+    assert "no config.json" in one_error_line(capsys)
+    folder = write_folder(tmp_path / "fourier", {"time_embedding_type": "fourier"})
+    assert run("convert", "--pretrained", folder, "--out", tmp_path / "c.safetensors") == 2
+    assert "fourier" in one_error_line(capsys)
+    folder = write_folder(tmp_path / "garbage", weights=b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    assert run("interpolate", "--pretrained", folder, "--data", "digits", "--out", tmp_path / "i.png") == 2
+    assert "not a readable safetensors file" in one_error_line(capsys)
+    no_scheduler = write_folder(tmp_path / "nosched")
+    os.remove(os.path.join(no_scheduler, "scheduler_config.json"))
+    assert run("sample", "--pretrained", no_scheduler, "--out", tmp_path / "s.png") == 2
+    assert "scheduler_config.json" in one_error_line(capsys)
+    assert not any((tmp_path / name).exists() for name in ("s.png", "c.safetensors", "i.png"))
+
+
+def test_compat_skip_is_a_failure_in_ci(tmp_path):
+    """conftest's rule, run for real: a compat skip passes as a skip locally and fails with CI=true."""
+    test = tmp_path / "test_needs_extra.py"
+    test.write_text(textwrap.dedent("""
+        from conftest import compat_import
+        def test_uses_the_extra():
+            compat_import("minidiff_no_such_module")
+    """))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.path.dirname(tests_dir)])}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rs",
+               "--rootdir", str(tmp_path), "-c", os.devnull, str(test)]
+    local = subprocess.run(command, env={**env, "CI": ""}, capture_output=True, text=True, cwd=tmp_path)
+    assert local.returncode == 0 and "1 skipped" in local.stdout and "compat extra" in local.stdout, local.stdout
+    ci = subprocess.run(command, env={**env, "CI": "true"}, capture_output=True, text=True, cwd=tmp_path)
+    assert ci.returncode == 1 and "1 failed" in ci.stdout and "CI=true" in ci.stdout, ci.stdout
