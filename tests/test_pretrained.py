@@ -302,7 +302,7 @@ def test_p_sample_equals_ddpm_scheduler_step(diffusers, tmp_path, variance_type,
         # `generator`, so the same seeded draw, made here first, is the noise given to p_sample.
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
         out = eps_model(x, np.array([t, t]))
-        got = ours.p_sample(lambda *_: out, x, np.array([t, t]), noise=noise.numpy())
+        got = ours.p_sample(lambda *_: out, x, np.array([t, t]), noise=noise.numpy())["sample"]
         expected = theirs.step(torch.from_numpy(out), t, torch.from_numpy(x),
                                generator=torch.Generator().manual_seed(t)).prev_sample.numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"t={t}")
