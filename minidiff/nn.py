@@ -1,4 +1,4 @@
-"""Layers: Module, Parameter, Linear, Conv2d, GroupNorm, Dropout, Sequential, ModuleList.
+"""Layers: Module, Parameter, Linear, Conv2d, GroupNorm, Dropout, Embedding, Sequential, ModuleList.
 
 Initialisation follows the original DDPM code (diffusion_tf/nn.py, used for Ho et al.
 2020, Appendix B): weights ~ variance-scaling "fan_avg" uniform (Glorot) times a
@@ -11,6 +11,7 @@ import math
 
 from . import backend
 from . import functional as F
+from .ops import getitem
 from .tensor import Tensor
 
 
@@ -214,6 +215,26 @@ class Dropout(Module):
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
+
+
+class Embedding(Module):
+    """A lookup table: integer indices (N,) -> rows of weight (N, dim), e.g. a class label's vector.
+
+    weight ~ N(0, 1) as torch.nn.Embedding (guided-diffusion's label_emb), drawn on the host from
+    the default generator like every other initialisation.
+    """
+
+    def __init__(self, num_embeddings, dim):
+        _check_positive(type(self).__name__, num_embeddings=num_embeddings, dim=dim)
+        self.num_embeddings, self.dim = num_embeddings, dim
+        w = backend.default_generator().host_rng().standard_normal((num_embeddings, dim))
+        self.weight = Parameter(backend.to_active(w.astype(backend.DTYPE)))
+
+    def forward(self, index):
+        return getitem(self.weight, index)  # a gather; its backward scatters into the picked rows
+
+    def __repr__(self):
+        return f"Embedding({self.num_embeddings}, {self.dim})"
 
 
 class ModuleList(Module):

@@ -6,11 +6,16 @@ embedding through two dense layers; per resolution `num_res_blocks` residual blo
 a middle (res, attn, res); an up path with `num_res_blocks + 1` blocks per level
 fed with the skip connections, nearest upsampling + conv; GroupNorm -> swish -> conv_out.
 Parameter names follow the original (down.0.block.1.conv1.weight, mid.attn_1.q.weight, ...).
+With `num_classes=K` the U-Net is class-conditional, eps_theta(x_t, t, y), for classifier-free
+guidance (Ho & Salimans 2022): a learned embedding of the label, K + 1 rows with the last for
+"no label", is added to the timestep embedding, as guided-diffusion's `label_emb` does.
 MLPDenoiser, the same eps_theta for 2-D points, sits beside it.
-May import: tensor, ops, functional, nn.
+May import: backend, tensor, ops, functional, nn, diffusion (for its NO_LABEL convention).
 """
+from . import backend
 from . import functional as F
 from . import nn
+from .diffusion import NO_LABEL
 from .ops import concatenate
 from .tensor import Tensor
 
@@ -133,7 +138,9 @@ class UNet(nn.Module):
     (diffusers' UNet2DModel, see minidiff.pretrained); their defaults are the original's, and
     `config` lists them only when they differ from those defaults:
     norm_eps (GroupNorm epsilon), downsample_padding ("same" or "symmetric", see Downsample),
-    flip_sin_to_cos and freq_shift (see F.timestep_embedding), attn_head_dim (None: one head).
+    flip_sin_to_cos and freq_shift (see F.timestep_embedding), attn_head_dim (None: one head),
+    num_classes (None: unconditional; K: called as model(x, t, y) with labels y in 0..K-1, or
+    NO_LABEL = -1 for "no label"; y=None means no label for the whole batch).
     """
 
     OPTION_DEFAULTS = dict(norm_eps=GROUPNORM_EPS, downsample_padding="same", flip_sin_to_cos=False,
@@ -141,7 +148,8 @@ class UNet(nn.Module):
 
     def __init__(self, image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions,
                  dropout=0.0, out_channels=None, num_groups=None, *, norm_eps=GROUPNORM_EPS,
-                 downsample_padding="same", flip_sin_to_cos=False, freq_shift=1, attn_head_dim=None):
+                 downsample_padding="same", flip_sin_to_cos=False, freq_shift=1, attn_head_dim=None,
+                 num_classes=None):
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
         num_groups = default_num_groups(ch) if num_groups is None and _is_pos_int(ch) else num_groups
@@ -150,10 +158,15 @@ class UNet(nn.Module):
         options = dict(norm_eps=norm_eps, downsample_padding=downsample_padding, flip_sin_to_cos=flip_sin_to_cos,
                        freq_shift=freq_shift, attn_head_dim=attn_head_dim)
         _validate_options(ch, ch_mult, **options)
+        if num_classes is not None and not _is_pos_int(num_classes):
+            raise ValueError(f"UNet: num_classes must be a positive integer (or None: unconditional); "
+                             f"got {num_classes!r}")
         self.config = dict(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                            dropout=dropout, out_channels=out_channels, num_groups=num_groups)
         self.config.update({k: v for k, v in options.items() if v != self.OPTION_DEFAULTS[k]})
+        if num_classes is not None:   # an unconditional model's config (and checkpoint) is unchanged
+            self.config["num_classes"] = num_classes
         self.ch, self.image_size, self.in_channels = ch, image_size, in_channels
         self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
         temb_ch, g = 4 * ch, num_groups
@@ -207,8 +220,14 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, cur, eps=norm_eps)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1, init_scale=0.0)  # near zero: eps_theta starts at 0
 
-    def forward(self, x, t):
-        """x (N, in_channels, S, S) float, t (N,) integer timesteps (0-based) -> eps (N, out_channels, S, S)."""
+        # Created last, so the other weights are those of the unconditional model of the same seed.
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes + 1, temb_ch)  # row K: the "no label" token
+
+    def forward(self, x, t, y=None):
+        """x (N, in_channels, S, S) float, t (N,) integer timesteps (0-based), labels y (N,) or None
+        -> eps (N, out_channels, S, S)."""
         x = x if isinstance(x, Tensor) else Tensor(x)
         s = self.image_size
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, s, s):
@@ -217,6 +236,10 @@ class UNet(nn.Module):
         if temb.shape[0] != x.shape[0]:
             raise ValueError(f"UNet: {x.shape[0]} images but {temb.shape[0]} timesteps")
         temb = self.temb.dense1(F.silu(self.temb.dense0(temb)))  # (N, 4 ch)
+        if self.num_classes is not None:  # the label shifts the timestep embedding (guided-diffusion)
+            temb = temb + self.label_emb(label_rows(y, x.shape[0], self.num_classes, x.data))
+        elif y is not None:
+            raise ValueError("UNet: this model is unconditional (num_classes=None) and takes no labels y")
         temb_act = F.silu(temb)  # every res block projects swish(temb); compute it once
 
         hs = [self.conv_in(x)]  # the skip stack
@@ -266,6 +289,25 @@ class MLPDenoiser(nn.Module):
         for proj, layer in zip(self.temb_proj, self.hidden):
             h = h + layer(F.silu(h + proj(emb)))                              # residual, conditioned on t
         return self.out(F.silu(h))                                            # (N, dim)
+
+
+def label_rows(y, n, num_classes, like):
+    """Rows of a (K + 1)-row label embedding for labels y (N,): y itself, and row K for NO_LABEL or y=None.
+
+    Raises ValueError for labels of the wrong shape, type or range. `like` is an array on the
+    model's backend (the labels are moved there).
+    """
+    xp = backend.xp_of(like)
+    if y is None:
+        return xp.full((n,), num_classes, dtype=backend.host.int64)
+    y = xp.asarray(y.data if isinstance(y, Tensor) else y)
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        raise ValueError(f"labels y must be {n} integers, shape ({n},), for {n} images; got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
+    if n and not (int(y.min()) >= NO_LABEL and int(y.max()) < num_classes):  # a sync on GPU: labels are tiny
+        raise ValueError(f"labels y must lie in 0 .. {num_classes - 1} (or {NO_LABEL}: no label); got "
+                         f"{int(y.min())} .. {int(y.max())}")
+    return xp.where(y == NO_LABEL, num_classes, y).astype(backend.host.int64)
 
 
 def _is_pos_int(v):

@@ -171,3 +171,22 @@ def test_invalid_layer_arguments_raise():
         nn.Dropout(1.0)
     with pytest.raises(TypeError):
         nn.ModuleList([nn.Linear(2, 2), "not a module"])
+
+
+def test_embedding_looks_up_rows_and_scatters_gradients_back():
+    from minidiff.nn import Embedding
+    from minidiff.testing import check_gradients
+    minidiff.manual_seed(0)
+    emb = Embedding(5, 3)
+    assert emb.weight.shape == (5, 3) and repr(emb) == "Embedding(5, 3)"
+    index = np.array([4, 0, 4, 2])
+    w = backend.to_numpy(emb.weight.data)
+    np.testing.assert_array_equal(backend.to_numpy(emb(index).data), w[index])
+    # d out[i] / d weight[index[i]] = I: repeated rows accumulate, unused rows get zero
+    def lookup(weight):
+        emb.weight = weight
+        return emb(index)
+
+    check_gradients(lookup, [w.astype(np.float64)])
+    with pytest.raises(ValueError, match="positive"):
+        Embedding(0, 3)

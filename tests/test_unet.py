@@ -320,3 +320,99 @@ def test_options_appear_in_config_only_when_changed_and_rebuild():
 def test_impossible_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNet(8, 1, 16, (1, 2), 1, (4,), **kwargs)
+
+
+# ---------------------------------------------------------------- class-conditional U-Net (issue 14)
+
+
+def test_conditional_unet_adds_only_the_label_embedding_and_keeps_the_unconditional_weights():
+    minidiff.manual_seed(3)
+    plain = UNet(8, 1, 8, (1, 2), 1, (4,))
+    minidiff.manual_seed(3)
+    cond = UNet(8, 1, 8, (1, 2), 1, (4,), num_classes=10)
+    plain_params, cond_params = dict(plain.named_parameters()), dict(cond.named_parameters())
+    assert set(cond_params) - set(plain_params) == {"label_emb.weight"}
+    assert cond_params["label_emb.weight"].shape == (11, 32)   # K + 1 rows ("no label" last), 4 ch wide
+    for name, p in plain_params.items():   # created last, so the other weights are the same draws
+        np.testing.assert_array_equal(backend.to_numpy(p.data), backend.to_numpy(cond_params[name].data))
+    assert "num_classes" not in plain.config and cond.config["num_classes"] == 10
+    rebuilt = UNet(**cond.config)
+    rebuilt.load_state_dict(cond.state_dict())
+    x, t, y = Tensor(images(3, 1, 8)), np.array([5, 500, 999]), np.array([7, 0, 9])
+    np.testing.assert_array_equal(backend.to_numpy(rebuilt(x, t, y).data), backend.to_numpy(cond(x, t, y).data))
+
+
+def test_labels_change_the_output_and_none_means_the_no_label_row():
+    minidiff.manual_seed(0)
+    model = UNet(8, 1, 8, (1, 2), 1, (4,), num_classes=3)
+    for p in model.parameters():   # unit-scale weights, so that the label reaches the output visibly
+        p.data = p.data + backend.to_active(np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.1)
+    x, t = Tensor(images(3, 1, 8)), np.array([10, 10, 10])
+    out = lambda y: backend.to_numpy(model(x, t, y).data)  # noqa: E731
+    none, no_label = out(None), out(np.array([-1, -1, -1]))
+    np.testing.assert_array_equal(none, no_label)
+    by_label = out(np.array([0, 1, 2]))
+    assert all(np.abs(by_label[i] - none[i]).max() > 1e-4 for i in range(3))
+    # each image's output depends on its own label only
+    mixed = out(np.array([0, -1, 2]))
+    np.testing.assert_allclose(mixed[[0, 2]], by_label[[0, 2]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed[1], none[1], rtol=1e-6, atol=1e-6)
+    # the embedding row is the input: with row K replaced by row 1, "no label" behaves as label 1
+    w = model.label_emb.weight
+    w.data[3] = w.data[1]
+    np.testing.assert_allclose(out(None)[1], by_label[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, y, message", [
+    (dict(), np.array([1, 2]), "unconditional"),
+    (dict(num_classes=3), np.array([1, 3]), "0 .. 2"),
+    (dict(num_classes=3), np.array([-2, 0]), "0 .. 2"),
+    (dict(num_classes=3), np.array([1, 2, 0]), "shape"),
+    (dict(num_classes=3), np.array([1.0, 2.0]), "integers"),
+])
+def test_bad_labels_raise(kwargs, y, message):
+    model = UNet(8, 1, 8, (1, 2), 1, (4,), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        model(Tensor(images(2, 1, 8)), np.array([1, 2]), y)
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.5, True])
+def test_impossible_num_classes_raise(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        UNet(8, 1, 8, (1, 2), 1, (4,), num_classes=num_classes)
+
+
+def test_gradient_check_through_the_label_embedding_in_float64():
+    """Finite differences along a random direction of the embedding table and the layers it feeds;
+    the rows of labels absent from the batch get exactly zero gradient."""
+    minidiff.manual_seed(0)
+    model = UNet(8, 1, 8, (1, 2), 1, (4,), num_groups=2, num_classes=4)
+    rng = np.random.default_rng(1)
+    for p in model.parameters():
+        p.data = backend.to_active(backend.to_numpy(p.data).astype(np.float64) + 0.2 * rng.standard_normal(p.shape))
+    params = dict(model.named_parameters())
+    checked = ["label_emb.weight", "temb.dense1.weight", "down.0.block.0.temb_proj.weight"]
+    x = Tensor(images(3, 1, 8, seed=2, dtype=np.float64))
+    t, y = np.array([1, 400, 900]), np.array([2, -1, 2])   # label 2 twice (the scatter must add), no label once
+    w = backend.to_active(rng.standard_normal((3, 1, 8, 8)))
+
+    def loss():
+        return (model(x, t, y) * Tensor(w)).sum()
+
+    loss().backward()
+    grad = backend.to_numpy(params["label_emb.weight"].grad)
+    assert np.all(grad[[0, 1]] == 0) and np.abs(grad[[2, 4]]).min(axis=1).max() > 0   # rows 2 and 4 (no label)
+    directions = {n: backend.to_active(rng.standard_normal(params[n].shape)) for n in checked}
+    analytic = sum(float((params[n].grad * d).sum()) for n, d in directions.items())
+
+    def moved(step):
+        saved = {n: params[n].data for n in checked}
+        for n, d in directions.items():
+            params[n].data = saved[n] + step * d
+        value = float(backend.to_numpy(loss().data))
+        for n in checked:
+            params[n].data = saved[n]
+        return value
+
+    eps = 1e-5
+    assert analytic == pytest.approx((moved(eps) - moved(-eps)) / (2 * eps), rel=1e-6)
