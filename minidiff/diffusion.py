@@ -6,7 +6,10 @@ t = T - 1 its step T. The forward process q (Eq. 2, 4, 6-7), the reverse process
 Eq. 13) and DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 and 16) follow the original code's
 names (hojonathanho/diffusion, kept by improved-diffusion). Coefficients are float64 host arrays,
 cast to the activations' dtype and backend once, in `_extract`.
-`model` is any callable model(x_t, t) returning an array or a Tensor shaped like x_t.
+`model` is any callable model(x_t, t, **model_kwargs) returning an array or a Tensor shaped like x_t.
+Class-conditional models take labels as model_kwargs={"y": labels (N,)}, NO_LABEL meaning "no label";
+every sampler takes `model_kwargs` and a guidance weight `guidance` (classifier-free guidance, Ho &
+Salimans 2022, Eq. 6), applied in one place: `_call_model`.
 May import: backend, tensor, ops, schedule, losses.
 """
 import math
@@ -23,6 +26,7 @@ host = backend.host  # numpy, for the float64 coefficient tables only
 MEAN_TYPES = ("eps", "x0", "v")  # what the model predicts: the noise (the paper), x_0, or v (Salimans & Ho 2022)
 VAR_TYPES = ("fixed_small", "fixed_large")  # sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2)
 LOSS_TYPES = ("mse", "kl")  # L_simple (Eq. 14) or the true variational bound (Eq. 5)
+NO_LABEL = -1  # the label meaning "no label" (the unconditional model of classifier-free guidance)
 
 
 def _data(a):
@@ -130,11 +134,34 @@ class GaussianDiffusion:
         t = _data(t)
         return backend.xp_of(t).asarray(self.timestep_map)[t]
 
-    def _call_model(self, model, x, t):
-        """model(x_t, t) as an array of x's dtype, computed without recording a graph (sampling, evaluation)."""
+    def _call_model(self, model, x, t, model_kwargs=None, guidance=0.0):
+        """model(x_t, t, **model_kwargs) as an array of x's dtype, without recording a graph (sampling, evaluation).
+
+        With guidance w != 0, classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+            eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)
+        with both halves in one forward pass of a doubled batch, [labels y; NO_LABEL]. The x_0 and v
+        outputs are affine in eps at fixed (x_t, t) (Eq. 15; Salimans & Ho 2022), with weights
+        (1 + w) - w = 1 summing to one, so the same combination of the raw outputs is exactly Eq. 6.
+        """
+        model_kwargs = dict(model_kwargs or {})
+        t = self._model_timesteps(t)
+        if guidance:
+            y = model_kwargs.get("y")
+            if y is None:
+                raise ValueError("classifier-free guidance needs labels: pass model_kwargs={'y': labels} "
+                                 "(or guidance=0 to sample unconditionally)")
+            xp = backend.xp_of(x)
+            y = xp.asarray(_data(y))
+            model_kwargs["y"] = xp.concatenate([y, xp.full(y.shape, NO_LABEL, dtype=y.dtype)])
+            x_in, t_in = xp.concatenate([x, x]), xp.concatenate([xp.asarray(_data(t))] * 2)
+        else:
+            x_in, t_in = x, t
         with no_grad():
-            out = _data(model(Tensor(x), self._model_timesteps(t)))
-        self._check_output(out, x)
+            out = _data(model(Tensor(x_in), t_in, **model_kwargs))
+        self._check_output(out, x_in)
+        if guidance:
+            cond, uncond = out[:len(x)], out[len(x):]
+            out = (1.0 + guidance) * cond - guidance * uncond   # Eq. 6 (Python floats keep out's dtype)
         return out.astype(x.dtype, copy=False)  # a float64 model output must not promote the chain
 
     @staticmethod
@@ -219,18 +246,19 @@ class GaussianDiffusion:
             pred_xstart = self.predict_start_from_v(x, t, model_output)
         return pred_xstart.clip(-1.0, 1.0) if clip_denoised else pred_xstart
 
-    def p_mean_variance(self, model, x, t, clip_denoised=True, model_output=None):
+    def p_mean_variance(self, model, x, t, clip_denoised=True, model_output=None, model_kwargs=None, guidance=0.0):
         """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 11, sigma_t^2 fixed as in Sec. 3.2) and x_0_hat.
 
         Eq. 11's mean, mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta),
         is computed as the posterior mean mu_tilde_t(x_t, x_0_hat) of Eq. 7 at x_0_hat from Eq. 15: the
         same function of eps_theta (tests/test_diffusion.py checks the identity), but this route lets
         x_0_hat be clipped to [-1, 1] first, as the original code does, and serves x_0 and v models too.
-        A given `model_output` (a Tensor while training on the bound) is used instead of calling `model`.
+        A given `model_output` (a Tensor while training on the bound) is used instead of calling `model`,
+        which otherwise gets `model_kwargs` (e.g. labels) and the guidance weight (see _call_model).
         Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
         """
         if model_output is None:
-            model_output = self._call_model(model, x, t)
+            model_output = self._call_model(model, x, t, model_kwargs, guidance)
         pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)    # = Eq. 11 when unclipped
         return {"mean": mean,
@@ -238,7 +266,7 @@ class GaussianDiffusion:
                 "log_variance": self._extract("model_log_variance", t, x),
                 "pred_xstart": pred_xstart}
 
-    def p_sample(self, model, x, t, noise=None, clip_denoised=True):
+    def p_sample(self, model, x, t, noise=None, clip_denoised=True, model_kwargs=None, guidance=0.0):
         """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, and no noise at the last step.
 
         The last step is the paper's t = 1, code t = 0. A mask rather than an `if`: no GPU sync, and a
@@ -246,11 +274,12 @@ class GaussianDiffusion:
         """
         if noise is None:
             noise = self._noise_like(x, backend.default_generator())
-        out = self.p_mean_variance(model, x, t, clip_denoised)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs=model_kwargs, guidance=guidance)
         nonzero = (backend.xp_of(x).asarray(_data(t)) != 0).astype(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return {"sample": out["mean"] + nonzero * out["variance"] ** 0.5 * noise, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+    def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False,
+                                  model_kwargs=None, guidance=0.0):
         """Algorithm 2, yielding {"t", "sample", "pred_xstart"} after every step (Fig. 6 shows pred_xstart).
 
             1: x_T ~ N(0, I)
@@ -261,21 +290,24 @@ class GaussianDiffusion:
             6: return x_0
 
         The code's i runs from T - 1 to 0: i is the paper's t - 1, and the yielded "t" is i.
+        `model_kwargs` and `guidance` reach eps_theta (labels, classifier-free guidance: _call_model).
         """
         generator = _generator(seed)
         x = self._initial_noise(shape, noise, generator)                                  # line 1
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):  # line 2
             z = self._noise_like(x, generator)                                             # line 3 (zeroed at i = 0)
-            out = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised)          # line 4
+            out = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised, model_kwargs, guidance)  # line 4
             x = out["sample"]
             yield {"t": i, "sample": x, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False):
+    def p_sample_loop(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False,
+                      model_kwargs=None, guidance=0.0):
         """Ancestral sampling, Algorithm 2: x_T ~ N(0, I), then T reverse steps; returns x_0 (line 6).
 
         `noise` is x_T; `seed` makes the whole chain reproducible (same seed, same bits).
         """
-        for step in self.p_sample_loop_progressive(model, shape, noise, seed, clip_denoised, progress):
+        for step in self.p_sample_loop_progressive(model, shape, noise, seed, clip_denoised, progress,
+                                                   model_kwargs, guidance):
             pass
         return step["sample"]
 
@@ -315,7 +347,7 @@ class GaussianDiffusion:
         return host.arange(num_steps) * (self.num_timesteps // num_steps)
 
     def ddim_sample_loop_progressive(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
-                                     clip_denoised=True, progress=False):
+                                     clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0):
         """DDIM (Song et al. 2021) step by step: yields {"t", "sample", "pred_xstart"}; one model call per step.
 
         From x_T ~ N(0, I), for the kept timesteps t from last to first (ddim_timesteps), with
@@ -334,7 +366,8 @@ class GaussianDiffusion:
             # Python floats: a float64 numpy scalar would promote the float32 chain.
             alpha_bar = float(self.alphas_cumprod[timesteps[i]])
             alpha_bar_prev = float(self.alphas_cumprod[timesteps[i - 1]]) if i > 0 else 1.0
-            pred_xstart = self.predict_xstart(self._call_model(model, x, t), x, t, clip_denoised)
+            model_output = self._call_model(model, x, t, model_kwargs, guidance)
+            pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
             eps = self.predict_noise_from_start(x, t, pred_xstart)
             sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * math.sqrt(1 - alpha_bar / alpha_bar_prev)
             x = math.sqrt(alpha_bar_prev) * pred_xstart + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps
@@ -343,22 +376,23 @@ class GaussianDiffusion:
             yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": pred_xstart}
 
     def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
-                         clip_denoised=True, progress=False):
+                         clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0):
         """DDIM sampling (Song et al. 2021, Eq. 12) with exactly num_steps model calls; returns x_0."""
         for step in self.ddim_sample_loop_progressive(model, shape, num_steps, eta, noise, seed,
-                                                      clip_denoised, progress):
+                                                      clip_denoised, progress, model_kwargs, guidance):
             pass
         return step["sample"]
 
     # ------------------------------------------------------------------ losses and the bound
 
-    def training_losses(self, model, x_start, t, noise=None):
+    def training_losses(self, model, x_start, t, noise=None, model_kwargs=None):
         """The loss of Algorithm 1 for a batch x_start (N, ...) at timesteps t (N,): {"loss": Tensor (N,), ...}.
 
         "mse": L_simple (Eq. 14), the mean over non-batch axes of (target - model output)^2 with the
         target eps, x_0 or v; also returned as "mse". "kl": the bound's term for t (Eq. 5) in bits/dim,
         L_0 (Eq. 13) where code t == 0 (the paper's step 1), computed without clipping x_0 as the original does; also as "vb".
-        The model runs with gradients on, so a training step is
+        `model_kwargs` go to the model (labels y for a class-conditional model, NO_LABEL where
+        Ho & Salimans' Algorithm 1 drops them). The model runs with gradients on, so a training step is
             losses = diffusion.training_losses(model, x_start, t)
             losses["loss"].mean().backward()
         """
@@ -367,7 +401,7 @@ class GaussianDiffusion:
             noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype)
         noise = _data(noise)
         x_t = self.q_sample(x_start, t, noise)  # Eq. 4
-        model_output = model(Tensor(x_t), self._model_timesteps(t))
+        model_output = model(Tensor(x_t), self._model_timesteps(t), **(model_kwargs or {}))
         if not isinstance(model_output, Tensor):  # a plain array: still return Tensors, just without a graph
             model_output = Tensor(model_output)
         self._check_output(model_output, x_t)
@@ -405,12 +439,14 @@ class GaussianDiffusion:
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
-    def calc_bpd_loop(self, model, x_start, clip_denoised=True, seed=None, progress=False):
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, seed=None, progress=False, model_kwargs=None):
         """The negative log-likelihood bound L = L_T + sum_t L_{t-1} (Eq. 5) in bits/dim (Table 2).
 
         Returns a dict of arrays: "total_bpd" (N,), "prior_bpd" (N,), "vb" (N, T) with column t the
         term for timestep t (column 0 is the decoder L_0, Eq. 13), and "mse" (N, T), the
         noise-prediction error at each t. One model call per timestep, each with fresh noise.
+        `model_kwargs` (labels) give a class-conditional model's bound on log p(x | y); no guidance
+        here: a guided eps is not a likelihood model's.
         """
         x_start = _data(x_start)
         generator = _generator(seed)
@@ -421,7 +457,8 @@ class GaussianDiffusion:
             noise = generator.normal(x_start.shape, dtype=x_start.dtype)
             x_t = self.q_sample(x_start, t, noise)
             with no_grad():
-                terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t), x_start, x_t, t, clip_denoised)
+                terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t, model_kwargs), x_start, x_t, t,
+                                                        clip_denoised)
             vb[i] = terms.data
             eps = self.predict_noise_from_start(x_t, t, _data(pred_xstart))
             mse[i] = mean_flat((eps - noise) ** 2)
@@ -431,12 +468,14 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ interpolation
 
-    def interpolate(self, model, x_a, x_b, t, lambdas, noise=None, seed=None, clip_denoised=True, progress=False):
+    def interpolate(self, model, x_a, x_b, t, lambdas, noise=None, seed=None, clip_denoised=True, progress=False,
+                    model_kwargs=None, guidance=0.0):
         """Interpolate in latent space (Sec. 4.4, Fig. 8): returns x_0 for each lambda, shape (L, N, ...).
 
         Both batches are encoded with q at timestep t using the same noise (Eq. 4), mixed as
         (1 - lambda) x_t + lambda x'_t, and decoded by the reverse process from t down to 0. The
         reverse noise is shared across lambdas, so only the mix differs between the outputs.
+        model_kwargs["y"] (N,) labels the N pairs (the same label for every lambda), with `guidance` as in p_sample.
         """
         x_a, x_b = _data(x_a), _data(x_b)
         xp = backend.xp_of(x_a)
@@ -448,7 +487,9 @@ class GaussianDiffusion:
         lambdas = [float(lam) for lam in lambdas]
         mixed = xp.concatenate([(1.0 - lam) * xt_a + lam * xt_b for lam in lambdas])  # (L * N, ...)
         x = mixed
+        if model_kwargs and model_kwargs.get("y") is not None:   # one label per pair, repeated for each lambda
+            model_kwargs = {**model_kwargs, "y": xp.concatenate([xp.asarray(_data(model_kwargs["y"]))] * len(lambdas))}
         for i in tqdm(range(int(t), -1, -1), desc="sampling", disable=not progress):   # Algorithm 2 from step t
             z = xp.concatenate([self._noise_like(x_a, generator)] * len(lambdas))         # one z for every lambda
-            x = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised)["sample"]
+            x = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised, model_kwargs, guidance)["sample"]
         return x.reshape(len(lambdas), *x_a.shape)

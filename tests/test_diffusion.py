@@ -5,7 +5,10 @@ Oracles, cheapest first:
 - Gaussian data N(mu, s^2): the optimal predictor E[eps | x_t] is linear in x_t, so every sampler
   is a linear-Gaussian chain whose output mean and variance follow from a scalar recursion written
   here from the betas alone; samples must match it, and perturbed samplers must not;
-- a small point set: the optimal predictor is a softmax-weighted average; samples land on the points.
+- a small point set: the optimal predictor is a softmax-weighted average; samples land on the points;
+- classifier-free guidance (Ho & Salimans 2022): a labelled mixture of Gaussians, whose conditional
+  predictor is the Gaussian oracle of its component and whose unconditional one is the posterior-weighted
+  mixture of those; guided linear predictors are linear again, so their moments are exact too.
 """
 import math
 
@@ -225,17 +228,19 @@ def eps_coefficients(a, mu, s):
     return c, -c * math.sqrt(a) * mu
 
 
-def ancestral_moments(betas, mu, s, var_type):
+def ancestral_moments(betas, mu, s, var_type, coefficients=None):
     """Mean and variance of Algorithm 2's output with the optimal model, from the betas alone.
 
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t) + sigma_t z  (Eq. 11), an
     affine map plus noise, so mean and variance follow m <- A m + B, V <- A^2 V + sigma_t^2 from x_T ~ N(0, 1).
+    `coefficients(a)` -> (c, k) gives another linear predictor eps_hat = c x_t + k (default: the optimal one).
     """
+    coefficients = coefficients or (lambda a: eps_coefficients(a, mu, s))
     abar = np.cumprod(1 - betas)
     m, V = 0.0, 1.0
     for t in reversed(range(len(betas))):
         beta, a = betas[t], abar[t]
-        c, k = eps_coefficients(a, mu, s)
+        c, k = coefficients(a)
         slope = beta / math.sqrt(1 - a)
         A, B = (1 - slope * c) / math.sqrt(1 - beta), -slope * k / math.sqrt(1 - beta)
         a_prev = abar[t - 1] if t > 0 else 1.0
@@ -244,15 +249,17 @@ def ancestral_moments(betas, mu, s, var_type):
     return m, V
 
 
-def ddim_moments(betas, mu, s, num_steps, eta):
-    """Mean and variance of DDIM's output (Song et al. Eq. 12, sigma from Eq. 16) with the optimal model."""
+def ddim_moments(betas, mu, s, num_steps, eta, coefficients=None):
+    """Mean and variance of DDIM's output (Song et al. Eq. 12, sigma from Eq. 16) with the optimal model
+    (or the linear predictor `coefficients`, as in ancestral_moments)."""
+    coefficients = coefficients or (lambda a: eps_coefficients(a, mu, s))
     abar = np.cumprod(1 - betas)
     steps = np.arange(num_steps) * (len(betas) // num_steps)
     m, V = 0.0, 1.0
     for i in reversed(range(num_steps)):
         a = abar[steps[i]]
         a_prev = abar[steps[i - 1]] if i > 0 else 1.0
-        c, k = eps_coefficients(a, mu, s)
+        c, k = coefficients(a)
         p, q = (1 - math.sqrt(1 - a) * c) / math.sqrt(a), -math.sqrt(1 - a) * k / math.sqrt(a)  # x0_hat = p x + q
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
         direction = math.sqrt(1 - a_prev - sigma ** 2)
@@ -579,3 +586,193 @@ def test_interpolation_mixes_latents_and_shares_the_reverse_noise():
     np.testing.assert_allclose(out[1], (out[0] + out[2]) / 2, atol=1e-10)
     np.testing.assert_array_equal(out[0], d.interpolate(model, x_a, x_b, 50, [0.0], seed=9, clip_denoised=False)[0])
     assert not np.allclose(out[0], out[2])
+
+
+# ---------------------------------------------------------------- classifier-free guidance (issue 14)
+
+MIX_MEANS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.5]])   # component c of a labelled 2-D mixture
+MIX_S = 0.6
+
+
+def mixture_oracle(alphas_cumprod, means=MIX_MEANS, s=MIX_S, weights=None, mean_type="eps"):
+    """The exact predictors of x_0 ~ sum_c pi_c N(mu_c, s^2 I) with labels c, as model(x, t, y=None).
+
+    Label c: component c's Gaussian oracle (gaussian_optimal_model per coordinate). y = NO_LABEL (-1)
+    or y=None: E[eps | x_t] = sum_c p(c | x_t) eps_c(x_t), with p(c | x_t) proportional to
+    pi_c N(x_t; sqrt(alpha_bar) mu_c, (alpha_bar s^2 + 1 - alpha_bar) I). mean_type "x0"/"v"
+    returns the same prediction as x_0 (Eq. 15) or v.
+    """
+    means = np.asarray(means, dtype=np.float64)
+    log_pi = np.log(np.full(len(means), 1 / len(means)) if weights is None else np.asarray(weights))
+
+    def model(x, t, y=None):
+        x = backend.to_numpy(x.data).astype(np.float64)                      # (N, 2)
+        a = np.asarray(alphas_cumprod)[backend.to_numpy(t)][:, None, None]  # (N, 1, 1)
+        var = a * s * s + 1 - a
+        diff = x[:, None, :] - np.sqrt(a) * means[None]                     # (N, K, 2)
+        eps_c = np.sqrt(1 - a) / var * diff                                 # each component's oracle
+        logits = log_pi - 0.5 * (diff ** 2).sum(-1) / var[:, :, 0]
+        r = np.exp(logits - logits.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)                                        # p(c | x_t)
+        eps = (r[:, :, None] * eps_c).sum(1)
+        if y is not None:
+            y = backend.to_numpy(y)
+            eps = np.where((y >= 0)[:, None], eps_c[np.arange(len(x)), np.maximum(y, 0)], eps)
+        a = a[:, :, 0]
+        if mean_type == "x0":
+            eps = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        elif mean_type == "v":
+            eps = np.sqrt(a) * eps - np.sqrt(1 - a) * (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        return backend.to_active(eps.astype(np.float32))
+    return model
+
+
+def mixture_chain():
+    """The paper's 1000-step schedule respaced to 100 ancestral steps: (base, chain). Unlike LINEAR_100
+    (alpha_bar_T = 0.36) it ends in pure noise, which the mixture's unconditional samples need."""
+    base = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
+    return base, base.respaced(100)
+
+
+class CallCounter:
+    """Wraps a model and records the batch size and labels of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, x, t, **kwargs):
+        y = kwargs.get("y")
+        self.calls.append((x.shape[0], None if y is None else backend.to_numpy(y).copy()))
+        return self.model(x, t, **kwargs)
+
+
+def test_guidance_zero_is_conditional_sampling_and_no_label_is_the_unconditional_model(backend_name):
+    d = GaussianDiffusion(LINEAR_100)
+    oracle = mixture_oracle(d.alphas_cumprod)
+    y = np.arange(30) % 3
+    with_kwargs = d.ddim_sample_loop(oracle, (30, 2), num_steps=10, eta=1.0, seed=3, clip_denoised=False,
+                                     model_kwargs={"y": backend.to_active(y)}, guidance=0.0)
+    fixed = d.ddim_sample_loop(lambda x, t: oracle(x, t, y), (30, 2), num_steps=10, eta=1.0, seed=3,
+                               clip_denoised=False)
+    np.testing.assert_array_equal(backend.to_numpy(with_kwargs), backend.to_numpy(fixed))
+    no_label = d.p_sample_loop(oracle, (30, 2), seed=4, clip_denoised=False, model_kwargs={"y": np.full(30, -1)})
+    unconditional = d.p_sample_loop(oracle, (30, 2), seed=4, clip_denoised=False)
+    np.testing.assert_array_equal(backend.to_numpy(no_label), backend.to_numpy(unconditional))
+    guided = d.p_sample_loop(oracle, (30, 2), seed=4, clip_denoised=False, model_kwargs={"y": y}, guidance=2.0)
+    assert np.abs(backend.to_numpy(guided) - backend.to_numpy(unconditional)).max() > 0.1
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "respaced", "ddim"])
+def test_guidance_calls_the_model_once_per_step_on_a_doubled_batch(sampler):
+    d = GaussianDiffusion(LINEAR_100)
+    counter = CallCounter(mixture_oracle(d.alphas_cumprod))
+    y = np.array([0, 2, 1, 2])
+    kwargs = dict(seed=0, clip_denoised=False, model_kwargs={"y": y}, guidance=1.5)
+    if sampler == "ancestral":
+        d.p_sample_loop(counter, (4, 2), **kwargs)
+        steps = 100
+    elif sampler == "respaced":
+        d.respaced(10).p_sample_loop(counter, (4, 2), **kwargs)
+        steps = 10
+    else:
+        d.ddim_sample_loop(counter, (4, 2), num_steps=10, eta=0.5, **kwargs)
+        steps = 10
+    assert len(counter.calls) == steps
+    for n, labels in counter.calls:   # [labels; no label] in one batch of 2N
+        assert n == 8 and labels.tolist() == [0, 2, 1, 2, -1, -1, -1, -1]
+
+
+def test_guidance_without_labels_is_an_error():
+    d = GaussianDiffusion(LINEAR_100)
+    with pytest.raises(ValueError, match="needs labels"):
+        d.ddim_sample_loop(mixture_oracle(d.alphas_cumprod), (4, 2), num_steps=5, guidance=1.0)
+
+
+def test_samples_of_label_c_follow_component_c_of_the_mixture(backend_name):
+    """With w = 0 and the exact predictors, label c's samples have the moments of Algorithm 2 run on
+    component c alone (the Gaussian oracle's recursion, per coordinate)."""
+    base, d = mixture_chain()
+    n = 3 * 6000
+    y = np.arange(n) % 3
+    samples = backend.to_numpy(d.p_sample_loop(mixture_oracle(base.alphas_cumprod), (n, 2), seed=5, clip_denoised=False,
+                                               model_kwargs={"y": backend.to_active(y)})).astype(np.float64)
+    for c in range(3):
+        for j in range(2):
+            mean, variance = ancestral_moments(d.betas, MIX_MEANS[c, j], MIX_S, "fixed_small")
+            assert max(z_scores(samples[y == c, j], mean, variance)) < Z_MAX, (c, j)
+    # and the same chain with the unconditional predictor covers all three components about equally
+    free = backend.to_numpy(d.p_sample_loop(mixture_oracle(base.alphas_cumprod), (3000, 2), seed=6,
+                                            clip_denoised=False)).astype(np.float64)
+    rng = np.random.default_rng(0)   # the data itself, through the same nearest-mean assignment
+    data = MIX_MEANS[rng.integers(0, 3, 200000)] + MIX_S * rng.standard_normal((200000, 2))
+
+    def shares(x):
+        return np.bincount(np.argmin(((x[:, None] - MIX_MEANS[None]) ** 2).sum(-1), axis=1), minlength=3) / len(x)
+
+    np.testing.assert_allclose(shares(free), shares(data), atol=0.03)   # standard error ~0.009
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_guided_linear_predictors_match_eq_6_exactly(sampler, mean_type, backend_name):
+    """Conditional oracle N(0.5, 0.3^2), unconditional oracle N(-0.2, 0.8^2): the guided predictor
+    (1 + w) eps_c - w eps_u is linear, c = (1 + w) c_c - w c_u, k likewise, so the sampler's output
+    moments follow the exact recursion. For x_0 and v models the raw outputs are combined: equal to Eq. 6."""
+    w, (mu_c, s_c), (mu_u, s_u) = 2.0, (0.5, 0.3), (-0.2, 0.8)
+    d = GaussianDiffusion(LINEAR_100, model_mean_type=mean_type)
+    cond = mixture_oracle(d.alphas_cumprod, [[mu_c]], s_c, mean_type=mean_type)
+    uncond = mixture_oracle(d.alphas_cumprod, [[mu_u]], s_u, mean_type=mean_type)
+
+    def model(x, t, y):   # each of the 4 coordinates is one scalar draw of the 1-D oracles
+        y, t = (np.repeat(backend.to_numpy(a), x.shape[1]) for a in (y, t))
+        x_np = Tensor(backend.to_numpy(x.data).reshape(-1, 1))
+        out = np.where((y >= 0)[:, None], backend.to_numpy(cond(x_np, t)), backend.to_numpy(uncond(x_np, t)))
+        return backend.to_active(out.reshape(x.shape))
+
+    def guided(a):
+        (cc, kc), (cu, ku) = eps_coefficients(a, mu_c, s_c), eps_coefficients(a, mu_u, s_u)
+        return (1 + w) * cc - w * cu, (1 + w) * kc - w * ku
+
+    shape, kwargs = (10000, 4), dict(clip_denoised=False, model_kwargs={"y": np.zeros(10000, dtype=np.int64)},
+                                     guidance=w)
+    if sampler == "ancestral":
+        samples = d.p_sample_loop(model, shape, seed=7, **kwargs)
+        mean, variance = ancestral_moments(LINEAR_100, None, None, "fixed_small", coefficients=guided)
+    else:
+        samples = d.ddim_sample_loop(model, shape, num_steps=10, eta=1.0, seed=7, **kwargs)
+        mean, variance = ddim_moments(LINEAR_100, None, None, 10, 1.0, coefficients=guided)
+    assert max(z_scores(samples, mean, variance)) < Z_MAX
+    plain = ancestral_moments(LINEAR_100, mu_c, s_c, "fixed_small")   # not vacuous: w = 0 is far from it
+    assert abs(plain[0] - mean) > 0.1
+
+
+def test_guidance_moves_samples_of_label_c_further_toward_component_c():
+    """w > 0 samples from p(x | c) p(c | x)^w (Ho & Salimans Sec. 3.2): with two overlapping
+    components, label 0's samples move away from component 1, and the Bayes classifier
+    p(c | x_0) agrees with the label more often as w grows."""
+    means = np.array([[1.0, 0.0], [-1.0, 0.0]])
+    base, d = mixture_chain()
+    oracle = mixture_oracle(base.alphas_cumprod, means, 0.7)
+    shifts, agreements = [], []
+    for w in (0.0, 1.0, 3.0):
+        x = backend.to_numpy(d.p_sample_loop(oracle, (4000, 2), seed=8, clip_denoised=False,
+                                             model_kwargs={"y": np.zeros(4000, dtype=np.int64)}, guidance=w))
+        shifts.append(float(x[:, 0].mean()))       # the direction from component 1 to component 0
+        agreements.append(float((x[:, 0] > 0).mean()))  # p(0 | x) > 1/2 for equal weights
+    assert shifts[0] == pytest.approx(1.0, abs=0.05)   # w = 0: component 0's mean
+    assert shifts[0] + 0.1 < shifts[1] < shifts[2] - 0.1
+    assert agreements[0] == pytest.approx(0.923, abs=0.02)   # Phi(1 / 0.7) for the exact component
+    assert agreements[0] < agreements[1] < agreements[2] and agreements[2] > 0.99
+
+
+def test_interpolate_and_bpd_pass_labels_through(backend_name):
+    d = GaussianDiffusion(LINEAR_100)
+    counter = CallCounter(mixture_oracle(d.alphas_cumprod))
+    x_a, x_b = np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32)
+    out = d.interpolate(counter, x_a, x_b, 9, [0.0, 0.5, 1.0], seed=0, clip_denoised=False,
+                        model_kwargs={"y": np.array([1, 2])}, guidance=1.0)
+    assert out.shape == (3, 2, 2) and len(counter.calls) == 10
+    assert counter.calls[0] == (12, counter.calls[0][1]) and counter.calls[0][1].tolist() == [1, 2] * 3 + [-1] * 6
+    counter.calls.clear()
+    d.calc_bpd_loop(counter, x_a, clip_denoised=False, seed=0, model_kwargs={"y": np.array([0, 1])})
+    assert len(counter.calls) == 100 and all(n == 2 and y.tolist() == [0, 1] for n, y in counter.calls)
