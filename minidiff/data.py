@@ -127,8 +127,9 @@ def load_images(name, split="train", image_size=None, channels=None):
     """Images for training or evaluation: a bundled name or a path, with its metadata.
 
     Returns (images float32 NCHW in [-1, 1], labels or None, info); info is a dict with
-    "name", "image_size", "channels", "grey_levels" and "hflip" (the suggested default:
-    on for natural photos as in the paper, off for digits and arrays). Paths get the same
+    "name", "image_size", "channels", "grey_levels", "hflip" (the suggested default:
+    on for natural photos as in the paper, off for digits and arrays) and "num_classes"
+    (None without labels). Paths get the same
     seeded 90/10 split as the bundled sets, so evaluation never sees training images.
     """
     name = str(name)
@@ -136,6 +137,7 @@ def load_images(name, split="train", image_size=None, channels=None):
         raise DataError(f"{name!r} is a 2-D toy distribution, not images: use sample_toy({name!r}, n, rng)")
     if name in BUNDLED:
         images, labels = load_dataset(name, split)
+        classes = num_classes(labels)   # 10: both splits hold every digit
         size = images.shape[-1]
         if image_size not in (None, size):
             raise DataError(f"bundled data set {name!r} is {size}x{size}; drop --image-size or set it "
@@ -150,11 +152,17 @@ def load_images(name, split="train", image_size=None, channels=None):
             raise DataError(f"unknown data set {name!r}: use one of {', '.join(known_datasets())}, "
                             f"or the path of an image folder, .npz/.npy, MNIST IDX or CIFAR-10 batch")
         images, labels = load_path(path, image_size=image_size, channels=channels)
+        classes = num_classes(labels)   # of the whole set: a split may miss a class
         images, labels = _select_split(images, labels, split, str(path))
         hflip = _looks_natural(path)
     info = {"name": name, "image_size": int(images.shape[-1]), "channels": int(images.shape[1]),
-            "grey_levels": grey_levels(name), "hflip": hflip}
+            "grey_levels": grey_levels(name), "hflip": hflip, "num_classes": classes}
     return images, labels, info
+
+
+def num_classes(labels):
+    """K for labels in 0 .. K-1 (the largest label + 1: a class missing from a split still counts), or None."""
+    return None if labels is None or len(labels) == 0 else int(labels.max()) + 1
 
 
 def _looks_natural(path):
@@ -246,7 +254,8 @@ def mondrian(size, rng=None, channels=3):
 def load_path(path, image_size=None, channels=None):
     """The user's images from `path` as (float32 NCHW in [-1, 1], labels or None).
 
-    Accepts a folder of images (searched recursively), one image file, a .npz or .npy
+    Accepts a folder of images (searched recursively; labelled when its images sit in two or more
+    subfolders, one per class, see folder_labels), one image file, a .npz or .npy
     array, an MNIST IDX file (gzipped or not) or a CIFAR-10 python batch / the folder
     holding them. `image_size` resizes (shorter side) and centre-crops; `channels`
     converts to grey (1) or RGB (3); by default both are kept from the data.
@@ -265,7 +274,9 @@ def load_path(path, image_size=None, channels=None):
         if batches:
             images, labels = _load_cifar(batches)
         else:
-            return _load_image_files(_image_files_in(path), path, image_size, channels), None
+            files = _image_files_in(path)
+            labels = folder_labels(path, files)
+            return _load_image_files(files, path, image_size, channels), labels
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         return _load_image_files([path], path, image_size, channels), None
     elif path.suffix.lower() == ".npz":
@@ -276,8 +287,8 @@ def load_path(path, image_size=None, channels=None):
         images, labels = _load_cifar([path])
     else:
         images, labels = _load_idx_images(path)     # checks the IDX magic number itself
-    if labels is not None and len(labels) != len(images):
-        labels = None                                 # labels that do not line up are no labels
+    if labels is not None and (len(labels) != len(images) or (len(labels) and labels.min() < 0)):
+        labels = None                                 # labels that do not line up (or are negative) are no labels
     images = _to_channels(images, channels, path) if channels else images
     return _fit_array(images, image_size, path), labels
 
@@ -305,6 +316,27 @@ def _image_files_in(folder):
         raise DataError(f"{folder}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}), "
                         f"searched recursively; point --data at a folder with images in it")
     return files
+
+
+def class_folders(folder, files=None):
+    """The class names of an image folder: its subfolders, sorted, when every image lies in one
+    of two or more of them (torchvision's ImageFolder layout); else None (no labels)."""
+    folder = Path(folder)
+    files = _image_files_in(folder) if files is None else files
+    parts = [f.relative_to(folder).parts for f in files]
+    if any(len(p) < 2 for p in parts):   # an image at the top level: not a class layout
+        return None
+    names = sorted({p[0] for p in parts})
+    return names if len(names) >= 2 else None
+
+
+def folder_labels(folder, files):
+    """int64 labels of `files` (inside `folder`): the index of each one's class subfolder, or None."""
+    names = class_folders(folder, files)
+    if names is None:
+        return None
+    index = {name: k for k, name in enumerate(names)}
+    return host.asarray([index[f.relative_to(folder).parts[0]] for f in files], dtype=host.int64)
 
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}

@@ -58,7 +58,8 @@ def test_heldout_mnist_mixes_labels_although_the_file_is_sorted():
 
 def test_load_images_returns_metadata():
     images, labels, info = data.load_images("digits", "heldout")
-    assert info == {"name": "digits", "image_size": 8, "channels": 1, "grey_levels": 17, "hflip": False}
+    assert info == {"name": "digits", "image_size": 8, "channels": 1, "grey_levels": 17, "hflip": False,
+                    "num_classes": 10}
     assert images.shape == (179, 1, 8, 8) and labels.shape == (179,)
     images, _, info = data.load_images("mnist", "train", channels=3)
     assert images.shape == (4500, 3, 32, 32) and info["channels"] == 3 and info["grey_levels"] == 256
@@ -311,3 +312,27 @@ def test_random_hflip_mirrors_about_half():
     is_flipped = (flipped[:, 0, 0] == x[:, 0, 0, ::-1]).all(axis=1)
     assert ((flipped == x).all(axis=(1, 2, 3)) | is_flipped).all()
     assert 400 < is_flipped.sum() < 600
+
+
+def test_folder_with_one_subfolder_per_class_is_labelled(tmp_path):
+    root = tmp_path / "pets"
+    root.mkdir()
+    _write_pngs(root / "dog", [(8, 8)] * 3)
+    _write_pngs(root / "cat", [(8, 8)] * 2)
+    (root / "cat" / "deeper").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "cat" / "deeper" / "x.png")   # nested: still class "cat"
+    assert data.class_folders(root) == ["cat", "dog"]
+    images, labels = data.load_path(root)
+    assert images.shape == (6, 3, 8, 8) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    _, _, info = data.load_images(str(root), "all")
+    assert info["num_classes"] == 2
+    Image.new("RGB", (8, 8)).save(root / "loose.png")   # an image outside the class folders: no labels
+    assert data.class_folders(root) is None and data.load_path(root)[1] is None
+    (tmp_path / "one").mkdir()
+    only = _write_pngs(tmp_path / "one" / "images", [(8, 8)] * 2)   # a single subfolder is not a class layout
+    assert data.load_path(only.parent)[1] is None
+
+
+def test_num_classes_in_info():
+    assert data.load_images("digits", "heldout")[2]["num_classes"] == 10
+    assert data.num_classes(None) is None and data.num_classes(np.array([0, 4, 2])) == 5
