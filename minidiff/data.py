@@ -599,14 +599,16 @@ class Batches:
     exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, data, batch_size, rng=None, hflip=False):
+    def __init__(self, data, batch_size, rng=None, hflip=False, labels=None):
         if len(data) == 0:
             raise DataError("cannot draw batches from an empty data set")
         if batch_size < 1:
             raise DataError(f"batch size must be positive, not {batch_size}")
         if hflip and data.ndim != 4:
             raise DataError(f"horizontal flips need NCHW images, not shape {data.shape}")
-        self.data, self.batch_size, self.hflip = data, int(batch_size), hflip
+        if labels is not None and len(labels) != len(data):
+            raise DataError(f"{len(labels)} labels for {len(data)} data points")
+        self.data, self.batch_size, self.hflip, self.labels = data, int(batch_size), hflip, labels
         self.seed = int(_host_rng(rng).integers(2 ** 63))   # one draw: our own stream from here on
         self.epoch, self.position, self.count = 0, 0, 0
         self._order = None
@@ -633,10 +635,12 @@ class Batches:
         return self
 
     def __next__(self):
-        batch = self.data[self.next_indices()]
+        """The next batch; (batch, its labels) when the stream was given labels."""
+        index = self.next_indices()
+        batch = self.data[index]
         if self.hflip:
             batch = random_hflip(batch, host.random.default_rng([self.seed, 1, self.count]))
-        return batch
+        return batch if self.labels is None else (batch, self.labels[index])
 
     def state_dict(self):
         """The stream position as plain ints (n and batch_size to catch a changed data set)."""

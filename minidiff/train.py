@@ -5,6 +5,8 @@ step on L_simple = |eps - eps_theta(x_t, t)|^2 (Eq. 14) with linear warmup and g
 clipping, updates the EMA of the weights, and yields {"step", "loss", "lr", "grad_norm", ...}.
 With an `out_dir` it also writes the checkpoint, the metrics log, the loss curve and EMA
 sample grids there. Every knob is a commented field of `TrainConfig`; presets bundle them.
+With `conditional`, the model is eps_theta(x_t, t, y) on the data's labels, each replaced by
+"no label" with probability p_uncond (Ho & Salimans 2022, Algorithm 1), for classifier-free guidance.
 Under `mpiexec -n N` (mpi4py installed) the run is data-parallel over N ranks: see distributed.py.
 May import: backend, optim, schedule, diffusion, unet, data, images, checkpoint, distributed.
 """
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import backend, checkpoint, data, distributed, images
-from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .diffusion import LOSS_TYPES, MEAN_TYPES, NO_LABEL, VAR_TYPES, GaussianDiffusion
 from .optim import EMA, Adam
 from .schedule import NAMES as BETA_SCHEDULES
 from .schedule import get_named_beta_schedule
@@ -59,6 +61,11 @@ class TrainConfig:
     dropout: float = _knob(0.0, "dropout in the residual blocks (paper: 0.1 on CIFAR-10)")
     mlp_hidden: int = _knob(128, "hidden width of the MLP denoiser (2-D data only)")
     mlp_layers: int = _knob(3, "residual layers of the MLP denoiser (2-D data only)")
+    conditional: bool = _knob(False, "class-conditional model on the data's labels, for classifier-free guidance "
+                                     "(Ho & Salimans 2022): 'minidiff sample --label 7'")
+    p_uncond: float = _knob(0.1, "with --conditional: probability of training a sample with 'no label' instead "
+                                 "of its own (Ho & Salimans: 0.1 or 0.2)")
+    guidance: float = _knob(2.0, "with --conditional: guidance weight w of the sample grids, drawn one row per class")
     # --- diffusion
     schedule: str = _knob("linear", "beta schedule: linear (paper), quad, cosine or sigmoid", choices=BETA_SCHEDULES)
     num_timesteps: int = _knob(1000, "T, the number of diffusion steps (paper: 1000)")
@@ -139,6 +146,10 @@ def validate(config):
         raise ValueError(f"lr and grad_clip must be positive, got lr={config.lr}, grad_clip={config.grad_clip}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
+    if not 0 <= config.p_uncond < 1:
+        raise ValueError(f"p_uncond must lie in [0, 1) (some labels must be kept), got {config.p_uncond}")
+    if not math.isfinite(config.guidance):
+        raise ValueError(f"guidance must be a finite number, got {config.guidance}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {config.dropout}")
     if config.log_format not in ("jsonl", "csv"):
@@ -163,13 +174,16 @@ def config_from_dict(values):
 # ---------------------------------------------------------------- models
 
 
-def build_model(config, channels, image_size):
-    """The denoiser a config asks for: the U-Net for images, the MLP for 2-D points (channels=None)."""
+def build_model(config, channels, image_size, num_classes=None):
+    """The denoiser a config asks for: the U-Net for images, the MLP for 2-D points (channels=None).
+
+    A conditional config's U-Net gets `num_classes` (the data's) and a label embedding."""
     if channels is None:
         return MLPDenoiser(2, config.mlp_hidden, config.mlp_layers)
+    extra = {"num_classes": num_classes} if config.conditional else {}
     return UNet(image_size=image_size, in_channels=channels, ch=config.ch, ch_mult=tuple(config.ch_mult),
                 num_res_blocks=config.num_res_blocks, attn_resolutions=tuple(config.attn_resolutions),
-                dropout=config.dropout)
+                dropout=config.dropout, **extra)
 
 
 def build_diffusion(config, num_bins=256):
@@ -179,14 +193,25 @@ def build_diffusion(config, num_bins=256):
                              loss_type=config.loss_type, num_bins=num_bins)
 
 
+LABELLED_DATA = ("the bundled digits and mnist, MNIST IDX files with their labels file beside them, CIFAR-10 "
+                 "batches, .npz files with a 'labels' array, or an image folder with one subfolder per class")
+
+
 def load_data(config):
-    """Training data as a host float32 array and its info dict (2-D toys: 20,000 fixed points)."""
+    """Training data as a host float32 array, its labels (None without) and its info dict
+    (2-D toys: 20,000 fixed points). A conditional config on data without labels is a DataError."""
     if config.data in data.TOY_DATASETS:
+        if config.conditional:
+            raise data.DataError(f"--conditional needs labelled images; {config.data!r} is unlabelled 2-D points. "
+                                 f"Labelled data: {LABELLED_DATA}")
         points = data.sample_toy(config.data, 20000, rng=backend.host.random.default_rng([config.seed, 7]))
-        return points, {"name": config.data, "image_size": None, "channels": None, "grey_levels": None,
-                        "hflip": False}
-    images_, _, info = data.load_images(config.data, "train", image_size=config.image_size or None)
-    return images_, info
+        return points, None, {"name": config.data, "image_size": None, "channels": None, "grey_levels": None,
+                              "hflip": False}
+    images_, labels, info = data.load_images(config.data, "train", image_size=config.image_size or None)
+    if config.conditional and labels is None:
+        raise data.DataError(f"--conditional needs labels, and {config.data} has none. Labelled data: "
+                             f"{LABELLED_DATA}")
+    return images_, labels, info
 
 
 # ---------------------------------------------------------------- the training run
@@ -212,10 +237,12 @@ class Trainer:
         self.world.check_batch(config.batch_size)
         backend.use_backend(config.backend)
         self.config = config
-        self.data, self.info = load_data(config)
-        self.batches = data.Batches(self.data, config.batch_size, rng=[config.seed, 1], hflip=config.hflip)
+        self.data, labels, self.info = load_data(config)
+        self.labels = labels if config.conditional else None
+        self.batches = data.Batches(self.data, config.batch_size, rng=[config.seed, 1], hflip=config.hflip,
+                                    labels=self.labels)
         backend.manual_seed(config.seed)   # the default generator: weight init here, dropout masks later
-        self.model = build_model(config, self.info["channels"], self.info["image_size"])
+        self.model = build_model(config, self.info["channels"], self.info["image_size"], self.num_classes)
         # Each rank keeps its rows of every global draw (dropout masks here, t and eps below).
         backend.set_default_generator(self.world.sharded(backend.default_generator()))
         self.model.train()
@@ -227,14 +254,29 @@ class Trainer:
         self.step = 0
         self.stop = False   # MPI: set when some rank asked to stop after the current step
 
+    @property
+    def num_classes(self):
+        """K of a conditional run (the data's labels 0 .. K-1), else None."""
+        return self.info.get("num_classes") if self.config.conditional else None
+
+    def grid_width(self, num):
+        """Images per grid row: one row per class for a conditional run's `num` samples, else square."""
+        return None if self.num_classes is None else num // self.num_classes
+
     def train_step(self):
         """One step of Algorithm 1; returns (loss, grad_norm, lr) as Python floats."""
         cfg = self.config
         world = self.world
-        x_start = backend.to_active(world.shard(next(self.batches)))                 # (N, C, H, W) or (N, 2)
+        batch = next(self.batches)
+        x_start = backend.to_active(world.shard(batch[0] if self.labels is not None else batch))  # (N, C, H, W)
         t = self.rng.integers(0, cfg.num_timesteps, (len(x_start),))                  # t ~ Uniform, (N,)
         noise = self.rng.normal(x_start.shape)                                        # eps ~ N(0, I)
-        loss = self.diffusion.training_losses(self.model, x_start, t, noise=noise)["loss"].mean()
+        kwargs = None
+        if self.labels is not None:   # Ho & Salimans, Algorithm 1: c <- no label with probability p_uncond
+            y = backend.to_active(world.shard(batch[1]))
+            drop = self.rng.uniform((len(x_start),)) < cfg.p_uncond   # per sample, like t and eps (any rank count)
+            kwargs = {"y": backend.xp_of(y).where(drop, NO_LABEL, y)}
+        loss = self.diffusion.training_losses(self.model, x_start, t, noise=noise, model_kwargs=kwargs)["loss"].mean()
         value = float(loss.data)   # GPU sync: needed every step to stop on NaN before it reaches the weights
         if world.size > 1:   # the global batch's loss (equal shares: the mean of the ranks' means)
             value, stop = world.mean([value, float(world.stop_requested)])
@@ -283,13 +325,18 @@ class Trainer:
     def sample(self, num, seed, steps=0, progress=False):
         """`num` samples from the EMA weights, with their own seed (the training streams are untouched).
 
-        steps 0 runs all T steps of Algorithm 2; fewer run DDIM (sampling_plan's policy)."""
+        steps 0 runs all T steps of Algorithm 2; fewer run DDIM (sampling_plan's policy). A conditional
+        run draws num // K of every class in label order (a grid row per class when num // K is its
+        width), guided with config.guidance."""
         shape = (2,) if self.info["channels"] is None else (
             self.info["channels"], self.info["image_size"], self.info["image_size"])
+        labels = None if self.num_classes is None else every_class(self.num_classes, num)
         with self.ema.swapped(self.model):
             self.model.eval()
             try:
-                return draw_samples(self.diffusion, self.model, shape, num, seed, steps=steps, progress=progress)
+                return draw_samples(self.diffusion, self.model, shape, len(labels) if labels is not None else num,
+                                    seed, steps=steps, progress=progress, labels=labels,
+                                    guidance=self.config.guidance if labels is not None else 0.0)
             finally:
                 self.model.train()
 
@@ -318,24 +365,37 @@ def sampling_plan(diffusion, sampler=None, steps=0):
     return diffusion, T, False
 
 
+def every_class(num_classes, num):
+    """Labels 0, .., 0, 1, .., K-1: num // K of each class (at least one), for one grid row per class."""
+    return backend.host.repeat(backend.host.arange(num_classes), max(1, num // num_classes))
+
+
 def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=0.0, batch_size=256,
-                 clip_denoised=True, progress=False):
+                 clip_denoised=True, progress=False, labels=None, guidance=0.0):
     """`num` samples of `shape` (per sample) as one host array, drawn in batches by sampling_plan's policy.
 
-    Batch i has its own stream [seed, i], so the first samples are the same whatever `num` is.
-    Images clip the x_0 prediction to their range [-1, 1] unless clip_denoised=False (a pretrained
-    scheduler's clip_sample=False); 2-D points (shape (2,)) are never clipped.
+    Batch i has its own stream [seed, i], so the first samples are the same whatever `num` is (and
+    whatever the labels are). Images clip the x_0 prediction to their range [-1, 1] unless
+    clip_denoised=False (a pretrained scheduler's clip_sample=False); 2-D points (shape (2,)) are never
+    clipped. `labels` (num,) ask a class-conditional model for those classes, with classifier-free
+    guidance weight `guidance` (Ho & Salimans 2022, Eq. 6; 0: plain conditional sampling).
     """
     diffusion, steps, ddim = sampling_plan(diffusion, sampler, steps)
     clip = clip_denoised and len(shape) > 1
+    if labels is not None and len(labels) != num:
+        raise ValueError(f"{len(labels)} labels for {num} samples: give one label per sample")
+    if guidance and labels is None:
+        raise ValueError("guidance needs labels: classifier-free guidance steers towards a class")
     chunks = []
     for i, start in enumerate(range(0, num, batch_size)):
         batch = (min(batch_size, num - start), *shape)
+        kwargs = dict(seed=[seed, i], clip_denoised=clip, progress=progress, guidance=guidance)
+        if labels is not None:
+            kwargs["model_kwargs"] = {"y": backend.to_active(backend.host.asarray(labels[start:start + batch[0]]))}
         if ddim:
-            x = diffusion.ddim_sample_loop(model, batch, num_steps=steps, eta=eta, seed=[seed, i],
-                                           clip_denoised=clip, progress=progress)
+            x = diffusion.ddim_sample_loop(model, batch, num_steps=steps, eta=eta, **kwargs)
         else:
-            x = diffusion.p_sample_loop(model, batch, seed=[seed, i], clip_denoised=clip, progress=progress)
+            x = diffusion.p_sample_loop(model, batch, **kwargs)
         chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
     return backend.host.concatenate(chunks)
 
@@ -398,7 +458,7 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
                     path = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
                     grid = trainer.sample(min(config.num_samples, 64), seed=config.seed,
                                           steps=min(GRID_STEPS, config.num_timesteps - 1))
-                    _save_picture(grid, path, trainer.data)
+                    _save_picture(grid, path, trainer.data, trainer.grid_width(len(grid)))
                     record["samples"] = path
             if out_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 world.check_replicas(trainer.replicated_arrays(), step)   # every rank (MPI only)
@@ -427,15 +487,17 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
             log.close()
     if write:  # the final grid, drawn once the last step's record is out
         samples = trainer.sample(config.num_samples, seed=config.seed, steps=config.sample_steps, progress=progress)
-        _save_picture(samples, os.path.join(out_dir, "samples.png"), trainer.data)
+        _save_picture(samples, os.path.join(out_dir, "samples.png"), trainer.data, trainer.grid_width(len(samples)))
 
 
 def check_resumable(state, config):
     """Refuse to resume with a changed model, data or recipe (only step counts and outputs may change)."""
     saved = state["config"]
     free = {"steps", "backend", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps",
-            "log_format"}
+            "log_format", "guidance"}
     now = config_to_dict(config)
+    defaults = config_to_dict(TrainConfig())   # a checkpoint older than an option ran with its default
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = [f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in now if k not in free and saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"cannot resume with a different configuration: {', '.join(changed)}")
@@ -443,13 +505,13 @@ def check_resumable(state, config):
         raise ValueError(f"the checkpoint has already trained {state['step']} steps; pass --steps above that to continue")
 
 
-def _save_picture(samples, path, data_points=None):
-    """A grid for images, a scatter plot (against the data) for 2-D points."""
+def _save_picture(samples, path, data_points=None, nrow=None):
+    """A grid for images (`nrow` per row), a scatter plot (against the data) for 2-D points."""
     if samples.ndim == 2:
         reference = data_points[:len(samples)] if data_points is not None else samples
         images.scatter_2d([reference, samples], path, titles=["data", "samples"])
     else:
-        images.save_grid(samples, path)
+        images.save_grid(samples, path, nrow=nrow)
 
 
 class MetricsLog:
@@ -522,7 +584,7 @@ def load_model(path, use_ema=True):
         raise checkpoint.CheckpointError(f"{checkpoint.resolve(path)}: not a minidiff training checkpoint")
     config = config_from_dict(state["config"])
     info = state["data_info"]
-    model = build_model(config, info["channels"], info["image_size"])
+    model = build_model(config, info["channels"], info["image_size"], info.get("num_classes"))
     if use_ema:
         shadow = {k[len("shadow."):]: v for k, v in state["ema"].items() if k.startswith("shadow.")}
         model.load_state_dict(shadow)

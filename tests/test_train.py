@@ -198,3 +198,127 @@ def test_draw_samples_batches_are_seeded_streams():
     assert d.respaced(5).num_bins == 17
     with pytest.raises(ValueError, match="num_bins"):
         GaussianDiffusion(get_named_beta_schedule("linear", 20), num_bins=1)
+
+
+# ---------------------------------------------------------------- class-conditional training (issue 14)
+
+DATA_DIR = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+def test_conditional_training_feeds_the_batch_labels_and_drops_them_with_p_uncond():
+    """Ho & Salimans' Algorithm 1: each sample's label, replaced by NO_LABEL with probability p_uncond."""
+    from minidiff import data
+    config = tiny(conditional=True, p_uncond=0.3, steps=40)
+    trainer = Trainer(config)
+    assert trainer.num_classes == 10 and trainer.model.num_classes == 10
+    seen = []
+    original = trainer.model.forward
+
+    def spy(x, t, y=None):
+        seen.append(np.asarray(y).copy())
+        return original(x, t, y)
+
+    trainer.model.forward = spy
+    replay = data.Batches(trainer.data, config.batch_size, rng=[config.seed, 1], hflip=True, labels=trainer.labels)
+    for _ in range(config.steps):
+        trainer.train_step()
+    kept = dropped = 0
+    for y in seen:
+        _, labels = next(replay)
+        keep = y != diffusion.NO_LABEL
+        np.testing.assert_array_equal(y[keep], labels[keep])   # the batch's own labels where kept
+        kept, dropped = kept + keep.sum(), dropped + (~keep).sum()
+    assert dropped / (kept + dropped) == pytest.approx(0.3, abs=0.08)   # 320 draws: sd 0.026
+
+
+def test_unconditional_training_is_unchanged_by_the_conditional_options():
+    """An unconditional run draws no label randomness: p_uncond does not change it, bit for bit."""
+    def losses(config):   # one Trainer at a time: each installs the package-wide default generator
+        trainer = Trainer(config)
+        assert "label_emb.weight" not in dict(trainer.model.named_parameters())
+        return [trainer.train_step() for _ in range(3)]
+
+    assert losses(tiny(steps=3)) == losses(tiny(steps=3, p_uncond=0.5, guidance=4.0))
+
+
+@pytest.mark.parametrize("name", ["swissroll", "npy"])
+def test_conditional_on_unlabelled_data_is_a_clear_error(name, tmp_path):
+    from minidiff.data import DataError
+    if name == "npy":
+        name = str(tmp_path / "x.npy")
+        np.save(name, np.zeros((10, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="--conditional needs label"):
+        Trainer(tiny(conditional=True, data=name))
+
+
+def test_bad_p_uncond_is_refused():
+    with pytest.raises(ValueError, match="p_uncond"):
+        tiny(p_uncond=1.0)
+
+
+def test_conditional_checkpoint_round_trips_resumes_and_samples_one_row_per_class(tmp_path):
+    config = tiny(conditional=True, steps=4, checkpoint_every=2, sample_every=2, num_samples=20)
+    run_to_end(config, tmp_path / "straight")
+    run = train(config, tmp_path / "resumed")
+    for record in run:
+        if record["step"] == 2:
+            break
+    run.close()
+    run_to_end(config, tmp_path / "resumed", resume=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+    state = checkpoint.load(tmp_path / "straight")
+    assert state["model_config"]["num_classes"] == 10 and state["data_info"]["num_classes"] == 10
+    model, d, loaded_config, info = load_model(tmp_path / "straight")
+    assert model.num_classes == 10 and loaded_config.conditional
+    ema = {k[len("shadow."):]: v for k, v in state["ema"].items() if k.startswith("shadow.")}
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(value), ema[name])
+    labels = training.every_class(10, 20)
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+    a = training.draw_samples(d, model, (1, 8, 8), 20, seed=1, steps=5, labels=labels, guidance=2.0)
+    seen = []
+
+    def spy(x, t, y):
+        seen.append(np.asarray(y).tolist())
+        return model(x, t, y)
+
+    b = training.draw_samples(d, spy, (1, 8, 8), 20, seed=1, steps=5, labels=labels, guidance=2.0, batch_size=7)
+    np.testing.assert_allclose(a[:7], b[:7], atol=1e-6)   # batch 0 has the same stream [seed, 0]
+    starts = [0] * 5 + [7] * 5 + [14] * 5   # 5 DDIM steps per batch, each on [labels; no label]
+    assert seen == [labels[s:s + 7].tolist() + [-1] * len(labels[s:s + 7]) for s in starts]
+    assert not np.allclose(a, training.draw_samples(d, model, (1, 8, 8), 20, seed=1, steps=5))
+    with pytest.raises(ValueError, match="one label per sample"):
+        training.draw_samples(d, model, (1, 8, 8), 5, seed=1, steps=5, labels=labels)
+    with pytest.raises(ValueError, match="guidance needs labels"):
+        training.draw_samples(d, model, (1, 8, 8), 5, seed=1, steps=5, guidance=1.0)
+    from PIL import Image
+    with Image.open(tmp_path / "straight" / "samples.png") as grid:   # 10 rows of 2 (8x8 images, scaled)
+        assert grid.size[1] > 4 * grid.size[0]
+
+
+def test_resume_refuses_to_switch_conditioning(tmp_path):
+    run_to_end(tiny(steps=2), tmp_path)
+    with pytest.raises(ValueError, match="conditional"):
+        run_to_end(tiny(steps=4, conditional=True), tmp_path, resume=True)
+
+
+def test_a_checkpoint_written_before_issue_14_loads_samples_and_resumes_unchanged(tmp_path):
+    """tests/data holds a 2-step unconditional run saved by the code before classifier-free guidance,
+    with its model's eps and a 5-step DDIM draw as that code computed them."""
+    from minidiff import backend
+    from minidiff.tensor import Tensor
+    old = DATA_DIR / "unconditional_before_issue14.safetensors"
+    model, d, config, info = load_model(old)
+    assert model.num_classes is None and not config.conditional and "num_classes" not in info
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(backend.to_numpy(model(Tensor(x), np.array([1, 7])).data),
+                                  np.load(DATA_DIR / "unconditional_before_issue14_eps.npy"))
+    np.testing.assert_array_equal(backend.to_numpy(d.ddim_sample_loop(model, (2, 1, 8, 8), num_steps=5, seed=3)),
+                                  np.load(DATA_DIR / "unconditional_before_issue14_ddim.npy"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.safetensors").write_bytes(old.read_bytes())
+    saved = checkpoint.load(old)["config"]
+    resumed = run_to_end(training.config_from_dict({**saved, "steps": 3}), run_dir, resume=True)
+    assert [r["step"] for r in resumed] == [3]
