@@ -348,3 +348,15 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
     last = _metrics(out)[-1]["step"]
     assert checkpoint.load(out)["step"] == last
     assert f"interrupted after step {last}: checkpoint saved" in err and err.count("interrupted after") == 1
+
+
+def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
+    """Issue 14: each sample's "no label" draw (p_uncond) is its own, like its t and noise: 2 ranks = 1 process."""
+    args = ["--steps", 4, *RUN, "--conditional", "--p-uncond", "0.5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = plain_train("--out", one, *args)
+    assert done.returncode == 0, done.stderr
+    done = mpi_train(2, "--out", two, *args)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(one, two)
+    assert checkpoint.load(two)["model_config"]["num_classes"] == 10
