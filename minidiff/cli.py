@@ -42,6 +42,13 @@ def _opt(default, help, **extra):
 # ---------------------------------------------------------------- the subcommands' configs
 
 
+LABEL_HELP = ("class-conditional model (trained with --conditional): the class to draw, 0 .. K-1, or 'all' for "
+              "the same number of every class (one grid row per class). Without it such a model samples "
+              "unconditionally")
+GUIDANCE_HELP = ("with --label: classifier-free guidance weight w, eps = (1 + w) eps(x, label) - w eps(x) (Ho & "
+                 "Salimans 2022, Eq. 6); 0 is plain conditional sampling, larger w gives more typical, less varied "
+                 "images (default 2; see BENCHMARKS.md)")
+DEFAULT_GUIDANCE = 2.0
 PRETRAINED_HELP = ("a diffusers DDPM folder instead of --checkpoint, e.g. one of the paper's models fetched with "
                    "'hf download google/ddpm-cifar10-32 --local-dir DIR'")
 
@@ -50,8 +57,11 @@ PRETRAINED_HELP = ("a diffusers DDPM folder instead of --checkpoint, e.g. one of
 class SampleConfig:
     checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)")
     pretrained: str = _opt(None, PRETRAINED_HELP)
-    num: int = _opt(64, "number of samples")
-    out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools")
+    num: int = _opt(64, "number of samples (with --label all: num // K of each of the K classes)")
+    out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools, "
+                                   "and with --label the labels as arr_1")
+    label: str = _opt(None, LABEL_HELP)
+    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
     sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
                               "with all T steps, ddim when --steps asks for fewer", choices=training.SAMPLERS)
     steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
@@ -104,7 +114,7 @@ class EvalConfig:
     checkpoint: str = _opt(None, "checkpoint file or run folder: draw --num samples from its model and score them")
     samples: str = _opt(None, "score these samples instead of drawing them: a .npz whose arr_0 holds uint8 "
                               "(N, H, W, C) images, as 'minidiff sample --out x.npz' writes, from any model "
-                              "((N, 2) points for 2-D data)")
+                              "((N, 2) points for 2-D data); its arr_1, if any, the labels they were drawn for")
     data: str = _opt(None, "reference data set: digits, mnist or a 2-D toy set; default the checkpoint's, needed "
                            "with --samples and no --checkpoint (with --bpd also an image PATH)")
     num: int = _opt(None, "samples to draw (default 1000); with --samples, score the first N of the file "
@@ -114,6 +124,9 @@ class EvalConfig:
     steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
                          "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
     eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
+    label: str = _opt(None, LABEL_HELP + "; the report adds how often minidiff's classifier agrees with the label, "
+                                         "per class (--samples: read from the file's arr_1)")
+    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
     ema: bool = _opt(True, "use the EMA weights (the paper's choice) or, with --no-ema, the live ones")
     metrics: bool = _opt(True, "sample-quality metrics (Frechet distance, precision/recall, class coverage, "
                                "confidence, memorisation; 2-D: energy distance, sliced Wasserstein)")
@@ -180,12 +193,15 @@ def _add_options(parser, config_cls, suppress=False):
 
 EXAMPLES = {
     "train": "examples:\n  minidiff train                          # bundled 8x8 digits, a few minutes on a CPU\n"
+             "  minidiff train --conditional --out runs/digits-cond   # class-conditional, for --label 7\n"
              "  minidiff train --data mnist --backend cupy        # writes runs/mnist\n"
              "  minidiff train --data swissroll --out toy-run     # --out: a new folder in an existing one\n"
              "  minidiff train --out runs/digits --resume --steps 8000",
     "sample": "examples:\n  minidiff sample --checkpoint runs/digits --num 64 --out samples.png\n"
               "  minidiff sample --checkpoint runs/digits --num 1000 --sampler ddim --steps 50 --out samples.npz\n"
               "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png\n"
+              "  minidiff sample --checkpoint runs/digits-cond --label 7 --guidance 2 --out sevens.png\n"
+              "  minidiff sample --checkpoint runs/digits-cond --label all --num 100 --out grid.png\n"
               "  minidiff sample --pretrained ddpm-cifar10-32 --sampler ddim --steps 50 --num 16   # the paper's model",
     "forward": "examples:\n  minidiff forward mondrian --steps 10 --out forward.png\n"
                "  minidiff forward photo.jpg --beta-scale 0.5 --out forward.gif\n"
@@ -199,6 +215,7 @@ EXAMPLES = {
     "eval": "examples:\n  minidiff eval --checkpoint runs/digits --out report.json   # 1000 DDPM samples, all metrics\n"
             "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
             "  minidiff eval --samples other_model.npz --data digits --out other.json\n"
+            "  minidiff eval --checkpoint runs/digits-cond --label all --guidance 2 --sampler ddim --steps 50\n"
             "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)",
 }
 
@@ -420,8 +437,7 @@ def _train_setup(args, world):
     except ValueError as err:
         raise UsageError(_as_option(str(err))) from None
     _use_backend(config.backend)
-    if config.data not in data.TOY_DATASETS:  # fail on bad data now, before the run folder is touched
-        data.load_images(config.data, "train", image_size=config.image_size or None)
+    training.load_data(config)   # fail on bad (or, for --conditional, unlabelled) data before the folder is touched
     return config, out, start
 
 
@@ -510,24 +526,61 @@ def cmd_sample(args):
     _use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
     sampling, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
+    labels, guidance, nrow = _requested_labels(cfg, model)
+    num = cfg.num if labels is None else len(labels)
     points = info["channels"] is None
     shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
-        return _sample_progressive(cfg, model, sampling, steps, ddim, shape, info.get("clip_denoised", True))
-    samples = training.draw_samples(diffusion, model, shape, cfg.num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
-                                    cfg.batch_size, clip_denoised=info.get("clip_denoised", True), progress=True)
+        return _sample_progressive(cfg, model, sampling, steps, ddim, shape, info.get("clip_denoised", True),
+                                   labels, guidance)
+    samples = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
+                                    cfg.batch_size, clip_denoised=info.get("clip_denoised", True), progress=True,
+                                    labels=labels, guidance=guidance)
     with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
-            backend.host.savez(tmp, arr_0=array)
+            arrays = {"arr_0": array} if labels is None else {"arr_0": array, "arr_1": labels}  # guided-diffusion's
+            backend.host.savez(tmp, **arrays)
         elif points:
-            images.scatter_2d([samples], tmp, titles=[f"{cfg.num} samples"])
+            images.scatter_2d([samples], tmp, titles=[f"{num} samples"])
         else:
-            images.save_grid(samples, tmp)
-    print(f"wrote {cfg.num} samples to {cfg.out}", file=sys.stderr)
+            images.save_grid(samples, tmp, nrow=nrow)
+    what = "" if labels is None else (f" of label {cfg.label}" if cfg.label != "all" else f" ({nrow} of every class)") \
+        + f" with guidance w = {guidance:g}"
+    print(f"wrote {num} samples{what} to {cfg.out}", file=sys.stderr)
     return 0
+
+
+def _requested_labels(cfg, model):
+    """(labels (N,) int64 or None, guidance w, images per grid row) from --label, --guidance and --num.
+
+    --label all draws num // K of every class, in label order: one grid row per class.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if cfg.label is None:
+        if cfg.guidance is not None:
+            raise UsageError("--guidance steers towards a class: give --label too (without it a conditional "
+                             "model samples unconditionally)")
+        return None, 0.0, None
+    if num_classes is None:
+        raise UsageError(f"--label {cfg.label}: this model is unconditional (train with --conditional for a "
+                         f"class-conditional one); drop --label")
+    guidance = DEFAULT_GUIDANCE if cfg.guidance is None else cfg.guidance
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance must be a finite number, got {guidance}")
+    if cfg.label == "all":
+        if cfg.num < num_classes:
+            raise UsageError(f"--label all needs --num of at least {num_classes} (one per class), got {cfg.num}")
+        return training.every_class(num_classes, cfg.num), guidance, cfg.num // num_classes
+    try:
+        label = int(cfg.label)
+    except ValueError:
+        raise UsageError(f"--label must be a class number or 'all', got {cfg.label!r}") from None
+    if not 0 <= label < num_classes:
+        raise UsageError(f"--label {label} is out of range: this model knows classes 0 .. {num_classes - 1}")
+    return backend.host.full(cfg.num, label, dtype=backend.host.int64), guidance, None
 
 
 def _frame_indices(num_steps, frames):
@@ -535,16 +588,15 @@ def _frame_indices(num_steps, frames):
     return sorted({round(k * (num_steps - 1) / max(frames - 1, 1)) for k in range(frames)})
 
 
-def _sample_progressive(cfg, model, diffusion, steps, ddim, shape, clip_denoised=True):
+def _sample_progressive(cfg, model, diffusion, steps, ddim, shape, clip_denoised=True, labels=None, guidance=0.0):
     """Fig. 6: the x_0 prediction at evenly spaced steps of one chain per row."""
-    shape = (cfg.num, *shape)
+    shape = (cfg.num if labels is None else len(labels), *shape)
+    kwargs = dict(seed=[cfg.seed, 0], clip_denoised=clip_denoised, progress=True, guidance=guidance,
+                  model_kwargs=None if labels is None else {"y": backend.to_active(labels)})
     if ddim:
-        chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta,
-                                                       seed=[cfg.seed, 0], clip_denoised=clip_denoised,
-                                                       progress=True)
+        chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta, **kwargs)
     else:
-        chain = diffusion.p_sample_loop_progressive(model, shape, seed=[cfg.seed, 0], clip_denoised=clip_denoised,
-                                                    progress=True)
+        chain = diffusion.p_sample_loop_progressive(model, shape, **kwargs)
     keep = set(_frame_indices(steps, cfg.frames))
     frames, labels = [], []
     for k, out in enumerate(chain):
@@ -738,12 +790,14 @@ MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/reca
 
 
 def _read_samples(path, points):
-    """arr_0 of a .npz (or the array of a .npy): uint8 (N, H, W[, C]) images, or (N, 2) points."""
+    """(arr_0, arr_1 or None) of a .npz (or the array of a .npy, None): uint8 (N, H, W[, C]) images, or
+    (N, 2) points, and the labels they were drawn for (guided-diffusion's convention)."""
     if not os.path.isfile(path):
         raise UsageError(f"--samples {path}: no such file")
     try:
         with contextlib.ExitStack() as stack:
             loaded = backend.host.load(path, allow_pickle=False)
+            labels = None
             if not hasattr(loaded, "files"):   # a .npy holds a single array
                 array = loaded
             else:
@@ -753,6 +807,7 @@ def _read_samples(path, points):
                     raise UsageError(f"--samples {path}: no array arr_0 in the file (it holds "
                                      f"{', '.join(names) or 'nothing'})")
                 array = loaded["arr_0" if "arr_0" in names else names[0]]
+                labels = loaded["arr_1"] if "arr_0" in names and "arr_1" in names else None
     except UsageError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # the file is unusable
@@ -765,7 +820,10 @@ def _read_samples(path, points):
                                                                           array.shape[-1] not in (1, 3)):
         raise UsageError(f"--samples {path}: expected uint8 images of shape (N, H, W, C) with C = 1 or 3, as "
                          f"'minidiff sample --out x.npz' writes them; got {array.dtype} of shape {array.shape}")
-    return array
+    if labels is not None and (labels.shape != (len(array),) or labels.dtype.kind not in "iu"):
+        raise UsageError(f"--samples {path}: arr_1 must hold one integer label per sample, shape ({len(array)},); "
+                         f"got {labels.dtype} of shape {labels.shape}")
+    return array, labels
 
 
 def _check_eval_data(cfg, dataset, config, info):
@@ -828,7 +886,11 @@ def cmd_eval(args):
     if cfg.metrics:
         points = dataset in metrics.POINT_DATASETS
         if cfg.samples is not None:
-            samples = _read_samples(cfg.samples, points)[:cfg.num]   # num None: all of them
+            if cfg.label is not None or cfg.guidance is not None:
+                raise UsageError("--label and --guidance choose what to draw from --checkpoint; --samples are "
+                                 "already drawn (their labels are the file's arr_1)")
+            samples, labels = _read_samples(cfg.samples, points)
+            samples, labels = samples[:cfg.num], None if labels is None else labels[:cfg.num]   # None: all
             if len(samples) < MIN_EVAL_SAMPLES:
                 raise UsageError(f"--samples {cfg.samples}: the metrics need at least {MIN_EVAL_SAMPLES} "
                                  f"samples, got {len(samples)}")
@@ -839,15 +901,18 @@ def cmd_eval(args):
                                  f"precision/recall), got {num}")
             _, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
             shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
+            labels, guidance, _ = _requested_labels(dataclasses.replace(cfg, num=num), model)
+            num = num if labels is None else len(labels)
             began = time.perf_counter()
             drawn = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
-                                          cfg.batch_size, progress=True)
+                                          cfg.batch_size, progress=True, labels=labels, guidance=guidance)
             report["sampling"] = {"sampler": "ddim" if ddim else "ddpm", "steps": steps,
                                   **({"eta": cfg.eta} if ddim else {}),
+                                  **({"label": cfg.label, "guidance": guidance} if labels is not None else {}),
                                   "num": num, "seed": cfg.seed, "seconds": round(time.perf_counter() - began, 3)}
             samples = drawn if points else images.to_uint8(drawn)   # uint8 NHWC, as sample --out x.npz
         try:
-            report["quality"] = metrics.evaluate_samples(samples, dataset, seed=cfg.seed)
+            report["quality"] = metrics.evaluate_samples(samples, dataset, seed=cfg.seed, labels=labels)
         except ValueError as err:   # e.g. images of another size than the data set's
             raise UsageError(f"--samples {cfg.samples}: {err}" if cfg.samples else str(err)) from None
     if cfg.bpd:

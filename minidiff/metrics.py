@@ -16,7 +16,9 @@ Digit images (8x8 digits, 32x32 MNIST), through minidiff's own classifier
 - mean confidence and the fraction of samples with confidence >= 0.9;
 - precision / recall (Kynkaenniemi et al. 2019), k = 3 nearest-neighbour balls;
 - memorisation: the share of samples that are near-copies of a training image
-  (the ratio test of Yoon et al. 2023, see `memorization`).
+  (the ratio test of Yoon et al. 2023, see `memorization`);
+- for samples drawn for requested labels (a class-conditional model), how often the
+  classifier agrees with the label, per class (`label_agreement`).
 Bits/dim (Ho et al. 2020, Table 2) lives in diffusion.calc_bpd_loop.
 
 All arithmetic is float64 on the host (`backend.host`): these are small matrices
@@ -188,6 +190,28 @@ def confidence(probs, threshold=CONFIDENT):
     return {"mean_confidence": float(top.mean()), "fraction_confident": float((top >= threshold).mean())}
 
 
+def label_agreement(probs, labels, num_classes=None):
+    """How often the classifier's prediction equals the requested label, per requested class.
+
+    probs (N, K) and labels (N,) int. Returns {"per_class": {c: {"num", "agreement", "confident"}},
+    "mean": mean over the requested classes, "min": the worst class, "overall": over all samples}.
+    "confident" is the share predicted as c with confidence >= CONFIDENT.
+    """
+    probs, labels = host.asarray(probs, dtype=host.float64), host.asarray(labels).astype(host.int64)
+    if labels.shape != (len(probs),):
+        raise ValueError(f"{len(labels)} labels for {len(probs)} samples")
+    predicted, conf = probs.argmax(1), probs.max(1)
+    per_class = {}
+    for c in range(num_classes or probs.shape[1]):
+        mask = labels == c
+        if mask.any():
+            per_class[c] = {"num": int(mask.sum()), "agreement": float((predicted[mask] == c).mean()),
+                            "confident": float(((predicted[mask] == c) & (conf[mask] >= CONFIDENT)).mean())}
+    agreements = [v["agreement"] for v in per_class.values()]
+    return {"per_class": per_class, "mean": float(host.mean(agreements)), "min": float(min(agreements)),
+            "overall": float((predicted == labels).mean())}
+
+
 def precision_recall(real_features, fake_features, k=3):
     """Improved precision and recall (Kynkaenniemi et al. 2019, Eq. 1-2).
 
@@ -269,7 +293,7 @@ def _load_split(dataset, split):
     return images.to_uint8(x), labels
 
 
-def _image_report(samples_u8, dataset, clf, train_u8, heldout_u8, seed, k, floor_repeats):
+def _image_report(samples_u8, dataset, clf, train_u8, heldout_u8, seed, k, floor_repeats, labels=None):
     """Every image metric for the samples, and the same metric for real data (the floor)."""
     n = len(samples_u8)
     rng = host.random.default_rng(seed)
@@ -314,16 +338,19 @@ def _image_report(samples_u8, dataset, clf, train_u8, heldout_u8, seed, k, floor
     mem_s, mem_h = memorization(samples_u8, train_u8), memorization(heldout_u8, train_u8)
     m["memorized"] = {"samples": mem_s["fraction_memorized"], "floor": mem_h["fraction_memorized"],
                       "better": "lower"}
-    return {"kind": "images", "dataset": dataset, "num_samples": n, "num_heldout": len(heldout_u8),
-            "num_floor": n_floor, "floor_repeats": floor_repeats, "num_train": len(train_u8),
-            "seed": seed, "pr_k": k,
-            "classifier_heldout_accuracy": getattr(clf, "heldout_accuracy", None),
-            "class_histogram": {"samples": cov_s["histogram"], "floor": cov_h["histogram"]},
-            "metrics": m}
+    report = {"kind": "images", "dataset": dataset, "num_samples": n, "num_heldout": len(heldout_u8),
+              "num_floor": n_floor, "floor_repeats": floor_repeats, "num_train": len(train_u8),
+              "seed": seed, "pr_k": k,
+              "classifier_heldout_accuracy": getattr(clf, "heldout_accuracy", None),
+              "class_histogram": {"samples": cov_s["histogram"], "floor": cov_h["histogram"]},
+              "metrics": m}
+    if labels is not None:
+        report["label_agreement"] = label_agreement(p_s, labels, p_s.shape[1])
+    return report
 
 
 def evaluate_samples(images_uint8_nhwc, dataset="digits", classifier=None, seed=0, k=3,
-                     num_projections=256, floor_repeats=5):
+                     num_projections=256, floor_repeats=5, labels=None):
     """Every applicable metric for samples of a bundled data set, with its real-data floor.
 
     Images (dataset "digits" or "mnist"): uint8 (N, H, W, C) as `minidiff sample --out x.npz`
@@ -331,9 +358,12 @@ def evaluate_samples(images_uint8_nhwc, dataset="digits", classifier=None, seed=
     through minidiff's classifier, the floor being N real training images compared the
     same way (`floor_repeats` random draws, mean and sd). 2-D data sets: float (N, 2)
     points, compared with a fresh draw, the floor being further independent draws of N points.
+    `labels` (N,), the classes the samples were drawn for, add "label_agreement" (images only).
     Returns a JSON-able dict; `format_report` prints it as a table.
     """
     if dataset in POINT_DATASETS:
+        if labels is not None:
+            raise ValueError("label agreement needs images and minidiff's classifier; these are 2-D points")
         pts = host.asarray(backend.to_numpy(images_uint8_nhwc), dtype=host.float64)
         if pts.ndim != 2 or pts.shape[1] != 2:
             raise ValueError(f"{dataset} samples must be (N, 2) points, got shape {pts.shape}")
@@ -352,7 +382,12 @@ def evaluate_samples(images_uint8_nhwc, dataset="digits", classifier=None, seed=
     samples = _as_grey_uint8(images_uint8_nhwc, train_u8.shape[1])
     if len(samples) < k + 1:
         raise ValueError(f"need at least {k + 1} samples for k-NN precision/recall (k={k}); got {len(samples)}")
-    return _image_report(samples, dataset, clf, train_u8, heldout_u8, seed, k, floor_repeats)
+    if labels is not None:
+        labels = host.asarray(labels)
+        if labels.shape != (len(samples),) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be {len(samples)} integers, one per sample; got {labels.dtype} of shape "
+                             f"{labels.shape}")
+    return _image_report(samples, dataset, clf, train_u8, heldout_u8, seed, k, floor_repeats, labels)
 
 
 _DESCRIPTIONS = {
@@ -390,4 +425,11 @@ def format_report(report):
     if "class_histogram" in report:
         hist = " ".join(f"{h:.2f}" for h in report["class_histogram"]["samples"])
         lines += ["", f"class histogram (0-9): {hist}"]
+    if "label_agreement" in report:
+        agree = report["label_agreement"]
+        lines += ["", f"classifier agrees with the requested label: {agree['mean']:.3f} on average over classes, "
+                      f"worst class {agree['min']:.3f}", "", "| label | samples | agreement | agreed, confidence >= 0.9 |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {c} | {v['num']} | {v['agreement']:.3f} | {v['confident']:.3f} |"
+                  for c, v in agree["per_class"].items()]
     return "\n".join(lines)

@@ -404,3 +404,125 @@ def test_train_creates_the_run_folder_with_its_parents(tmp_path, capsys):
     assert run("train", "--out", tmp_path / "a_file" / "run", "--steps", 1, *TINY) == 2
     assert "is a file, not a folder" in one_error_line(capsys)
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- class-conditional models (issue 14)
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """A 3-step run of the tiny U-Net on the labelled digits with --conditional."""
+    out = tmp_path_factory.mktemp("cli") / "cond"
+    assert run("train", "--out", out, "--steps", 3, *TINY, "--conditional", "--p-uncond", "0.2") == 0
+    return out
+
+
+def test_sample_a_label_all_labels_and_unconditionally(conditional, tmp_path, capsys):
+    assert checkpoint.load(conditional)["model_config"]["num_classes"] == 10
+    assert run("sample", "--checkpoint", conditional, "--label", "all", "--num", 25, "--steps", 3,
+               "--out", tmp_path / "all.npz") == 0
+    assert "(2 of every class) with guidance w = 2" in capsys.readouterr().err
+    with np.load(tmp_path / "all.npz") as f:
+        assert f["arr_0"].shape == (20, 8, 8, 1) and f["arr_1"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert run("sample", "--checkpoint", conditional, "--label", 7, "--guidance", 0, "--num", 3, "--steps", 3,
+               "--out", tmp_path / "seven.npz") == 0
+    with np.load(tmp_path / "seven.npz") as f:   # (a 3-step model barely depends on its label: see test_unet)
+        assert f["arr_1"].tolist() == [7, 7, 7] and f["arr_0"].shape == (3, 8, 8, 1)
+    assert run("sample", "--checkpoint", conditional, "--num", 3, "--steps", 3, "--out", tmp_path / "free.npz") == 0
+    with np.load(tmp_path / "free.npz") as f:   # no --label: unconditional, no arr_1
+        assert f.files == ["arr_0"]
+    assert run("sample", "--checkpoint", conditional, "--label", "all", "--num", 20, "--steps", 3,
+               "--out", tmp_path / "grid.png") == 0
+    with Image.open(tmp_path / "grid.png") as grid:   # one row of 2 per class: 10 rows
+        assert grid.size[1] > 4 * grid.size[0]
+    assert run("sample", "--checkpoint", conditional, "--label", 3, "--num", 2, "--steps", 3, "--progressive",
+               "--frames", 3, "--out", tmp_path / "strip.png") == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--label", "10"], "out of range: this model knows classes 0 .. 9"),
+    (["--label", "-1"], "out of range"),
+    (["--label", "seven"], "a class number or 'all'"),
+    (["--guidance", "2"], "give --label too"),
+    (["--label", "all", "--num", "5"], "at least 10"),
+    (["--label", "3", "--guidance", "nan"], "finite"),
+])
+def test_bad_labels_for_a_conditional_checkpoint(conditional, argv, message, capsys, tmp_path):
+    (tmp_path / "keep.png").write_bytes(b"earlier results")
+    assert run("sample", "--checkpoint", conditional, *argv, "--out", tmp_path / "keep.png") == 2
+    assert message in one_error_line(capsys)
+    assert (tmp_path / "keep.png").read_bytes() == b"earlier results"
+
+
+def test_label_on_an_unconditional_checkpoint_is_an_error(trained, capsys, tmp_path):
+    assert run("sample", "--checkpoint", trained, "--label", 3, "--out", tmp_path / "x.png") == 2
+    assert "this model is unconditional" in one_error_line(capsys)
+    assert run("eval", "--checkpoint", trained, "--label", "all", "--num", 10) == 2
+    assert "this model is unconditional" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("data_arg", ["swissroll", "npy"])
+def test_conditional_training_on_unlabelled_data_is_one_clear_error(data_arg, tmp_path, capsys):
+    if data_arg == "npy":
+        data_arg = tmp_path / "x.npy"
+        np.save(data_arg, np.zeros((20, 8, 8), np.uint8))
+    assert run("train", "--out", tmp_path / "run", "--data", data_arg, "--conditional", *TINY) == 2
+    assert "--conditional needs label" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_conditional_training_on_a_folder_of_class_subfolders(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("circle", "square", "cross"):
+        (tmp_path / "shapes" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "shapes" / name / f"{i}.png")
+    assert run("train", "--out", tmp_path / "run", "--data", tmp_path / "shapes", "--conditional", "--steps", 2,
+               *TINY) == 0
+    assert checkpoint.load(tmp_path / "run")["model_config"]["num_classes"] == 3
+    assert run("sample", "--checkpoint", tmp_path / "run", "--label", 2, "--num", 2, "--steps", 2,
+               "--out", tmp_path / "s.png") == 0
+
+
+def test_eval_reports_per_class_agreement_from_arr_1(tmp_path, capsys):
+    """Real held-out digits with their true labels as arr_1 agree at the classifier's accuracy; with the
+    labels shifted by one they agree almost never."""
+    x, y = data.load_dataset("digits", "heldout")
+    np.savez(tmp_path / "s.npz", arr_0=images.to_uint8(x), arr_1=y)
+    assert run("eval", "--samples", tmp_path / "s.npz", "--data", "digits", "--out", tmp_path / "r.json") == 0
+    agree = json.loads((tmp_path / "r.json").read_text())["quality"]["label_agreement"]
+    assert agree["mean"] > 0.97 and agree["min"] > 0.9 and len(agree["per_class"]) == 10
+    assert sum(v["num"] for v in agree["per_class"].values()) == 179
+    assert "| label | samples | agreement |" in capsys.readouterr().out
+    np.savez(tmp_path / "s.npz", arr_0=images.to_uint8(x), arr_1=(y + 1) % 10)
+    assert run("eval", "--samples", tmp_path / "s.npz", "--data", "digits", "--out", tmp_path / "r.json") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["quality"]["label_agreement"]["mean"] < 0.05
+    np.savez(tmp_path / "bad.npz", arr_0=images.to_uint8(x), arr_1=y[:5])
+    capsys.readouterr()
+    assert run("eval", "--samples", tmp_path / "bad.npz", "--data", "digits") == 2
+    assert "arr_1 must hold one integer label per sample" in one_error_line(capsys)
+    assert run("eval", "--samples", tmp_path / "s.npz", "--data", "digits", "--label", "3") == 2
+    assert "already drawn" in one_error_line(capsys)
+
+
+def test_eval_draws_labelled_samples_from_a_conditional_checkpoint(conditional, tmp_path):
+    assert run("eval", "--checkpoint", conditional, "--label", "all", "--num", 20, "--guidance", 1, "--steps", 3,
+               "--out", tmp_path / "r.json") == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sampling"]["label"] == "all" and report["sampling"]["guidance"] == 1.0
+    assert report["sampling"]["num"] == 20
+    assert {int(c) for c in report["quality"]["label_agreement"]["per_class"]} == set(range(10))
+
+
+def test_interpolate_forward_and_resume_with_a_conditional_checkpoint(conditional, tmp_path, capsys):
+    assert run("interpolate", "--checkpoint", conditional, "--t", 5, "--pairs", 2, "--lambdas", 3,
+               "--out", tmp_path / "i.png") == 0
+    assert run("forward", "--checkpoint", conditional, "--num", 2, "--steps", 2, "--out", tmp_path / "f.png") == 0
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(conditional, copy)   # the module's fixture stays at step 3
+    assert run("train", "--out", copy, "--resume", "--steps", 4, "--no-progress") == 0
+    assert checkpoint.load(copy)["step"] == 4
+    capsys.readouterr()
+    assert run("train", "--out", copy, "--resume", "--steps", 5, "--no-conditional", "--no-progress") == 2
+    assert "conditional" in one_error_line(capsys)

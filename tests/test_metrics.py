@@ -203,3 +203,15 @@ def test_mnist_accepts_raw_28x28_samples():
     r = metrics.evaluate_samples(raw, "mnist", floor_repeats=1)
     assert r["metrics"]["memorized"]["samples"] == 0.0
     assert r["metrics"]["fraction_confident"]["samples"] > 0.9
+
+
+def test_label_agreement_per_class():
+    from minidiff.metrics import label_agreement
+    probs = np.array([[0.95, 0.05, 0.0], [0.6, 0.4, 0.0], [0.2, 0.8, 0.0], [0.0, 0.1, 0.9], [0.5, 0.0, 0.5]])
+    labels = np.array([0, 0, 0, 2, 2])
+    out = label_agreement(probs, labels, 3)
+    assert out["per_class"][0] == {"num": 3, "agreement": pytest.approx(2 / 3), "confident": pytest.approx(1 / 3)}
+    assert out["per_class"][2]["agreement"] == 0.5 and 1 not in out["per_class"]   # argmax ties go to class 0
+    assert out["mean"] == pytest.approx((2 / 3 + 0.5) / 2) and out["min"] == 0.5 and out["overall"] == 0.6
+    with pytest.raises(ValueError, match="labels"):
+        label_agreement(probs, labels[:2])
