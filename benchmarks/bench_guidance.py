@@ -1,0 +1,167 @@
+"""Classifier-free guidance benchmark (issue 14): train the default preset with --conditional, sweep w.
+
+    python benchmarks/bench_guidance.py                       # digits, the default preset + --conditional
+    python benchmarks/bench_guidance.py --checkpoint runs/bench_guidance   # re-score a trained run
+    python benchmarks/bench_guidance.py --quick               # a smoke test: numbers meaningless
+
+Trains with a fixed seed (minidiff.train.Trainer, the code of `minidiff train --conditional`), then
+from the EMA weights draws --per-class samples of every class for each guidance weight w (DDIM,
+--ddim-steps, the same noise for every w) and as many unconditional samples, and scores each set
+with minidiff.metrics.evaluate_samples: the classifier's agreement with the requested label (per
+class), its confidence, and the Frechet distance to the held-out split (the trade-off guidance
+makes). Prints issue 14's targets, writes the Markdown to --md, the numbers to OUT/guidance.json,
+the accuracy-vs-distance plot to --plot and a `--label all` grid (w = 2) to --grid.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+from minidiff import backend, images, metrics
+from minidiff import train as training
+
+host = backend.host
+TRAIN_MINUTES = 7.0   # issue 14: the conditional digits preset trains within 7 minutes on 2 cores
+
+
+def load_average():
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--checkpoint", default=None, help="skip training: score this conditional run instead")
+    p.add_argument("--per-class", type=int, default=100, help="samples of each class per guidance weight")
+    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--quick", action="store_true", help="smoke test: 60 steps, 5 per class, 5 DDIM steps")
+    p.add_argument("--out-dir", default="runs/bench_guidance")
+    p.add_argument("--md", default=None, help="Markdown output (default OUT/GUIDANCE.md)")
+    p.add_argument("--plot", default=None, help="accuracy against Frechet distance (default OUT/guidance_tradeoff.png)")
+    p.add_argument("--grid", default=None, help="a --label all grid at w = 2 (default OUT/label_all.png)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.per_class, args.ddim_steps = args.steps or 60, min(args.per_class, 5), 5
+    os.makedirs(args.out_dir, exist_ok=True)
+    args.md = args.md or os.path.join(args.out_dir, "GUIDANCE.md")
+    args.plot = args.plot or os.path.join(args.out_dir, "guidance_tradeoff.png")
+    args.grid = args.grid or os.path.join(args.out_dir, "label_all.png")
+
+    # --- train (the Trainer of `minidiff train --conditional`, without the periodic grids) or load
+    load_before = load_average()
+    train_seconds = None
+    if args.checkpoint is None:
+        overrides = {"seed": args.seed, "backend": args.backend, "conditional": True}
+        if args.steps:
+            overrides["steps"] = args.steps
+        config = training.make_config("digits", **overrides)
+        trainer = training.Trainer(config)
+        t0 = time.perf_counter()
+        for _ in range(config.steps):
+            loss, _, _ = trainer.train_step()
+            if trainer.step % 250 == 0 or trainer.step == config.steps:
+                print(f"step {trainer.step}/{config.steps}  loss {loss:.4f}  {time.perf_counter() - t0:.0f}s  "
+                      f"load {load_average()}", file=sys.stderr, flush=True)
+        train_seconds = time.perf_counter() - t0
+        trainer.save(os.path.join(args.out_dir, training.CHECKPOINT))
+        ckpt = args.out_dir
+    else:
+        ckpt = args.checkpoint
+    load_after_training = load_average()
+    backend.use_backend(args.backend)
+    model, diffusion, config, info = training.load_model(ckpt)
+    if model.num_classes is None:
+        raise SystemExit(f"{ckpt}: an unconditional model; train with --conditional")
+    k = model.num_classes
+    shape = (info["channels"], info["image_size"], info["image_size"])
+    labels = training.every_class(k, k * args.per_class)
+
+    # --- one set per guidance weight (same seed: the same x_T for every w), and an unconditional set
+    results = []
+    for w in [None, *args.weights]:
+        t1 = time.perf_counter()
+        x = training.draw_samples(diffusion, model, shape, len(labels), args.seed + 1, steps=args.ddim_steps,
+                                  labels=None if w is None else labels, guidance=w or 0.0, progress=True)
+        seconds = time.perf_counter() - t1
+        u8 = images.to_uint8(x)
+        name = "unconditional" if w is None else f"w={w:g}"
+        host.savez_compressed(os.path.join(args.out_dir, f"samples_{name}.npz"),
+                              **({"arr_0": u8} if w is None else {"arr_0": u8, "arr_1": labels}))
+        report = metrics.evaluate_samples(u8, config.data, seed=args.seed, labels=None if w is None else labels)
+        report.update(name=name, w=w, sample_seconds=seconds)
+        results.append(report)
+        print(f"\n== {name} ({seconds:.0f}s)\n{metrics.format_report(report)}", flush=True)
+        if w == 2.0:   # the first (up to) 10 of every class, one row per class
+            cols = min(10, args.per_class)
+            first = host.concatenate([u8[c * args.per_class:c * args.per_class + cols] for c in range(k)])
+            images.save_grid(first, args.grid, nrow=cols)
+    uncond, guided = results[0], results[1:]
+
+    # --- the trade-off plot: accuracy against Frechet distance, one point per w (in the order given)
+    images.plot_curve([r["metrics"]["frechet_distance"]["samples"] for r in guided],
+                      [r["label_agreement"]["mean"] for r in guided], args.plot,
+                      title="guidance w = " + ", ".join(f"{w:g}" for w in args.weights) + " (left to right: "
+                            "see table)", xlabel="Frechet distance to held-out digits (classifier features)",
+                      ylabel="classified as the requested label")
+
+    # --- the Markdown
+    fd_floor = uncond["metrics"]["frechet_distance"]["floor"]
+    md = [f"Written by `benchmarks/bench_guidance.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+          + (" (QUICK SMOKE RUN: not a result)" if args.quick else "") + ". "
+          f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, backend {args.backend}; "
+          f"load average (1/5/15 min) {load_before} before, {load_after_training} after training, "
+          f"{load_average()} at the end.",
+          ("Training: " + (f"{config.steps} steps of batch {config.batch_size} in {train_seconds / 60:.1f} min"
+                           if train_seconds is not None else f"loaded from {ckpt}")
+           + f" (digits preset + --conditional, p_uncond {config.p_uncond}, seed {config.seed})."),
+          f"Samples: {args.per_class} per class ({len(labels)} in all) for each w, DDIM {args.ddim_steps} steps "
+          f"(eta 0), the same x_T for every w; unconditional: {len(labels)} samples with the same x_T. "
+          f"Fréchet distance floor (real training images vs held-out): {fd_floor:.2f}.",
+          "",
+          "| w | classified as the label (mean over classes) | worst class | confidence >= 0.9 | "
+          "Fréchet distance | recall | sampling (s) |",
+          "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in guided:
+        m = r["metrics"]
+        md.append(f"| {r['w']:g} | {r['label_agreement']['mean']:.3f} | {r['label_agreement']['min']:.3f} | "
+                  f"{m['fraction_confident']['samples']:.3f} | {m['frechet_distance']['samples']:.2f} | "
+                  f"{m['recall']['samples']:.3f} | {r['sample_seconds']:.0f} |")
+    m = uncond["metrics"]
+    md.append(f"| no label | | | {m['fraction_confident']['samples']:.3f} | {m['frechet_distance']['samples']:.2f} | "
+              f"{m['recall']['samples']:.3f} | {uncond['sample_seconds']:.0f} |")
+    at2 = next((r for r in guided if r["w"] == 2.0), None)
+    targets = []
+    if train_seconds is not None:
+        targets.append((f"trained within {TRAIN_MINUTES:g} minutes", f"{train_seconds / 60:.1f} min",
+                        train_seconds <= TRAIN_MINUTES * 60))
+    if at2 is not None:
+        agree = at2["label_agreement"]
+        targets += [("w = 2: classified as the label >= 95% on average", f"{agree['mean']:.3f}", agree["mean"] >= 0.95),
+                    ("w = 2: >= 85% for every class", f"{agree['min']:.3f}", agree["min"] >= 0.85),
+                    ("w = 2: >= 90% with confidence >= 0.9", f"{at2['metrics']['fraction_confident']['samples']:.3f}",
+                     at2["metrics"]["fraction_confident"]["samples"] >= 0.9)]
+    lo, hi = m["class_min_fraction"]["samples"], m["class_max_fraction"]["samples"]
+    targets.append(("unconditional: every class between 5% and 15%", f"{lo:.3f} .. {hi:.3f}", lo >= 0.05 and hi <= 0.15))
+    md += ["", "| issue 14's target | measured | |", "|---|---:|---|"]
+    md += [f"| {text} | {value} | {'pass' if ok else 'MISS'} |" for text, value, ok in targets]
+    if at2 is not None:
+        per = " ".join(f"{c}: {v['agreement']:.2f}" for c, v in at2["label_agreement"]["per_class"].items())
+        md += ["", f"w = 2, per class: {per}"]
+    hist = " ".join(f"{h:.3f}" for h in uncond["class_histogram"]["samples"])
+    md += ["", f"Unconditional class histogram (0-9): {hist}"]
+    text = "\n".join(md) + "\n"
+    with open(args.md, "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out_dir, "guidance.json"), "w") as f:
+        json.dump({"train_seconds": train_seconds, "reports": results}, f, indent=2)
+    print("\n" + text)
+    print(f"wrote {args.md}, {args.plot}, {args.grid} and {args.out_dir}/guidance.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
