@@ -3,6 +3,7 @@
     python benchmarks/bench_guidance.py                       # digits, the default preset + --conditional
     python benchmarks/bench_guidance.py --checkpoint runs/bench_guidance   # re-score a trained run
     python benchmarks/bench_guidance.py --quick               # a smoke test: numbers meaningless
+    python benchmarks/bench_guidance.py --step-ratio          # conditional vs unconditional step time, A B A B
 
 Trains with a fixed seed (minidiff.train.Trainer, the code of `minidiff train --conditional`), then
 from the EMA weights draws --per-class samples of every class for each guidance weight w (DDIM,
@@ -34,7 +35,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--checkpoint", default=None, help="skip training: score this conditional run instead")
-    p.add_argument("--per-class", type=int, default=100, help="samples of each class per guidance weight")
+    p.add_argument("--per-class", type=int, default=100, help="samples of each class at w = 2 and, times K, "
+                                                               "unconditional samples (issue 14's targets)")
+    p.add_argument("--sweep-per-class", type=int, default=None,
+                   help="samples of each class for the other weights (default: --per-class)")
+    p.add_argument("--step-ratio", action="store_true",
+                   help="only time training steps of the conditional and the unconditional preset side by side")
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +51,8 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="accuracy against Frechet distance (default OUT/guidance_tradeoff.png)")
     p.add_argument("--grid", default=None, help="a --label all grid at w = 2 (default OUT/label_all.png)")
     args = p.parse_args(argv)
+    if args.step_ratio:
+        return step_ratio(args)
     if args.quick:
         args.steps, args.per_class, args.ddim_steps = args.steps or 60, min(args.per_class, 5), 5
     os.makedirs(args.out_dir, exist_ok=True)
@@ -79,28 +87,32 @@ def main(argv=None):
         raise SystemExit(f"{ckpt}: an unconditional model; train with --conditional")
     k = model.num_classes
     shape = (info["channels"], info["image_size"], info["image_size"])
-    labels = training.every_class(k, k * args.per_class)
+    sweep = args.sweep_per_class or args.per_class
 
     # --- one set per guidance weight (same seed: the same x_T for every w), and an unconditional set
     results = []
-    for w in [None, *args.weights]:
+    jobs = [(None, args.per_class)] + [(w, sweep) for w in args.weights]
+    if sweep != args.per_class:   # the sweep compares equal sample sizes (the Frechet distance depends on it)
+        jobs.append((2.0, args.per_class))
+    for w, per_class in jobs:
+        labels = training.every_class(k, k * per_class)
         t1 = time.perf_counter()
         x = training.draw_samples(diffusion, model, shape, len(labels), args.seed + 1, steps=args.ddim_steps,
                                   labels=None if w is None else labels, guidance=w or 0.0, progress=True)
         seconds = time.perf_counter() - t1
         u8 = images.to_uint8(x)
-        name = "unconditional" if w is None else f"w={w:g}"
+        name = "unconditional" if w is None else f"w={w:g}_{per_class}"
         host.savez_compressed(os.path.join(args.out_dir, f"samples_{name}.npz"),
                               **({"arr_0": u8} if w is None else {"arr_0": u8, "arr_1": labels}))
         report = metrics.evaluate_samples(u8, config.data, seed=args.seed, labels=None if w is None else labels)
-        report.update(name=name, w=w, sample_seconds=seconds)
+        report.update(name=name, w=w, sample_seconds=seconds, per_class=per_class)
         results.append(report)
         print(f"\n== {name} ({seconds:.0f}s)\n{metrics.format_report(report)}", flush=True)
-        if w == 2.0:   # the first (up to) 10 of every class, one row per class
-            cols = min(10, args.per_class)
-            first = host.concatenate([u8[c * args.per_class:c * args.per_class + cols] for c in range(k)])
+        if w == 2.0 and per_class == args.per_class:   # the first (up to) 10 of every class, one row per class
+            cols = min(10, per_class)
+            first = host.concatenate([u8[c * per_class:c * per_class + cols] for c in range(k)])
             images.save_grid(first, args.grid, nrow=cols)
-    uncond, guided = results[0], results[1:]
+    uncond, guided = results[0], [r for r in results[1:] if r["per_class"] == sweep]
 
     # --- the trade-off plot: accuracy against Frechet distance, one point per w (in the order given)
     images.plot_curve([r["metrics"]["frechet_distance"]["samples"] for r in guided],
@@ -119,8 +131,10 @@ def main(argv=None):
           ("Training: " + (f"{config.steps} steps of batch {config.batch_size} in {train_seconds / 60:.1f} min"
                            if train_seconds is not None else f"loaded from {ckpt}")
            + f" (digits preset + --conditional, p_uncond {config.p_uncond}, seed {config.seed})."),
-          f"Samples: {args.per_class} per class ({len(labels)} in all) for each w, DDIM {args.ddim_steps} steps "
-          f"(eta 0), the same x_T for every w; unconditional: {len(labels)} samples with the same x_T. "
+          f"Samples: {args.per_class} per class ({k * args.per_class} in all) for the targets at w = 2"
+          + (f"; {sweep} per class for every w of the sweep table" if sweep != args.per_class else " and every w")
+          + f", DDIM {args.ddim_steps} steps (eta 0), the same x_T for every w (the first ones); unconditional: "
+          f"{k * args.per_class} samples with the same x_T. "
           f"Fréchet distance floor (real training images vs held-out): {fd_floor:.2f}.",
           "",
           "| w | classified as the label (mean over classes) | worst class | confidence >= 0.9 | "
@@ -128,13 +142,14 @@ def main(argv=None):
           "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in guided:
         m = r["metrics"]
-        md.append(f"| {r['w']:g} | {r['label_agreement']['mean']:.3f} | {r['label_agreement']['min']:.3f} | "
+        agree = r["label_agreement"]
+        md.append(f"| {r['w']:g} | {agree['mean']:.3f} | {agree['min']:.3f} | "
                   f"{m['fraction_confident']['samples']:.3f} | {m['frechet_distance']['samples']:.2f} | "
                   f"{m['recall']['samples']:.3f} | {r['sample_seconds']:.0f} |")
     m = uncond["metrics"]
-    md.append(f"| no label | | | {m['fraction_confident']['samples']:.3f} | {m['frechet_distance']['samples']:.2f} | "
+    md.append(f"| no label ({uncond['num_samples']} samples) | | | {m['fraction_confident']['samples']:.3f} | {m['frechet_distance']['samples']:.2f} | "
               f"{m['recall']['samples']:.3f} | {uncond['sample_seconds']:.0f} |")
-    at2 = next((r for r in guided if r["w"] == 2.0), None)
+    at2 = next((r for r in results[1:] if r["w"] == 2.0 and r["per_class"] == args.per_class), None)
     targets = []
     if train_seconds is not None:
         targets.append((f"trained within {TRAIN_MINUTES:g} minutes", f"{train_seconds / 60:.1f} min",
@@ -161,6 +176,28 @@ def main(argv=None):
         json.dump({"train_seconds": train_seconds, "reports": results}, f, indent=2)
     print("\n" + text)
     print(f"wrote {args.md}, {args.plot}, {args.grid} and {args.out_dir}/guidance.json", file=sys.stderr)
+
+
+def step_ratio(args, warmup=3, block=10, rounds=3):
+    """Seconds per training step of the digits preset with and without --conditional, measured in
+    alternating blocks (A B A B) on the same machine at the same time; the best block of each is kept."""
+    times = {False: [], True: []}
+    trainers = {c: training.Trainer(training.make_config("digits", seed=args.seed, conditional=c))
+                for c in (False, True)}
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.train_step()
+    for _ in range(rounds):
+        for conditional, trainer in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                trainer.train_step()
+            times[conditional].append((time.perf_counter() - t0) / block)
+    plain, cond = min(times[False]), min(times[True])
+    print(f"digits preset, {rounds} alternating blocks of {block} steps, best block; load average {load_average()}")
+    print(f"unconditional {plain * 1000:.0f} ms/step, conditional {cond * 1000:.0f} ms/step, ratio {cond / plain:.3f}")
+    print(f"all blocks (ms/step): unconditional {[round(t * 1000) for t in times[False]]}, "
+          f"conditional {[round(t * 1000) for t in times[True]]}")
 
 
 if __name__ == "__main__":
