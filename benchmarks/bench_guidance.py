@@ -44,6 +44,7 @@ def main(argv=None):
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1000, help="images per sampling batch")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--quick", action="store_true", help="smoke test: 60 steps, 5 per class, 5 DDIM steps")
     p.add_argument("--out-dir", default="runs/bench_guidance")
@@ -98,6 +99,7 @@ def main(argv=None):
         labels = training.every_class(k, k * per_class)
         t1 = time.perf_counter()
         x = training.draw_samples(diffusion, model, shape, len(labels), args.seed + 1, steps=args.ddim_steps,
+                                  batch_size=args.batch_size,
                                   labels=None if w is None else labels, guidance=w or 0.0, progress=True)
         seconds = time.perf_counter() - t1
         u8 = images.to_uint8(x)
@@ -117,8 +119,8 @@ def main(argv=None):
     # --- the trade-off plot: accuracy against Frechet distance, one point per w (in the order given)
     images.plot_curve([r["metrics"]["frechet_distance"]["samples"] for r in guided],
                       [r["label_agreement"]["mean"] for r in guided], args.plot,
-                      title="guidance w = " + ", ".join(f"{w:g}" for w in args.weights) + " (left to right: "
-                            "see table)", xlabel="Frechet distance to held-out digits (classifier features)",
+                      title="the line runs through w = " + " -> ".join(f"{w:g}" for w in args.weights)
+                            + " (the table has the numbers)", xlabel="Frechet distance to held-out digits (classifier features)",
                       ylabel="classified as the requested label")
 
     # --- the Markdown
@@ -178,7 +180,7 @@ def main(argv=None):
     print(f"wrote {args.md}, {args.plot}, {args.grid} and {args.out_dir}/guidance.json", file=sys.stderr)
 
 
-def step_ratio(args, warmup=3, block=10, rounds=3):
+def step_ratio(args, warmup=2, block=5, rounds=3):
     """Seconds per training step of the digits preset with and without --conditional, measured in
     alternating blocks (A B A B) on the same machine at the same time; the best block of each is kept."""
     times = {False: [], True: []}
