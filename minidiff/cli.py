@@ -104,6 +104,9 @@ class InterpolateConfig:
     data: str = _opt(None, "images to interpolate: default the checkpoint's data set (its held-out split); "
                            "with --pretrained, a folder, .npz or CIFAR-10 batch (resized to the model's size)")
     out: str = _opt("interpolate.png", ".png picture")
+    label: str = _opt(None, "class-conditional model: decode every pair as this class (0 .. K-1); without it the "
+                            "decoding is unconditional")
+    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
     ema: bool = _opt(True, "use the EMA weights")
     seed: int = _opt(0, "seed of the pairs and the noise")
     backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
@@ -526,7 +529,7 @@ def cmd_sample(args):
     _use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
     sampling, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
-    labels, guidance, nrow = _requested_labels(cfg, model)
+    labels, guidance, nrow = _requested_labels(cfg, model, cfg.num)
     num = cfg.num if labels is None else len(labels)
     points = info["channels"] is None
     shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
@@ -553,8 +556,8 @@ def cmd_sample(args):
     return 0
 
 
-def _requested_labels(cfg, model):
-    """(labels (N,) int64 or None, guidance w, images per grid row) from --label, --guidance and --num.
+def _requested_labels(cfg, model, num):
+    """(labels (N,) int64 or None, guidance w, images per grid row) from --label, --guidance and `num` (--num).
 
     --label all draws num // K of every class, in label order: one grid row per class.
     """
@@ -571,16 +574,16 @@ def _requested_labels(cfg, model):
     if not math.isfinite(guidance):
         raise UsageError(f"--guidance must be a finite number, got {guidance}")
     if cfg.label == "all":
-        if cfg.num < num_classes:
-            raise UsageError(f"--label all needs --num of at least {num_classes} (one per class), got {cfg.num}")
-        return training.every_class(num_classes, cfg.num), guidance, cfg.num // num_classes
+        if num < num_classes:
+            raise UsageError(f"--label all needs --num of at least {num_classes} (one per class), got {num}")
+        return training.every_class(num_classes, num), guidance, num // num_classes
     try:
         label = int(cfg.label)
     except ValueError:
         raise UsageError(f"--label must be a class number or 'all', got {cfg.label!r}") from None
     if not 0 <= label < num_classes:
         raise UsageError(f"--label {label} is out of range: this model knows classes 0 .. {num_classes - 1}")
-    return backend.host.full(cfg.num, label, dtype=backend.host.int64), guidance, None
+    return backend.host.full(num, label, dtype=backend.host.int64), guidance, None
 
 
 def _frame_indices(num_steps, frames):
@@ -742,6 +745,8 @@ def cmd_interpolate(args):
     if cfg.lambdas < 2:
         raise UsageError(f"--lambdas must be at least 2 (0 and 1), got {cfg.lambdas}")
     _check_output(cfg.out, (".png",))
+    if cfg.label == "all":
+        raise UsageError("--label all does not apply to interpolate: give one class for every pair")
     _use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
     if not 0 <= cfg.t < diffusion.num_timesteps:
@@ -753,8 +758,10 @@ def cmd_interpolate(args):
     x_a = backend.to_active(images_[pick[:cfg.pairs]])
     x_b = backend.to_active(images_[pick[cfg.pairs:]])
     lambdas = [k / (cfg.lambdas - 1) for k in range(cfg.lambdas)]
+    labels, guidance, _ = _requested_labels(cfg, model, cfg.pairs)
     mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True,
-                                  clip_denoised=info.get("clip_denoised", True))  # (L, N, ...)
+                                  clip_denoised=info.get("clip_denoised", True), guidance=guidance,
+                                  model_kwargs=None if labels is None else {"y": backend.to_active(labels)})
     columns = [x_a] + [mixed[k] for k in range(len(lambdas))] + [x_b]
     labels = ["source"] + [f"{lam:.2g}" for lam in lambdas] + ["source"]
     with checkpoint.atomic_path(cfg.out) as tmp:
@@ -901,7 +908,7 @@ def cmd_eval(args):
                                  f"precision/recall), got {num}")
             _, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
             shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
-            labels, guidance, _ = _requested_labels(dataclasses.replace(cfg, num=num), model)
+            labels, guidance, _ = _requested_labels(cfg, model, num)
             num = num if labels is None else len(labels)
             began = time.perf_counter()
             drawn = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,

@@ -517,6 +517,11 @@ def test_eval_draws_labelled_samples_from_a_conditional_checkpoint(conditional, 
 def test_interpolate_forward_and_resume_with_a_conditional_checkpoint(conditional, tmp_path, capsys):
     assert run("interpolate", "--checkpoint", conditional, "--t", 5, "--pairs", 2, "--lambdas", 3,
                "--out", tmp_path / "i.png") == 0
+    assert run("interpolate", "--checkpoint", conditional, "--t", 5, "--pairs", 2, "--lambdas", 3, "--label", 3,
+               "--guidance", 1, "--out", tmp_path / "i3.png") == 0
+    capsys.readouterr()
+    assert run("interpolate", "--checkpoint", conditional, "--label", "all", "--out", tmp_path / "x.png") == 2
+    assert "does not apply to interpolate" in one_error_line(capsys)
     assert run("forward", "--checkpoint", conditional, "--num", 2, "--steps", 2, "--out", tmp_path / "f.png") == 0
     import shutil
     copy = tmp_path / "run"
