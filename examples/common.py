@@ -37,13 +37,19 @@ def train_with_progress(config, out_dir):
     return out_dir
 
 
-def digits_model(run_dir="runs/digits", steps=0, backend_name="numpy"):
+def digits_model(run_dir="runs/digits", steps=0, backend_name="numpy", conditional=False):
     """(model, diffusion, config, info) of a digits run: reuse `run_dir` if it holds a finished
-    checkpoint (e.g. from `minidiff train`), else train the default preset there first."""
+    checkpoint (e.g. from `minidiff train`), else train the default preset there first
+    (with `conditional`, the class-conditional model of `minidiff train --conditional`)."""
     backend.use_backend(backend_name)
     path = os.path.join(run_dir, checkpoint.FILENAME)
     if not os.path.exists(path):
-        config = make_config("digits", backend=backend_name, **({"steps": steps} if steps else {}))
+        config = make_config("digits", backend=backend_name, conditional=conditional,
+                             **({"steps": steps} if steps else {}))
         print(f"no model in {run_dir}: training one ({config.steps} steps, a few minutes on a CPU)")
         train_with_progress(config, run_dir)
-    return load_model(run_dir)
+    loaded = load_model(run_dir)
+    if conditional and loaded[0].num_classes is None:
+        raise SystemExit(f"{run_dir} holds an unconditional model: pass another --run-dir, or train one with "
+                         f"'minidiff train --conditional --out {run_dir} --overwrite'")
+    return loaded

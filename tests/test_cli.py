@@ -269,7 +269,8 @@ def test_resume_without_a_checkpoint(tmp_path, capsys):
 # ---------------------------------------------------------------- examples
 
 
-EXAMPLES = ["forward_process", "swissroll", "digits", "ddpm_vs_ddim", "progressive", "interpolation", "mnist"]
+EXAMPLES = ["forward_process", "swissroll", "digits", "ddpm_vs_ddim", "progressive", "interpolation", "mnist",
+            "guidance"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
