@@ -151,7 +151,7 @@ class GaussianDiffusion:
                 raise ValueError("classifier-free guidance needs labels: pass model_kwargs={'y': labels} "
                                  "(or guidance=0 to sample unconditionally)")
             xp = backend.xp_of(x)
-            y = xp.asarray(_data(y))
+            y = xp.asarray(_data(y)).astype(host.int64, copy=False)   # NO_LABEL (-1) must fit
             model_kwargs["y"] = xp.concatenate([y, xp.full(y.shape, NO_LABEL, dtype=y.dtype)])
             x_in, t_in = xp.concatenate([x, x]), xp.concatenate([xp.asarray(_data(t))] * 2)
         else:

@@ -238,7 +238,8 @@ class Trainer:
         backend.use_backend(config.backend)
         self.config = config
         self.data, labels, self.info = load_data(config)
-        self.labels = labels if config.conditional else None
+        # int64: NO_LABEL (-1) must fit (an .npz may hold uint8 labels)
+        self.labels = labels.astype(backend.host.int64) if config.conditional else None
         self.batches = data.Batches(self.data, config.batch_size, rng=[config.seed, 1], hflip=config.hflip,
                                     labels=self.labels)
         backend.manual_seed(config.seed)   # the default generator: weight init here, dropout masks later

@@ -322,3 +322,21 @@ def test_a_checkpoint_written_before_issue_14_loads_samples_and_resumes_unchange
     saved = checkpoint.load(old)["config"]
     resumed = run_to_end(training.config_from_dict({**saved, "steps": 3}), run_dir, resume=True)
     assert [r["step"] for r in resumed] == [3]
+
+
+def test_conditional_training_on_an_npz_with_uint8_labels(tmp_path):
+    """NO_LABEL (-1) must not wrap around to 255 in a uint8 label array."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.npz"
+    np.savez(path, images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+             labels=rng.integers(0, 3, 40).astype(np.uint8))
+    trainer = Trainer(tiny(conditional=True, data=str(path), p_uncond=0.5))
+    assert trainer.num_classes == 3 and trainer.labels.dtype == np.int64
+    for _ in range(3):
+        trainer.train_step()
+    from minidiff.diffusion import GaussianDiffusion
+    from minidiff.schedule import get_named_beta_schedule
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
+    trainer.model.eval()
+    d.ddim_sample_loop(trainer.model, (2, 1, 8, 8), num_steps=2, model_kwargs={"y": np.array([0, 2], np.uint8)},
+                       guidance=1.0)
