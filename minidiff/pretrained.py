@@ -349,9 +349,8 @@ def load_with_info(path):
     while sampling (True for the DDPM models).
     """
     files = find_files(path)
-    kwargs = unet_kwargs(_read_json(files["unet_config"]), files["unet_config"])
-    betas, diffusion_kwargs, clip = scheduler_settings(_read_json(files["scheduler_config"]),
-                                                       files["scheduler_config"])
+    kwargs = _parse(unet_kwargs, files["unet_config"])
+    betas, diffusion_kwargs, clip = _parse(scheduler_settings, files["scheduler_config"])
     try:
         model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
     except ValueError as err:
@@ -361,6 +360,16 @@ def load_with_info(path):
     info = {"source": os.path.abspath(os.fspath(path)), "image_size": kwargs["image_size"],
             "channels": kwargs["in_channels"], "clip_denoised": clip}
     return model, GaussianDiffusion(betas, **diffusion_kwargs), info
+
+
+def _parse(reader, path):
+    """reader(config, path), with a field of the wrong type (a string for a number, ...) as one PretrainedError."""
+    try:
+        return reader(_read_json(path), path)
+    except PretrainedError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        raise PretrainedError(f"{path}: malformed config ({type(err).__name__}: {err})") from None
 
 
 def save_converted(path, model, diffusion, info):

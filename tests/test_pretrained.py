@@ -398,6 +398,9 @@ def write_folder(path, unet=None, scheduler=None, weights=b"\0" * 8, weights_nam
     ({}, {"beta_schedule": "exponential"}, 'beta_schedule="exponential"'),
     ({}, {"_class_name": "PNDMScheduler"}, '_class_name="PNDMScheduler"'),
     ({}, {"prediction_type": "flow"}, 'prediction_type="flow"'),
+    ({"freq_shift": "one"}, {}, "malformed config"),
+    ({"block_out_channels": 128}, {}, "block_out_channels=128"),
+    ({}, {"num_train_timesteps": "1000"}, 'num_train_timesteps="1000"'),
 ])
 def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, scheduler, field):
     folder = write_folder(tmp_path / "model", unet, scheduler)
