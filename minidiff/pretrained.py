@@ -105,7 +105,8 @@ def _weights_file(folder):
     pickles = [name for name in PICKLES if os.path.isfile(os.path.join(folder, name))]
     if pickles:
         raise PretrainedError(f"{os.path.join(folder, pickles[0])} is a pickle, which minidiff never opens (it can "
-                              f"run code): use the safetensors file {WEIGHTS} of the model repository instead")
+                              f"run code): download {WEIGHTS} from the model repository instead (or, trusting the "
+                              f"file, let diffusers rewrite it: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR))")
     raise PretrainedError(f"{folder}: no {WEIGHTS}")
 
 
