@@ -412,7 +412,8 @@ def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, 
 
 def test_pickle_weights_are_never_opened(tmp_path, monkeypatch):
     """A .bin is a pickle: it can run code when loaded, so minidiff refuses it without opening it."""
-    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes", weights_name="diffusion_pytorch_model.bin")
+    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes",
+                          weights_name="diffusion_pytorch_model.bin")
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
