@@ -153,7 +153,8 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a sample of q(x_t | x_0): Eq. 4."""
         if noise is None:
-            noise = backend.default_generator().normal(_data(x_start).shape, dtype=_data(x_start).dtype)
+            noise = backend.default_generator().normal(_data(x_start).shape, dtype=_data(x_start).dtype,
+                                                       like=_data(x_start))  # on x's backend, not the active one
         return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
                 + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
@@ -217,7 +218,7 @@ class GaussianDiffusion:
     def p_sample(self, model, x, t, noise=None, clip_denoised=True):
         """One reverse step x_t -> x_{t-1} = mu_theta(x_t, t) + sigma_t z (Algorithm 2, line 4); no noise where t == 0."""
         if noise is None:
-            noise = backend.default_generator().normal(x.shape, dtype=x.dtype)
+            noise = backend.default_generator().normal(x.shape, dtype=x.dtype, like=_data(x))
         return self._p_sample(model, x, t, noise, clip_denoised)[0]
 
     def _p_sample(self, model, x, t, noise, clip_denoised):
@@ -228,7 +229,7 @@ class GaussianDiffusion:
 
     def _reverse(self, model, x, start, generator, clip_denoised, progress, draw_noise=None):
         """Run p from timestep `start` down to 0 (Algorithm 2, lines 2-5), yielding every step."""
-        draw_noise = draw_noise or (lambda: generator.normal(x.shape, dtype=x.dtype))
+        draw_noise = draw_noise or (lambda: generator.normal(x.shape, dtype=x.dtype, like=_data(x)))
         for i in tqdm(range(start, -1, -1), desc="sampling", disable=not progress):
             x, pred_xstart = self._p_sample(model, x, self._full_t(x, i), draw_noise(), clip_denoised)
             yield {"t": i, "sample": x, "pred_xstart": pred_xstart}
@@ -302,7 +303,7 @@ class GaussianDiffusion:
             x = (math.sqrt(alpha_bar_prev) * out["pred_xstart"]
                  + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps)
             if sigma > 0:
-                x = x + sigma * generator.normal(x.shape, dtype=x.dtype)
+                x = x + sigma * generator.normal(x.shape, dtype=x.dtype, like=_data(x))
             yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
@@ -327,7 +328,7 @@ class GaussianDiffusion:
         """
         x_start = _data(x_start)
         if noise is None:
-            noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype)
+            noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype, like=x_start)
         noise = _data(noise)
         x_t = self.q_sample(x_start, t, noise)  # Eq. 4
         model_output = model(Tensor(x_t), self._model_timesteps(t))
@@ -381,7 +382,7 @@ class GaussianDiffusion:
         vb, mse = [None] * self.num_timesteps, [None] * self.num_timesteps
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bpd", disable=not progress):
             t = self._full_t(x_start, i)
-            noise = generator.normal(x_start.shape, dtype=x_start.dtype)
+            noise = generator.normal(x_start.shape, dtype=x_start.dtype, like=x_start)
             x_t = self.q_sample(x_start, t, noise)
             with no_grad():
                 terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t), x_start, x_t, t, clip_denoised)
@@ -405,12 +406,12 @@ class GaussianDiffusion:
         xp = backend.xp_of(x_a)
         generator = _generator(seed)
         if noise is None:
-            noise = generator.normal(x_a.shape, dtype=x_a.dtype)
+            noise = generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)
         t_batch = self._full_t(x_a, t)
         xt_a, xt_b = self.q_sample(x_a, t_batch, noise), self.q_sample(x_b, t_batch, _data(noise))
         lambdas = [float(lam) for lam in lambdas]
         mixed = xp.concatenate([(1.0 - lam) * xt_a + lam * xt_b for lam in lambdas])  # (L * N, ...)
-        shared = lambda: xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype)] * len(lambdas))  # noqa: E731
+        shared = lambda: xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)] * len(lambdas))  # noqa: E731
         for step in self._reverse(model, mixed, int(t), generator, clip_denoised, progress, draw_noise=shared):
             pass
         return step["sample"].reshape(len(lambdas), *x_a.shape)

@@ -216,8 +216,9 @@ class Dropout(Function):
 def dropout(x, p, training, generator=None, mask=None):
     """Zero each entry with probability p and scale the rest by 1/(1-p); the identity when not training.
 
-    `mask` (0/1 or bool, x's shape) fixes the kept entries (tests); otherwise it is drawn from
-    `generator` (a backend.Generator; default backend.default_generator()).
+    `mask` (0/1 or bool, x's shape) fixes the kept entries (tests); otherwise it is drawn on x's
+    device by `generator.keep_mask` (a backend.Generator; default backend.default_generator()):
+    no mask is copied from the host, and a seed gives the same masks on numpy and cupy.
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1); got {p}")
@@ -225,7 +226,7 @@ def dropout(x, p, training, generator=None, mask=None):
         return x
     if mask is None:
         generator = generator or backend.default_generator()
-        mask = generator.uniform(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+        mask = generator.keep_mask(x.shape, p, like=x.data if isinstance(x, Tensor) else x)
     elif isinstance(mask, Tensor):
         mask = mask.data
     if tuple(mask.shape) != tuple(x.shape):

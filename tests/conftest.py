@@ -1,10 +1,15 @@
-"""Shared fixtures: the backend fixture and hypothesis profiles.
+"""Shared fixtures: the backend fixture, the strict CuPy stand-in and hypothesis profiles.
 
 HYPOTHESIS_PROFILE=dev (default) keeps the suite fast; "ci" runs more examples.
-Tests marked `gpu` run only where CuPy sees a GPU (MINIDIFF_BACKEND=cupy makes the
-whole suite run its `backend_name`-parametrised tests on cupy as well).
+Tests marked `gpu` run their checks on the `cupy` backend: the real CuPy where it sees a
+GPU, else the strict stand-in of tests/strict_cupy.py (NumPy underneath, CuPy's
+strictness on top), so every CuPy code path runs on every machine. MINIDIFF_STRICT_CUPY
+chooses: "auto" (default) as just said, "1" the stand-in even next to a GPU, "0" never
+(the `gpu` tests then skip without a GPU). MINIDIFF_BACKEND=cupy makes cupy the default
+backend of the whole suite.
 """
 import os
+import sys
 
 # The tests' matrices are small: one BLAS thread avoids oversubscribing the 2 cores
 # when pytest and BLAS threads compete (measured 10-30x slowdowns of tiny GEMMs under
@@ -15,7 +20,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 from hypothesis import HealthCheck, settings
 
-from minidiff import backend
+import strict_cupy  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+
+
+def _real_gpu():
+    """True when a real CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # not installed, broken, or no driver: then the stand-in is the cupy backend
+        return False
+
+
+STANDIN = os.environ.get("MINIDIFF_STRICT_CUPY", "auto")
+if STANDIN not in ("auto", "0", "1"):
+    raise pytest.UsageError(f'MINIDIFF_STRICT_CUPY must be "auto", "0" or "1"; got {STANDIN!r}')
+USING_STANDIN = STANDIN == "1" or (STANDIN == "auto" and not _real_gpu())
+if USING_STANDIN:
+    assert "minidiff" not in sys.modules, "the stand-in must be installed before minidiff.backend imports cupy"
+    strict_cupy.install()
+
+from minidiff import backend  # noqa: E402  (after the stand-in became `cupy`)
 
 settings.register_profile("dev", max_examples=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -28,7 +53,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 def backend_name(request):
     """Run a test once per backend; the cupy run skips cleanly where no GPU is visible."""
     if request.param == "cupy" and not backend.gpu_available():
-        pytest.skip("needs CuPy and a visible NVIDIA GPU")
+        pytest.skip("needs CuPy and a visible NVIDIA GPU (MINIDIFF_STRICT_CUPY=0 turned the stand-in off)")
     previous = backend.backend_name()
     backend.use_backend(request.param)
     yield request.param
@@ -39,5 +64,33 @@ def backend_name(request):
 def _restore_backend_and_seed():
     """Each test starts on the backend the session started with and leaves it so."""
     previous = backend.backend_name()
+    yield
+    backend.use_backend(previous)
+
+
+@pytest.fixture
+def standin():
+    """The strict CuPy stand-in as the active backend, its counters zeroed; skips where a real GPU is the cupy."""
+    if not USING_STANDIN:
+        pytest.skip("the cupy backend is a real CuPy here, not the strict stand-in")
+    previous = backend.backend_name()
+    backend.use_backend("cupy")
+    strict_cupy.reset()
+    yield strict_cupy
+    backend.use_backend(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In CI a skipped test of an optional path is a failure: there everything must run."""
+    if os.environ.get("CI", "").lower() == "true" and not USING_STANDIN and not backend.gpu_available():
+        raise pytest.UsageError("CI runs the cupy paths on the strict stand-in, but MINIDIFF_STRICT_CUPY=0 "
+                                "turned it off")
+
+
+@pytest.fixture
+def numpy_backend():
+    """Pin numpy for a test whose oracle models hand back host float64 arrays (also under MINIDIFF_BACKEND=cupy)."""
+    previous = backend.backend_name()
+    backend.use_backend("numpy")
     yield
     backend.use_backend(previous)

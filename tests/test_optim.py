@@ -14,7 +14,7 @@ def param(values, dtype=np.float32):
 
 
 def host(a):
-    return backend.to_numpy(a.data if hasattr(a, "data") else a)
+    return backend.to_numpy(a.data if isinstance(a, minidiff.Tensor) else a)  # a cupy array's .data is a pointer
 
 
 def set_grad(p, values):
