@@ -508,7 +508,10 @@ def cmd_forward(args):
 
 
 def _forward_frames(cfg):
-    """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
+    """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2).
+
+    On the host in float64 whatever --backend says: one picture through 1000 tiny steps, where
+    a GPU would only add a kernel launch per step."""
     host = backend.host
     rng = host.random.default_rng(cfg.seed)
     name = cfg.image or "mondrian"

@@ -15,9 +15,11 @@ It behaves like CuPy where CuPy is strict, and is stricter where being so costs 
   it. Without CuPy the stand-in still runs, without that check (`NAMES_CHECKED` says which).
 
 Everything is counted in `counts`: "ops" (every module function, ufunc, array method or
-operator call that returns a device array or writes one in place: a proxy for a kernel
-launch), "h2d_bytes" and "d2h_bytes" (host<->device copies), "syncs" (values read back).
-`by_name` breaks the ops down. `reset()` zeroes them.
+operator call that returns a device array, in-place operators included: the issue's proxy
+for a kernel launch), "writes" (calls that only write device data in place and return
+nothing: setitem, fill, ufunc.at; kernels too, counted apart), "h2d_bytes" and "d2h_bytes"
+(host<->device copies), "syncs" (values read back). `by_name` breaks them down by name and,
+with TRACK_SITES, `by_site` by the line of minidiff that asked. `reset()` zeroes them.
 
 Test-only: `install()` makes this module the `cupy` that `import cupy` finds (before
 minidiff.backend is imported); tests/conftest.py and tests/standin_launch.py call it.
@@ -33,6 +35,8 @@ NAMES_CHECKED = False   # True once the names came from a real CuPy
 REAL_CUPY_VERSION = None
 counts = collections.Counter()
 by_name = collections.Counter()
+by_site = collections.Counter()  # "minidiff/x.py:line" -> ops, filled only while TRACK_SITES is True
+TRACK_SITES = False
 _DEVICE_COUNT = 1
 
 
@@ -40,11 +44,12 @@ def reset():
     """Zero the counters."""
     counts.clear()
     by_name.clear()
+    by_site.clear()
 
 
 def snapshot():
-    """The counters as a plain dict (ops, h2d_bytes, d2h_bytes, syncs)."""
-    return {k: int(counts[k]) for k in ("ops", "h2d_bytes", "d2h_bytes", "syncs")}
+    """The counters as a plain dict (ops, writes, h2d_bytes, d2h_bytes, syncs)."""
+    return {k: int(counts[k]) for k in ("ops", "writes", "h2d_bytes", "d2h_bytes", "syncs")}
 
 
 # ---------------------------------------------------------------- names from the real CuPy
@@ -144,11 +149,27 @@ def _wrap(x, keep=()):
     return x
 
 
+def _site():
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "minidiff" in path and "strict_cupy" not in path:
+            return f"{path.rsplit('minidiff', 1)[-1].lstrip('/')}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
 def _result(name, value, keep=(), inplace=False):
-    """Wrap a result and count it as one operation when it is (or wrote) device data."""
+    """Wrap a result and count it: one operation when it returns device data, one write when it
+    only wrote device data in place (setitem, fill, ufunc.at: kernels too, counted apart)."""
     wrapped = _wrap(value, keep)
-    if inplace or _contains_device(wrapped):
+    if _contains_device(wrapped):
         counts["ops"] += 1
+        by_name[name] += 1
+        if TRACK_SITES:
+            by_site[_site()] += 1
+    elif inplace:
+        counts["writes"] += 1
         by_name[name] += 1
     return wrapped
 
@@ -370,17 +391,16 @@ def _make_binary(dunder):
         result = getattr(self._a, dunder)(_operand(other, f"cupy.ndarray.{dunder}"))
         if result is NotImplemented:
             return result
-        if dunder.startswith("__i"):  # in place: NumPy returned self._a
-            _result(dunder, None, inplace=True)
-            return self
+        if dunder.startswith("__i"):  # in place: NumPy returned self._a, and so the operator returns self
+            return _result(dunder, result, (self,))
         return _result(dunder, result, (self,))
     op.__name__ = dunder
     return op
 
 
 for _name in _BINARY:
-    for _dunder in (f"__{_name}__", f"__r{_name}__") + ((f"__i{_name}__",) if _name != "divmod" else ()):
-        setattr(ndarray, _dunder, _make_binary(_dunder))
+    for _dunder in (f"__{_name}__", f"__r{_name}__") + ((f"__i{_name}__",) if _name not in ("divmod", "matmul") else ()):
+        setattr(ndarray, _dunder, _make_binary(_dunder))  # CuPy has no __imatmul__ nor __idivmod__
 for _name in _COMPARE:
     setattr(ndarray, f"__{_name}__", _make_binary(f"__{_name}__"))
 for _dunder in ("__neg__", "__pos__", "__abs__", "__invert__"):
@@ -562,6 +582,7 @@ def check_own_names():
     missing += [f"cupy.ndarray.{n}" for n in _NDARRAY_OWN if n not in NAMES["cupy.ndarray"]]
     missing += [f"cupy.ndarray.{n}" for n in vars(ndarray) if n.startswith("__") and n.endswith("__")
                 and n not in NAMES["cupy.ndarray"] and n not in ("__slots__", "__dict__", "__weakref__", "_a",
+                                                                 "__getattr__",  # how the rest are checked
                                                                  "__module__", "__qualname__", "__firstlineno__",
                                                                  "__static_attributes__")]
     missing += [f"cupy.cuda.runtime.{n}" for n in ("getDeviceCount", "CUDARuntimeError")

@@ -393,3 +393,88 @@ def test_eval_bad_samples(array, argv, message, tmp_path, capsys, monkeypatch):
     assert run("eval", *samples, *argv) == 2
     assert message in one_error_line(capsys)
     assert (tmp_path / "keep.json").read_bytes() == b"earlier results"
+
+
+# ---------------------------------------------------------------- issue 10: every path on the cupy backend
+
+CUPY = ["--backend", "cupy"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory):
+    """Three tiny runs trained on the strict CuPy stand-in: mse with dropout, kl with v, and a 2-D toy."""
+    import conftest
+    import strict_cupy
+    if not conftest.USING_STANDIN:
+        pytest.skip("the cupy backend is a real CuPy here; benchmarks/gpu_check.sh runs this smoke on it")
+    root = tmp_path_factory.mktemp("cupy")
+    runs = {"mse": root / "mse", "kl": root / "kl", "toy": root / "toy"}
+    argv = {"mse": ["--steps", 3, "--dropout", 0.1, *TINY],
+            "kl": ["--steps", 2, "--loss-type", "kl", "--mean-type", "v", *TINY],
+            "toy": ["--data", "swissroll", "--steps", 3, "--num-timesteps", 10, "--batch-size", 16,
+                    "--mlp-hidden", 16, "--num-samples", 16, "--no-progress"]}
+    for name, out in runs.items():
+        strict_cupy.reset()
+        assert run("train", "--out", out, *argv[name], *CUPY) == 0, name
+        assert strict_cupy.counts["ops"] > 100, f"train {name} did not run on the device"
+        assert checkpoint.load(out)["config"]["backend"] == "cupy"
+    return runs
+
+
+SMOKE = {
+    "resume": lambda r, d: ["train", "--out", d / "mse", "--resume", "--steps", 4, *TINY],
+    "sample ddpm png": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 3, "--out", d / "s.png"],
+    "sample respaced npz": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 3, "--steps", 4,
+                                         "--out", d / "s.npz"],
+    "sample ddim eta 1": lambda r, d: ["sample", "--checkpoint", r["kl"], "--num", 3, "--sampler", "ddim",
+                                       "--steps", 4, "--eta", 1.0, "--out", d / "d.png"],
+    "sample progressive": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 2, "--progressive",
+                                        "--frames", 3, "--out", d / "p.png"],
+    "sample toy": lambda r, d: ["sample", "--checkpoint", r["toy"], "--num", 16, "--out", d / "t.png"],
+    "forward demo": lambda r, d: ["forward", "mondrian", "--steps", 3, "--image-size", 16, "--out", d / "f.png"],
+    "forward reverse": lambda r, d: ["forward", "--checkpoint", r["mse"], "--steps", 3, "--num", 2,
+                                     "--out", d / "r.gif"],
+    "interpolate": lambda r, d: ["interpolate", "--checkpoint", r["mse"], "--t", 5, "--pairs", 2, "--lambdas", 3,
+                                 "--out", d / "i.png"],
+    "eval checkpoint": lambda r, d: ["eval", "--checkpoint", r["mse"], "--sampler", "ddim", "--steps", 3,
+                                     "--num", 16, "--out", d / "e.json"],
+    "eval npz": lambda r, d: ["eval", "--samples", d / "h.npz", "--data", "digits", "--num", 32],
+    "eval bpd": lambda r, d: ["eval", "--checkpoint", r["kl"], "--bpd", "--no-metrics", "--bpd-num", 4],
+}
+
+
+# Scoring a file touches no model (the metrics are host float64), and the forward demo is one float64
+# picture pushed through 1000 tiny steps on the host: both accept --backend cupy and run without it.
+HOST_BY_DESIGN = {"eval npz", "forward demo"}
+
+
+@pytest.mark.parametrize("path", list(SMOKE))
+def test_every_cli_path_runs_on_the_cupy_backend(path, device_runs, standin, tmp_path):
+    """Each command with --backend cupy on the strict stand-in: no host array may meet a device one."""
+    if path == "resume":
+        import shutil
+        shutil.copytree(device_runs["mse"], tmp_path / "mse")
+    if path == "eval npz":
+        np.savez(tmp_path / "h.npz", arr_0=heldout_digits_uint8()[:32])
+    assert run(*SMOKE[path](device_runs, tmp_path), *CUPY) == 0, path
+    if path not in HOST_BY_DESIGN:
+        assert standin.counts["ops"] > 50, f"{path} did not run on the device"
+    if path == "resume":
+        assert checkpoint.load(tmp_path / "mse")["step"] == 4
+
+
+def test_minidiff_backend_cupy_trains_on_the_device_with_no_backend_option(tmp_path):
+    """`MINIDIFF_BACKEND=cupy minidiff train` in a fresh process (the stand-in as cupy): it must not train on numpy."""
+    import conftest
+    if not conftest.USING_STANDIN:
+        pytest.skip("the cupy backend is a real CuPy here; benchmarks/gpu_check.sh runs this on it")
+    report = tmp_path / "counts.json"
+    env = dict(os.environ, MINIDIFF_BACKEND="cupy", STRICT_CUPY_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, os.path.join(TESTS, "standin_launch.py"), "train", "--out",
+                             str(tmp_path / "run"), "--steps", "2", *TINY], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.load(tmp_path / "run")["config"]["backend"] == "cupy"
+    assert json.loads(report.read_text())["ops"] > 1000

@@ -167,3 +167,27 @@ def test_mlp_denoiser_learns_a_swiss_roll_direction():
                                      warmup=5, lr=1e-2)))
     losses = [r["loss"] for r in records]
     assert math.isfinite(losses[-1]) and np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+# ---------------------------------------------------------------- issue 10: a step shaped for a GPU
+
+
+def test_a_digits_training_step_fits_the_gpu_budget(standin):
+    """digits preset, --dropout 0.1, batch 64, on the strict CuPy stand-in: per step at most 3000 array
+    operations (kernel launches) and at most 4x the batch's own bytes copied host->device.
+
+    Before issue 10 (commit 0b8bd53): 7214 operations and 2,916,864 bytes (178x: the dropout masks).
+    benchmarks/count_step.py prints the same count with a breakdown.
+    """
+    config = make_config(preset="digits", dropout=0.1, batch_size=64, backend="cupy")
+    trainer = Trainer(config)
+    for _ in range(2):  # warm-up: the schedule tables and group-norm averagers reach the device once
+        trainer.train_step()
+    standin.reset()
+    trainer.train_step()
+    ops, h2d = standin.counts["ops"], standin.counts["h2d_bytes"]
+    batch_bytes = trainer.data[:64].nbytes
+    assert isinstance(trainer.model.parameters()[0].data, standin.ndarray)  # it really ran on the device
+    assert ops <= 3000, f"{ops} array operations per step (budget 3000); see benchmarks/count_step.py --sites"
+    assert h2d <= 4 * batch_bytes, f"{h2d} bytes host->device per step; the batch itself is {batch_bytes}"
+    assert standin.counts["syncs"] <= 2  # the loss and the gradient norm, nothing else
