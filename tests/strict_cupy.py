@@ -511,6 +511,10 @@ class _Runtime:
     def deviceSynchronize():
         counts["syncs"] += 1
 
+    @staticmethod
+    def runtimeGetVersion():
+        return 0  # no CUDA runtime behind the stand-in
+
 
 class _Device:
     def __init__(self, device=0):
@@ -585,7 +589,8 @@ def check_own_names():
                                                                  "__getattr__",  # how the rest are checked
                                                                  "__module__", "__qualname__", "__firstlineno__",
                                                                  "__static_attributes__")]
-    missing += [f"cupy.cuda.runtime.{n}" for n in ("getDeviceCount", "CUDARuntimeError")
+    missing += [f"cupy.cuda.runtime.{n}" for n in ("getDeviceCount", "CUDARuntimeError", "deviceSynchronize",
+                                                   "runtimeGetVersion")
                 if n not in NAMES["cupy.cuda.runtime"]]
     return missing
 
