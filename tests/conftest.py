@@ -80,11 +80,25 @@ def standin():
     backend.use_backend(previous)
 
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
 def pytest_collection_modifyitems(config, items):
-    """In CI a skipped test of an optional path is a failure: there everything must run."""
-    if os.environ.get("CI", "").lower() == "true" and not USING_STANDIN and not backend.gpu_available():
+    """In CI the cupy paths must run: turning the stand-in off there is an error."""
+    if IN_CI and not USING_STANDIN and not backend.gpu_available():
         raise pytest.UsageError("CI runs the cupy paths on the strict stand-in, but MINIDIFF_STRICT_CUPY=0 "
                                 "turned it off")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI a skipped cupy test (gpu-marked, or using the stand-in) is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and (item.get_closest_marker("gpu") or "standin" in item.fixturenames):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: this cupy test must run on the strict stand-in, but it skipped: {reason}"
 
 
 @pytest.fixture
