@@ -74,11 +74,11 @@ def assert_same_run(dir_a, dir_b):
     assert a["rng"] == b["rng"]
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, backend_name):
     """Stop after 3 of 7 steps (closing the generator saves), resume, and compare with one straight run.
 
     Sample grids every 2 steps must not disturb the training's random streams either."""
-    config = tiny(steps=7, sample_every=2)
+    config = tiny(steps=7, sample_every=2, backend=backend_name)
     straight = run_to_end(config, tmp_path / "straight")
 
     run = train(config, tmp_path / "resumed")
@@ -191,3 +191,19 @@ def test_a_digits_training_step_fits_the_gpu_budget(standin):
     assert ops <= 3000, f"{ops} array operations per step (budget 3000); see benchmarks/count_step.py --sites"
     assert h2d <= 4 * batch_bytes, f"{h2d} bytes host->device per step; the batch itself is {batch_bytes}"
     assert standin.counts["syncs"] <= 2  # the loss and the gradient norm, nothing else
+
+
+def test_a_seed_draws_the_same_streams_on_both_backends(standin):
+    """Weights, batches, t, eps and dropout masks: the same numbers on numpy and cupy for one seed.
+
+    The stand-in computes with NumPy, so any difference here is a random stream that differs
+    between the backends (on a GPU, float32 rounding would add its own, smaller, differences).
+    """
+    runs = {}
+    for name in ("numpy", "cupy"):
+        trainer = Trainer(tiny(backend=name))
+        losses = [trainer.train_step()[0] for _ in range(3)]
+        runs[name] = losses, {k: backend.to_numpy(v) for k, v in trainer.model.state_dict().items()}
+    assert runs["numpy"][0] == runs["cupy"][0]
+    for key, value in runs["numpy"][1].items():
+        np.testing.assert_array_equal(value, runs["cupy"][1][key], err_msg=key)
