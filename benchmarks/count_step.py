@@ -55,7 +55,7 @@ def main(argv=None):
     f = count_step(dropout=args.dropout, batch_size=args.batch_size, sites=args.sites)
     print(f"digits preset, dropout {args.dropout}, batch {args.batch_size}, strict CuPy stand-in "
           f"(names checked against a real CuPy: {f['names_checked']})")
-    print(f"| per step | value |\n|---|---|")
+    print("| per step | value |\n|---|---|")
     print(f"| array operations | {f['ops']:.0f} |")
     print(f"| host->device bytes | {f['h2d_bytes']:.0f} ({f['h2d_bytes'] / f['batch_bytes']:.2f}x the batch's "
           f"{f['batch_bytes']} bytes) |")

@@ -411,7 +411,8 @@ class GaussianDiffusion:
         xt_a, xt_b = self.q_sample(x_a, t_batch, noise), self.q_sample(x_b, t_batch, _data(noise))
         lambdas = [float(lam) for lam in lambdas]
         mixed = xp.concatenate([(1.0 - lam) * xt_a + lam * xt_b for lam in lambdas])  # (L * N, ...)
-        shared = lambda: xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)] * len(lambdas))  # noqa: E731
+        shared = lambda: xp.concatenate(  # noqa: E731
+            [generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)] * len(lambdas))
         for step in self._reverse(model, mixed, int(t), generator, clip_denoised, progress, draw_noise=shared):
             pass
         return step["sample"].reshape(len(lambdas), *x_a.shape)

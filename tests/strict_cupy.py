@@ -399,8 +399,9 @@ def _make_binary(dunder):
 
 
 for _name in _BINARY:
-    for _dunder in (f"__{_name}__", f"__r{_name}__") + ((f"__i{_name}__",) if _name not in ("divmod", "matmul") else ()):
-        setattr(ndarray, _dunder, _make_binary(_dunder))  # CuPy has no __imatmul__ nor __idivmod__
+    inplace = (f"__i{_name}__",) if _name not in ("divmod", "matmul") else ()  # CuPy has no __imatmul__, __idivmod__
+    for _dunder in (f"__{_name}__", f"__r{_name}__") + inplace:
+        setattr(ndarray, _dunder, _make_binary(_dunder))
 for _name in _COMPARE:
     setattr(ndarray, f"__{_name}__", _make_binary(f"__{_name}__"))
 for _dunder in ("__neg__", "__pos__", "__abs__", "__invert__"):
