@@ -9,6 +9,8 @@ May import: backend. The operators (+, @, ...) are bound in ops.py.
 Dtype policy:
 - Python numbers and lists become float32 (`backend.DTYPE`); bools and integers
   in an *array* keep their integer dtype (timesteps, labels, indices).
+- An array stays on its own backend (numpy or cupy); move host data with
+  `backend.to_active` first. Numbers and lists go to the active backend.
 - numpy/cupy float32 and float64 arrays keep their dtype; float16 is widened to
   float32. Complex, string and object data are rejected.
 - An op between two tensors follows NumPy's promotion: float32 with float64 gives
@@ -161,6 +163,8 @@ class Tensor:
             grad = xp.ones_like(self.data)
         else:
             grad = _as_array(grad, self.data.dtype)
+            if backend.xp_of(grad) is not xp:  # moved to the tensor's backend: a host .grad on a device tensor
+                grad = backend.to_backend_of(grad, self.data)  # would break every optimizer step after it
             if grad.shape != self.data.shape:
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)} but the tensor has shape {self.shape}")
         root = self if self._node is None else self._node

@@ -176,6 +176,7 @@ def test_clip_denoised_clips_the_x0_prediction():
     np.testing.assert_array_equal(unclipped["pred_xstart"], [[-3.0], [0.5], [2.0]])
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_float32_stays_float32_and_tensors_are_accepted():
     """Coefficients are cast to x's dtype in _extract; even a float64 model output does not promote."""
     d = GaussianDiffusion(LINEAR_100)
@@ -398,6 +399,7 @@ def test_a_wrong_point_set_model_misses_the_points():
 # ---------------------------------------------------------------- DDIM specifics
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_ddim_uses_the_original_spacing_and_one_model_call_per_step():
     d = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
     calls = []
@@ -442,6 +444,7 @@ def test_ddim_with_every_step_and_eta_1_is_ancestral_sampling(clip):
 # ---------------------------------------------------------------- seeds, noise, progress
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_the_same_seed_gives_bit_identical_samples():
     d = GaussianDiffusion(LINEAR_100)
     model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
@@ -468,6 +471,7 @@ def test_progressive_yields_every_step_and_ends_at_p_sample_loop():
         d.p_sample_loop(model, (4, 4), noise=x_T)
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_progress_bar(capsys):
     d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
     d.p_sample_loop(constant_model(np.zeros((1, 1), np.float32)), (1, 1), seed=0, progress=True)
@@ -532,6 +536,7 @@ def test_kl_loss_is_zero_for_a_perfect_x0_model_and_the_decoder_nll_at_t0():
 # ---------------------------------------------------------------- the bound (Eq. 5, Table 2)
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_calc_bpd_loop_adds_up_and_matches_training_losses_column_by_column():
     """total = prior + sum_t vb[:, t]; column t is training_losses' kl term for the same noise."""
     d = GaussianDiffusion(get_named_beta_schedule("cosine", 20), loss_type="kl")
@@ -579,3 +584,15 @@ def test_interpolation_mixes_latents_and_shares_the_reverse_noise():
     np.testing.assert_allclose(out[1], (out[0] + out[2]) / 2, atol=1e-10)
     np.testing.assert_array_equal(out[0], d.interpolate(model, x_a, x_b, 50, [0.0], seed=9, clip_denoised=False)[0])
     assert not np.allclose(out[0], out[2])
+
+
+def test_default_noise_is_drawn_on_the_backend_of_x(standin):
+    """x on the device while numpy is active: every path that draws its own noise stays on x's backend."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
+    x = standin.asarray(np.zeros((2, 1, 2, 2), np.float32))
+    t = standin.asarray(np.array([3, 0]))
+    backend.use_backend("numpy")
+    assert isinstance(d.q_sample(x, t), standin.ndarray)
+    model = lambda x_t, t_: Tensor(x_t.data * 0 if isinstance(x_t, Tensor) else x_t * 0)  # noqa: E731
+    assert isinstance(d.p_sample(model, x, t), standin.ndarray)
+    assert isinstance(d.training_losses(model, x, t)["loss"].data, standin.ndarray)
