@@ -167,19 +167,20 @@ class Generator:
         """Integers in [low, high) as int64."""
         return self._put(self._rng.integers(low, high, shape, dtype=host.int64), like)
 
-    def keep_mask(self, shape, p, like=None):
+    def keep_mask(self, shape, p, like=None, first=0):
         """A bool array of `shape`, each entry True with probability 1 - p (independently), drawn on the device.
 
-        Entry i is the top 24 bits of SplitMix64's output number i of a stream whose start is
-        one uint64 drawn from this generator, compared with round(p 2^24): P(True) = 1 - p up to
-        2^-25. Counter-based, so no device state is kept; integer ops, so bit-identical on
-        numpy and cupy. About a dozen array operations and no host-to-device copy.
+        Entry i is the top 24 bits of SplitMix64's output number first + i of a stream whose start
+        is one uint64 drawn from this generator, compared with round(p 2^24): P(True) = 1 - p up to
+        2^-25. Counter-based, so no device state is kept (and `first` picks any slice of a larger
+        mask); integer ops, so bit-identical on numpy and cupy. About a dozen array operations and
+        no host-to-device copy.
         """
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"keep_mask: p must lie in [0, 1]; got {p}")
         module = xp() if like is None else xp_of(like)
         key = host.uint64(self._rng.integers(0, 2 ** 64, dtype=host.uint64))
-        z = module.arange(int(host.prod(shape, dtype=host.int64)), dtype=host.uint64)
+        z = module.arange(first, first + int(host.prod(shape, dtype=host.int64)), dtype=host.uint64)
         z *= _GAMMA
         z += key               # the stream's state number i: key + (i + 1) gamma, less one gamma
         z ^= z >> _S30

@@ -594,5 +594,6 @@ def test_default_noise_is_drawn_on_the_backend_of_x(standin):
     backend.use_backend("numpy")
     assert isinstance(d.q_sample(x, t), standin.ndarray)
     model = lambda x_t, t_: Tensor(x_t.data * 0 if isinstance(x_t, Tensor) else x_t * 0)  # noqa: E731
-    assert isinstance(d.p_sample(model, x, t), standin.ndarray)
+    assert isinstance(d.p_sample(model, x, t)["sample"], standin.ndarray)
+    assert isinstance(d.q_step(x, t), standin.ndarray)
     assert isinstance(d.training_losses(model, x, t)["loss"].data, standin.ndarray)
