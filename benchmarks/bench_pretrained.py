@@ -60,6 +60,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="BLAS / torch threads")
     parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"))
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip diffusers' side")
+    parser.add_argument("--torch-first", action="store_true",
+                        help="run diffusers before minidiff (the default is after): alternate to see the load's effect")
     args = parser.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -104,14 +106,15 @@ def main():
     x_T = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     print(f"model: {source}; {model.num_parameters():,} parameters; loaded in {load_s:.1f} s")
 
-    rows = []
-    began = time.perf_counter()
-    ours = diffusion.ddim_sample_loop(model, shape, num_steps=args.steps, noise=backend.to_active(x_T), progress=True)
-    ours = backend.to_numpy(ours)
-    rows.append(("minidiff " + args.backend, time.perf_counter() - began, load_average()))
+    rows, results = [], {}
 
-    difference = None
-    if args.torch and diffusers is not None and folder is not None and args.backend == "numpy":
+    def run_minidiff():
+        began = time.perf_counter()
+        x = diffusion.ddim_sample_loop(model, shape, num_steps=args.steps, noise=backend.to_active(x_T), progress=True)
+        results["minidiff"] = backend.to_numpy(x)
+        rows.append(("minidiff " + args.backend, time.perf_counter() - began, load_average()))
+
+    def run_torch():
         unet = diffusers.UNet2DModel.from_pretrained(folder).eval()
         scheduler = diffusers.DDIMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "variance_type"})
         scheduler.set_timesteps(args.steps)
@@ -121,9 +124,15 @@ def main():
             for t in scheduler.timesteps:
                 eps = unet(x, t).sample
                 x = scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+        results["torch"] = x.numpy()
         rows.append((f"diffusers {diffusers.__version__} / torch {torch.__version__}", time.perf_counter() - began,
                      load_average()))
-        difference = float(np.abs(x.numpy() - ours).max())
+
+    runs = [run_minidiff]
+    if args.torch and diffusers is not None and folder is not None and args.backend == "numpy":
+        runs = [run_torch, run_minidiff] if args.torch_first else [run_minidiff, run_torch]
+    for run in runs:
+        run()
 
     print()
     print(f"DDIM-{args.steps}, {args.num} images of {channels}x{size}x{size}, eta 0, one batch:")
@@ -133,8 +142,11 @@ def main():
     for name, seconds, load in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / args.steps:.2f} | {60 * args.num / seconds:.1f} | {load} |")
     if len(rows) == 2:
-        print(f"\nratio minidiff / diffusers: {rows[0][1] / rows[1][1]:.2f}x; "
-              f"max |x_0 minidiff - x_0 diffusers| = {difference:.2e} (same weights, same x_T)")
+        seconds = {name.split()[0]: s for name, s, _ in rows}
+        difference = float(abs(results["minidiff"] - results["torch"]).max())
+        print(f"\nratio minidiff / diffusers: {seconds['minidiff'] / seconds['diffusers']:.2f}x (run in the order "
+              f"{', '.join(name.split()[0] for name, _, _ in rows)}); max |x_0 minidiff - x_0 diffusers| = "
+              f"{difference:.2e} (same weights, same x_T)")
     if tmp is not None:
         tmp.cleanup()
 

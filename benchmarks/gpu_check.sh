@@ -1,59 +1,88 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 7): on a fresh machine with an NVIDIA GPU and CuPy,
-#   1. install minidiff (editable) with its test and gpu extras,
-#   2. run the whole test suite with the cupy backend (gpu-marked tests included),
-#   3. run the speed benchmark with --backend cupy (against PyTorch CUDA when torch sees the GPU).
-# Usage, from the repository root:  bash benchmarks/gpu_check.sh [extra pytest args]
-# Budget: under 8 minutes in all (install ~1 min, tests <= 4.5 min, benchmark <= 3 min); each stage has a timeout.
-# Output: $OUT (or /tmp/gpu_check_out) gets pytest.txt, bench.txt and bench.json.
+# One prepared GPU check (issues 7 and 10), for a machine with an NVIDIA GPU where CuPy is
+# already installed and there may be no network. It installs nothing. From the repository root:
+#
+#     OUT=/some/folder bash benchmarks/gpu_check.sh [extra pytest args]
+#
+#   1. the machine: nvidia-smi, CuPy and its view of the GPU          -> $OUT/env.txt
+#   2. the gpu-marked tests on the real CuPy: every backend-parametrised test's cupy case and
+#      the CLI smoke of every path with --backend cupy (tests/test_cli.py), MINIDIFF_BACKEND=cupy
+#      without --backend included                                      -> $OUT/pytest.txt, pytest.xml
+#   3. the per-step count on the strict stand-in, for reference       -> $OUT/count_step.txt
+#   4. bench_speed.py --backend cupy, against PyTorch CUDA when torch sees the GPU
+#                                                                      -> $OUT/bench.txt, bench.json
+# Budget: under 8 minutes (timeouts: tests 240 s, count 30 s, benchmark 180 s; the rest is seconds).
+# Everything it writes goes under $OUT (default /tmp/gpu_check_out), temporary files included.
+# Exit status: 0 when every stage passed, 1 when one failed, 2 when there is no GPU or CuPy to check.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR/tmp"
+export TMPDIR="$OUT_DIR/tmp"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the checkout itself: nothing to install
+export MINIDIFF_STRICT_CUPY=0                         # the real CuPy, never the stand-in, for stage 2
+export PIP_NO_INDEX=1                                 # no network: nothing may try to download
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$OUT_DIR/tmp/cupy_kernel_cache}  # compiled kernels, deleted at the end
 start=$(date +%s)
-stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT_DIR/log.txt"; }
+failed=0
 
-# Stop before installing anything (CuPy is ~100 MB) where there is no NVIDIA GPU to check.
+# 1. The machine. Stop early, installing nothing, where there is nothing to check.
 if ! gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null); then
-    stamp "FAIL: nvidia-smi finds no NVIDIA GPU here; nothing to check (and nothing installed)"
+    stamp "FAIL: nvidia-smi finds no NVIDIA GPU here; nothing to check"
     exit 2
 fi
-stamp "machine: $gpu"
-
-# 1. Install. A preinstalled CuPy (any cupy-cudaXXx wheel) is kept: installing cupy-cuda12x on
-#    top of another CuPy wheel would clash. The machine may have no network: when everything the
-#    tests need already imports, install without dependencies (no index needed); pip gets short
-#    timeouts either way, and the checkout on PYTHONPATH is the last resort.
-PIP="$PY -m pip install -q --timeout 10 --retries 1"
-if "$PY" -c "import cupy, numpy, pytest, hypothesis, PIL, tqdm, safetensors" 2>/dev/null; then
-    stamp "CuPy $("$PY" -c 'import cupy; print(cupy.__version__)') and the test tools already installed"
-    $PIP --no-deps --no-build-isolation -e . || stamp "editable install failed; using the checkout on PYTHONPATH"
-elif "$PY" -c "import cupy" 2>/dev/null; then
-    stamp "CuPy $("$PY" -c 'import cupy; print(cupy.__version__)') already installed; installing minidiff[test]"
-    $PIP -e ".[test]" || stamp "pip install failed; using the checkout on PYTHONPATH"
-else
-    stamp "installing minidiff[test,gpu]"
-    $PIP -e ".[test,gpu]" || stamp "pip install failed; using the checkout on PYTHONPATH"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import minidiff.backend as b, sys; sys.exit(0 if b.gpu_available() else 1)"; then
-    stamp "FAIL: CuPy is not importable or sees no GPU; nothing to check"
+{ echo "gpu: $gpu"; nvidia-smi 2>&1 | head -15; } > "$OUT_DIR/env.txt"
+if ! "$PY" - >> "$OUT_DIR/env.txt" 2>&1 <<'EOF'
+import sys
+import cupy, numpy
+import minidiff.backend as b
+ok, why = b.gpu_status()
+print("python", sys.version.split()[0], "| numpy", numpy.__version__, "| cupy", cupy.__version__,
+      "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "| devices", cupy.cuda.runtime.getDeviceCount())
+print("minidiff sees the GPU:", ok, why)
+sys.exit(0 if ok else 1)
+EOF
+then
+    stamp "FAIL: CuPy is not importable or sees no GPU (see $OUT_DIR/env.txt); install the extra the README names"
+    cat "$OUT_DIR/env.txt"
     exit 2
 fi
+for tool in pytest hypothesis PIL tqdm safetensors; do
+    if ! "$PY" -c "import $tool" 2>/dev/null; then
+        stamp "FAIL: $tool is missing and this check installs nothing: pip install -e '.[test]' first"
+        exit 2
+    fi
+done
+stamp "machine: $gpu; $(tail -2 "$OUT_DIR/env.txt" | head -1)"
 
-# 2. The whole suite on cupy. MINIDIFF_BACKEND makes cupy the default backend; the backend_name
-#    fixture also runs each parametrised test on numpy, and -m "gpu or not gpu" selects everything.
-stamp "pytest with MINIDIFF_BACKEND=cupy"
-MINIDIFF_BACKEND=cupy HYPOTHESIS_PROFILE=dev timeout 270 "$PY" -m pytest -q -m "gpu or not gpu" \
-    --durations=10 "$@" 2>&1 | tee "$OUT_DIR/pytest.txt" | tail -40
-test_rc=${PIPESTATUS[0]}
+# 2. The gpu-marked tests and the CLI smoke on the real CuPy.
+stamp "pytest -m gpu on the real CuPy (cupy cases of the backend tests, CLI smoke of every path)"
+MINIDIFF_BACKEND=cupy HYPOTHESIS_PROFILE=dev timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+    --basetemp="$OUT_DIR/tmp/pytest" --junitxml="$OUT_DIR/pytest.xml" --durations=10 "$@" \
+    > "$OUT_DIR/pytest.txt" 2>&1
+test_rc=$?
+tail -25 "$OUT_DIR/pytest.txt"
 stamp "pytest exit code $test_rc"
+[ "$test_rc" -eq 0 ] || failed=1
+rm -rf "$OUT_DIR/tmp/pytest"   # checkpoints and pictures of the smoke: only the reports are kept
 
-# 3. The benchmark on the GPU. The training step of every config fits easily on a modern GPU.
-stamp "benchmark --backend cupy"
-timeout 170 "$PY" benchmarks/bench_speed.py --backend cupy --warmup 3 --reps 10 --timeout 60 \
-    --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt"
-bench_rc=${PIPESTATUS[0]}
-stamp "benchmark exit code $bench_rc; done"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+# 3. What a training step asks of the GPU, counted on the stand-in (the figure the tests hold).
+stamp "count_step.py (strict stand-in, for reference)"
+MINIDIFF_STRICT_CUPY=1 timeout 30 "$PY" benchmarks/count_step.py --json "$OUT_DIR/count_step.json" \
+    > "$OUT_DIR/count_step.txt" 2>&1 || failed=1
+head -9 "$OUT_DIR/count_step.txt"
+
+# 4. The speed benchmark on the GPU (minidiff on CuPy against PyTorch CUDA where torch sees the GPU).
+stamp "bench_speed.py --backend cupy"
+timeout 180 "$PY" benchmarks/bench_speed.py --backend cupy --warmup 3 --reps 10 --timeout 60 \
+    --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
+bench_rc=$?
+cat "$OUT_DIR/bench.txt"
+stamp "benchmark exit code $bench_rc"
+[ "$bench_rc" -eq 0 ] || failed=1
+
+rm -rf "$OUT_DIR/tmp"
+stamp "done: tests $test_rc, benchmark $bench_rc; reports in $OUT_DIR"
+exit "$failed"

@@ -37,7 +37,7 @@ def train_with_progress(config, out_dir):
     return out_dir
 
 
-def digits_model(run_dir="runs/digits", steps=0, backend_name="numpy", conditional=False):
+def digits_model(run_dir="runs/digits", steps=0, backend_name=backend.default_name(), conditional=False):
     """(model, diffusion, config, info) of a digits run: reuse `run_dir` if it holds a finished
     checkpoint (e.g. from `minidiff train`), else train the default preset there first
     (with `conditional`, the class-conditional model of `minidiff train --conditional`)."""

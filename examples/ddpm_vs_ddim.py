@@ -12,7 +12,7 @@ from common import digits_model
 from minidiff import backend, images
 
 
-def main(run_dir="runs/digits", num=8, seed=0, backend_name="numpy", out="ddpm_vs_ddim.png"):
+def main(run_dir="runs/digits", num=8, seed=0, backend_name=backend.default_name(), out="ddpm_vs_ddim.png"):
     """Sample NUM digits with DDPM (1000 steps), DDIM (50) and DDIM (10) from shared noise."""
     model, diffusion, _, info = digits_model(run_dir, backend_name=backend_name)
     shape = (num, info["channels"], info["image_size"], info["image_size"])

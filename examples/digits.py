@@ -13,7 +13,7 @@ from minidiff.train import load_model, make_config, train
 host = backend.host
 
 
-def main(steps=0, run_dir="runs/digits_example", num=64, seed=0, backend_name="numpy", out="digits.png"):
+def main(steps=0, run_dir="runs/digits_example", num=64, seed=0, backend_name=backend.default_name(), out="digits.png"):
     """Train on the bundled digits (STEPS=0: the preset's count) and draw NUM samples."""
     config = make_config("digits", seed=seed, backend=backend_name, **({"steps": steps} if steps else {}))
     began = time.perf_counter()

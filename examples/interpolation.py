@@ -13,7 +13,7 @@ from minidiff import backend, data, images
 host = backend.host
 
 
-def main(run_dir="runs/digits", lambdas=9, seed=0, backend_name="numpy", out="interpolation.png"):
+def main(run_dir="runs/digits", lambdas=9, seed=0, backend_name=backend.default_name(), out="interpolation.png"):
     """Interpolate one held-out pair at t = 100, 250 and 500 (rows), LAMBDAS mixing weights (columns)."""
     model, diffusion, config, _ = digits_model(run_dir, backend_name=backend_name)
     heldout, labels, _ = data.load_images(config.data, "heldout")

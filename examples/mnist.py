@@ -13,7 +13,7 @@ from minidiff import backend, checkpoint, images
 from minidiff.train import load_model, make_config, train
 
 
-def main(steps=0, run_dir="runs/mnist", num=36, sampler_steps=0, seed=0, backend_name="numpy", out="mnist.png"):
+def main(steps=0, run_dir="runs/mnist", num=36, sampler_steps=0, seed=0, backend_name=backend.default_name(), out="mnist.png"):
     """Train (or resume) the mnist preset; sample NUM images (SAMPLER_STEPS>0: DDIM with that many steps)."""
     backend.use_backend(backend_name)
     config = make_config("mnist", seed=seed, backend=backend_name, **({"steps": steps} if steps else {}))

@@ -9,7 +9,7 @@ from common import digits_model
 from minidiff import backend, images
 
 
-def main(run_dir="runs/digits", num=8, frames=10, seed=0, backend_name="numpy", out="progressive.png"):
+def main(run_dir="runs/digits", num=8, frames=10, seed=0, backend_name=backend.default_name(), out="progressive.png"):
     """NUM chains (rows); FRAMES columns of x_0 predictions from t = T down to t = 1."""
     model, diffusion, _, info = digits_model(run_dir, backend_name=backend_name)
     T = diffusion.num_timesteps

@@ -11,7 +11,7 @@ from minidiff.train import Trainer, make_config
 host = backend.host
 
 
-def main(dataset="swissroll", steps=0, num=1000, paths=60, seed=0, backend_name="numpy", out="swissroll.png"):
+def main(dataset="swissroll", steps=0, num=1000, paths=60, seed=0, backend_name=backend.default_name(), out="swissroll.png"):
     """Train the toy2d preset on DATASET (swissroll, 8gaussians, moons, checkerboard) and plot it."""
     config = make_config("toy2d", data=dataset, seed=seed, backend=backend_name, **({"steps": steps} if steps else {}))
     trainer = Trainer(config)                 # the same object train() drives, used directly here

@@ -39,6 +39,13 @@ def _opt(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _backend_opt():
+    """--backend, whose default is MINIDIFF_BACKEND (read when the parser is built), else numpy."""
+    return field(default_factory=backend.default_name,
+                 metadata={"help": "array backend: numpy (CPU) or cupy (NVIDIA GPU); default $MINIDIFF_BACKEND "
+                                   "or numpy", "choices": backend.NAMES})
+
+
 # ---------------------------------------------------------------- the subcommands' configs
 
 
@@ -72,7 +79,7 @@ class SampleConfig:
     frames: int = _opt(10, "columns of the --progressive strip")
     batch_size: int = _opt(256, "images per sampling batch (memory)")
     seed: int = _opt(0, "seed of the noise")
-    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+    backend: str = _backend_opt()
 
 
 @dataclass
@@ -91,7 +98,7 @@ class ForwardConfig:
                               "which holds every frame of 13 chains)")
     ema: bool = _opt(True, "with --checkpoint: use the EMA weights")
     seed: int = _opt(0, "seed of the noise (and of the mondrian picture)")
-    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+    backend: str = _backend_opt()
 
 
 @dataclass
@@ -109,7 +116,7 @@ class InterpolateConfig:
     guidance: float = _opt(None, GUIDANCE_HELP, type=float)
     ema: bool = _opt(True, "use the EMA weights")
     seed: int = _opt(0, "seed of the pairs and the noise")
-    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+    backend: str = _backend_opt()
 
 
 @dataclass
@@ -142,7 +149,7 @@ class EvalConfig:
     out: str = _opt(None, "also write the report as JSON to this file")
     seed: int = _opt(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
                         "of the floor's draws and of the bound's Monte Carlo terms")
-    backend: str = _opt("numpy", "array backend", choices=("numpy", "cupy"))
+    backend: str = _backend_opt()
 
 
 @dataclass
@@ -413,6 +420,8 @@ def train_config_from_args(args):
             raise UsageError("--resume and --overwrite contradict each other")
         state = on_root(lambda: checkpoint.load(ckpt))  # CheckpointError: missing or corrupt, naming the file
         values = {**state["config"], **given}
+        if "backend" not in given and os.environ.get("MINIDIFF_BACKEND"):  # this machine's default beats the run's
+            values["backend"] = backend.default_name()
         if preset is not None and preset != values["preset"]:
             raise UsageError(f"cannot resume with --preset {preset}: the run was trained with {values['preset']}")
         try:
@@ -643,7 +652,10 @@ def cmd_forward(args):
 
 
 def _forward_picture(cfg):
-    """x_0 for the forward demo: the IMAGE file or a seeded Mondrian, float64 (C, H, W) in [-1, 1]."""
+    """x_0 for the forward demo: the IMAGE file or a seeded Mondrian, float64 (C, H, W) in [-1, 1].
+
+    The forward demo runs on the host in float64 whatever --backend says: one picture through
+    1000 tiny steps, where a GPU would only add a kernel launch per step."""
     host = backend.host
     name = cfg.image or "mondrian"
     if name == "mondrian":

@@ -183,7 +183,8 @@ class GaussianDiffusion:
         Composed from x_0, these steps give a sample of Eq. 4 (tests/test_diffusion.py checks the moments).
         """
         if noise is None:
-            noise = self._noise_like(_data(x_prev), backend.default_generator())
+            x = _data(x_prev)
+            noise = backend.default_generator().normal(x.shape, dtype=x.dtype, like=x)
         return (self._extract("sqrt_alphas", t, x_prev) * x_prev
                 + self._extract("sqrt_betas", t, x_prev) * noise)
 
@@ -197,7 +198,8 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a sample of q(x_t | x_0): Eq. 4."""
         if noise is None:
-            noise = backend.default_generator().normal(_data(x_start).shape, dtype=_data(x_start).dtype)
+            noise = backend.default_generator().normal(_data(x_start).shape, dtype=_data(x_start).dtype,
+                                                       like=_data(x_start))  # on x's backend, not the active one
         return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
                 + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
@@ -273,7 +275,7 @@ class GaussianDiffusion:
         batch may mix timesteps. Returns {"sample": x_{t-1}, "pred_xstart": x_0_hat}.
         """
         if noise is None:
-            noise = self._noise_like(x, backend.default_generator())
+            noise = backend.default_generator().normal(x.shape, dtype=x.dtype, like=x)
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs=model_kwargs, guidance=guidance)
         nonzero = (backend.xp_of(x).asarray(_data(t)) != 0).astype(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return {"sample": out["mean"] + nonzero * out["variance"] ** 0.5 * noise, "pred_xstart": out["pred_xstart"]}
@@ -295,7 +297,7 @@ class GaussianDiffusion:
         generator = _generator(seed)
         x = self._initial_noise(shape, noise, generator)                                  # line 1
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):  # line 2
-            z = self._noise_like(x, generator)                                             # line 3 (zeroed at i = 0)
+            z = generator.normal(x.shape, dtype=x.dtype, like=x)                          # line 3 (zeroed at i = 0)
             out = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised, model_kwargs, guidance)  # line 4
             x = out["sample"]
             yield {"t": i, "sample": x, "pred_xstart": out["pred_xstart"]}
@@ -310,12 +312,6 @@ class GaussianDiffusion:
                                                    model_kwargs, guidance):
             pass
         return step["sample"]
-
-    def _noise_like(self, x, generator):
-        """Standard normal noise shaped like x, in x's dtype, on x's backend (drawn on the host stream)."""
-        z = generator.normal(x.shape, dtype=x.dtype)
-        xp = backend.xp_of(x)
-        return backend.to_numpy(z) if xp is host else xp.asarray(z)
 
     def _initial_noise(self, shape, noise, generator):
         """x_T ~ N(0, I) (Algorithm 2, line 1), or the caller's `noise`."""
@@ -372,7 +368,7 @@ class GaussianDiffusion:
             sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * math.sqrt(1 - alpha_bar / alpha_bar_prev)
             x = math.sqrt(alpha_bar_prev) * pred_xstart + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps
             if sigma > 0:
-                x = x + sigma * self._noise_like(x, generator)
+                x = x + sigma * generator.normal(x.shape, dtype=x.dtype, like=x)
             yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": pred_xstart}
 
     def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
@@ -398,7 +394,7 @@ class GaussianDiffusion:
         """
         x_start = _data(x_start)
         if noise is None:
-            noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype)
+            noise = backend.default_generator().normal(x_start.shape, dtype=x_start.dtype, like=x_start)
         noise = _data(noise)
         x_t = self.q_sample(x_start, t, noise)  # Eq. 4
         model_output = model(Tensor(x_t), self._model_timesteps(t), **(model_kwargs or {}))
@@ -454,7 +450,7 @@ class GaussianDiffusion:
         vb, mse = [None] * self.num_timesteps, [None] * self.num_timesteps
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bpd", disable=not progress):
             t = self._full_t(x_start, i)
-            noise = generator.normal(x_start.shape, dtype=x_start.dtype)
+            noise = generator.normal(x_start.shape, dtype=x_start.dtype, like=x_start)
             x_t = self.q_sample(x_start, t, noise)
             with no_grad():
                 terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t, model_kwargs), x_start, x_t, t,
@@ -481,7 +477,7 @@ class GaussianDiffusion:
         xp = backend.xp_of(x_a)
         generator = _generator(seed)
         if noise is None:
-            noise = generator.normal(x_a.shape, dtype=x_a.dtype)
+            noise = generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)
         t_batch = self._full_t(x_a, t)
         xt_a, xt_b = self.q_sample(x_a, t_batch, noise), self.q_sample(x_b, t_batch, _data(noise))
         lambdas = [float(lam) for lam in lambdas]
@@ -490,6 +486,6 @@ class GaussianDiffusion:
         if model_kwargs and model_kwargs.get("y") is not None:   # one label per pair, repeated for each lambda
             model_kwargs = {**model_kwargs, "y": xp.concatenate([xp.asarray(_data(model_kwargs["y"]))] * len(lambdas))}
         for i in tqdm(range(int(t), -1, -1), desc="sampling", disable=not progress):   # Algorithm 2 from step t
-            z = xp.concatenate([self._noise_like(x_a, generator)] * len(lambdas))         # one z for every lambda
+            z = xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)] * len(lambdas))  # one z, every lambda
             x = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised, model_kwargs, guidance)["sample"]
         return x.reshape(len(lambdas), *x_a.shape)

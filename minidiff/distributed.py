@@ -282,17 +282,16 @@ class ShardedGenerator(backend.Generator):
     def _global(self, shape):
         return (shape[0] * self.size, *shape[1:])
 
-    def normal(self, shape, dtype=backend.DTYPE):
+    def normal(self, shape, dtype=backend.DTYPE, like=None):
         shape = tuple(shape)
         draws = self._rng.standard_normal(self._global(shape), dtype=backend.host.float64)
-        return backend.to_active(self._rows(draws).astype(dtype))
+        return self._put(self._rows(draws).astype(dtype), like)
 
-    def integers(self, low, high, shape):
+    def integers(self, low, high, shape, like=None):
         shape = tuple(shape)
-        return backend.to_active(self._rows(self._rng.integers(low, high, self._global(shape),
-                                                               dtype=backend.host.int64)))
+        return self._put(self._rows(self._rng.integers(low, high, self._global(shape), dtype=backend.host.int64)), like)
 
-    def uniform(self, shape, low=0.0, high=1.0, dtype=backend.DTYPE):
+    def uniform(self, shape, low=0.0, high=1.0, dtype=backend.DTYPE, like=None):
         shape = tuple(shape)
         per_rank = math.prod(shape)
         bits = self._rng.bit_generator
@@ -302,4 +301,9 @@ class ShardedGenerator(backend.Generator):
         bits.advance((self.size - 1 - self.rank) * per_rank)     # and of the ranks after it
         if before["has_uint32"]:
             bits.state = {**bits.state, "has_uint32": before["has_uint32"], "uinteger": before["uinteger"]}
-        return backend.to_active(draws.astype(dtype))
+        return self._put(draws.astype(dtype), like)
+
+    def keep_mask(self, shape, p, like=None, first=0):
+        """Dropout masks are counter-based (backend.Generator.keep_mask): this rank's rows are the
+        entries after the earlier ranks' of the one global mask, from the same one key."""
+        return super().keep_mask(shape, p, like=like, first=first + self.rank * math.prod(shape))

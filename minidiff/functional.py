@@ -94,8 +94,35 @@ def silu(x):
 
 
 def _is_channels_last(x):
-    """True when the (N, C, H, W) array x is stored as (N, H, W, C), as conv2d returns it."""
-    return x.ndim == 4 and not x.flags.c_contiguous and x.transpose(0, 2, 3, 1).flags.c_contiguous
+    """True when the (N, C, H, W) array x is stored as (N, H, W, C), as conv2d returns it.
+
+    Read from the strides (no transposed view: on a GPU every view is a call), ignoring
+    axes of length 1 as NumPy's contiguity flags do.
+    """
+    if x.ndim != 4 or x.flags.c_contiguous:
+        return False
+    n, c, h, w = x.shape
+    size = x.itemsize
+    expected = (h * w * c * size, size, w * c * size, c * size)   # strides of an (N, H, W, C) layout
+    return all(s == e for s, e, length in zip(x.strides, expected, x.shape) if length != 1)
+
+
+_averagers = {}  # (backend, dtype, C, G, count) -> the (C, C) group-averaging matrix
+
+
+def _group_averager(xp, c, g, count, dtype):
+    """A (C, C) matrix A with A[i, j] = 1/count when channels i and j share a group, else 0.
+
+    (per-channel sums (N, C)) @ A = each channel's group mean, already broadcast back to
+    (N, C): one small GEMM instead of a reshape, a sum, a division and a broadcast.
+    Built once per shape, on the host, and kept on the device.
+    """
+    key = (xp.__name__, str(dtype), c, g, count)
+    a = _averagers.get(key)
+    if a is None:
+        groups = backend.host.arange(c) // (c // g)
+        a = _averagers[key] = xp.asarray((groups[:, None] == groups[None, :]) / count, dtype=dtype)
+    return a
 
 
 def _spatial_view(x):
@@ -132,14 +159,11 @@ class GroupNorm(Function):
         sub = "ncs" if axis == 1 else "nsc"
         count = v.size // (n * g)                                  # entries per group
         per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (N, C) -> broadcastable
+        group_mean = _group_averager(xp, c, g, count, x.dtype)    # (N, C) sums @ it = (N, C) group means
 
-        def group_mean(per_channel_sum):                           # (N, C) sums -> (N, C) group means
-            m = per_channel_sum.reshape(n, g, -1).sum(axis=2, keepdims=True) / count
-            return xp.broadcast_to(m, (n, g, c // g)).reshape(n, c)
-
-        mean = group_mean(xp.einsum(sub + "->nc", v))
+        mean = xp.einsum(sub + "->nc", v) @ group_mean
         d = v - per_c(mean)                                        # x - mean_g
-        rstd = 1 / xp.sqrt(group_mean(xp.einsum(f"{sub},{sub}->nc", d, d)) + x.dtype.type(eps))  # (N, C)
+        rstd = 1 / xp.sqrt(xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean + x.dtype.type(eps))  # (N, C)
         scale = rstd * affine[0] if has_weight else rstd           # y = d * scale + bias
         out = d                                                    # d is a temporary (x is saved): reuse it
         out *= per_c(scale.astype(x.dtype, copy=False))
@@ -173,12 +197,12 @@ class GroupNorm(Function):
         if need[0]:
             # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
             w = weight if weight is not None else 1
-            m1 = (sum_g * w).reshape(n, g, -1).sum(axis=2, keepdims=True) / count        # mean_g(gh), (N, G, 1)
-            m2 = (sum_g_xhat * w).reshape(n, g, -1).sum(axis=2, keepdims=True) / count   # mean_g(gh x_hat)
-            expand = lambda a: xp.broadcast_to(a, (n, g, c // g)).reshape(n, c)         # noqa: E731
+            group_mean = _group_averager(xp, c, g, count, v.dtype)
+            m1 = (sum_g * w) @ group_mean                                                # mean_g(gh), (N, C)
+            m2 = (sum_g_xhat * w) @ group_mean                                           # mean_g(gh x_hat)
             dtype = grad.dtype
-            d *= per_c((-expand(m2) * rstd * rstd).astype(dtype, copy=False))            # - rstd x_hat mean_g(gh x_hat)
-            d -= per_c((expand(m1) * rstd).astype(dtype, copy=False))                    # - rstd mean_g(gh)
+            d *= per_c((-m2 * rstd * rstd).astype(dtype, copy=False))                    # - rstd x_hat mean_g(gh x_hat)
+            d -= per_c((m1 * rstd).astype(dtype, copy=False))                            # - rstd mean_g(gh)
             gx = gv * per_c((rstd * w).astype(dtype, copy=False))                        # + rstd gh
             gx += d
             grads[0] = _from_spatial_view(gx, shape, axis)
@@ -216,8 +240,9 @@ class Dropout(Function):
 def dropout(x, p, training, generator=None, mask=None):
     """Zero each entry with probability p and scale the rest by 1/(1-p); the identity when not training.
 
-    `mask` (0/1 or bool, x's shape) fixes the kept entries (tests); otherwise it is drawn from
-    `generator` (a backend.Generator; default backend.default_generator()).
+    `mask` (0/1 or bool, x's shape) fixes the kept entries (tests); otherwise it is drawn on x's
+    device by `generator.keep_mask` (a backend.Generator; default backend.default_generator()):
+    no mask is copied from the host, and a seed gives the same masks on numpy and cupy.
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1); got {p}")
@@ -225,7 +250,7 @@ def dropout(x, p, training, generator=None, mask=None):
         return x
     if mask is None:
         generator = generator or backend.default_generator()
-        mask = generator.uniform(x.shape, dtype=x.dtype) >= x.dtype.type(p)
+        mask = generator.keep_mask(x.shape, p, like=x.data if isinstance(x, Tensor) else x)
     elif isinstance(mask, Tensor):
         mask = mask.data
     if tuple(mask.shape) != tuple(x.shape):

@@ -472,10 +472,12 @@ class GetItem(Function):
 
 
 def getitem(a, index):
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    def on_device(i):  # host index arrays go to a's backend once: the backward's add.at needs them there too
+        i = i.data if isinstance(i, Tensor) else i
+        if isinstance(a, Tensor) and backend.is_array(i) and backend.xp_of(i) is not backend.xp_of(a.data):
+            return backend.xp_of(a.data).asarray(backend.to_numpy(i))
+        return i
+    index = tuple(on_device(i) for i in index) if isinstance(index, tuple) else on_device(index)
     return GetItem.apply(a, index=index)
 
 

@@ -77,7 +77,9 @@ class FlatParameters:
     Building one adopts the parameters: their data is copied in and p.data rebound to
     the view (updates are in place from then on). Use `FlatParameters.of(params)`: it
     returns the buffer the parameters already share, so an optimizer and an EMA of the
-    same model work on one buffer. All parameters must share one dtype and backend.
+    same model work on one buffer. (Two buffers over overlapping parameter lists stay
+    correct, adopt() copies the values across, but each switch costs a copy per parameter.)
+    All parameters must share one dtype and backend.
     """
 
     def __init__(self, params):

@@ -105,7 +105,8 @@ def _weights_file(folder):
     pickles = [name for name in PICKLES if os.path.isfile(os.path.join(folder, name))]
     if pickles:
         raise PretrainedError(f"{os.path.join(folder, pickles[0])} is a pickle, which minidiff never opens (it can "
-                              f"run code): use the safetensors file {WEIGHTS} of the model repository instead")
+                              f"run code): download {WEIGHTS} from the model repository instead (or, trusting the "
+                              f"file, let diffusers rewrite it: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR))")
     raise PretrainedError(f"{folder}: no {WEIGHTS}")
 
 
@@ -349,9 +350,8 @@ def load_with_info(path):
     while sampling (True for the DDPM models).
     """
     files = find_files(path)
-    kwargs = unet_kwargs(_read_json(files["unet_config"]), files["unet_config"])
-    betas, diffusion_kwargs, clip = scheduler_settings(_read_json(files["scheduler_config"]),
-                                                       files["scheduler_config"])
+    kwargs = _parse(unet_kwargs, files["unet_config"])
+    betas, diffusion_kwargs, clip = _parse(scheduler_settings, files["scheduler_config"])
     try:
         model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
     except ValueError as err:
@@ -361,6 +361,16 @@ def load_with_info(path):
     info = {"source": os.path.abspath(os.fspath(path)), "image_size": kwargs["image_size"],
             "channels": kwargs["in_channels"], "clip_denoised": clip}
     return model, GaussianDiffusion(betas, **diffusion_kwargs), info
+
+
+def _parse(reader, path):
+    """reader(config, path), with a field of the wrong type (a string for a number, ...) as one PretrainedError."""
+    try:
+        return reader(_read_json(path), path)
+    except PretrainedError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        raise PretrainedError(f"{path}: malformed config ({type(err).__name__}: {err})") from None
 
 
 def save_converted(path, model, diffusion, info):

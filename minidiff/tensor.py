@@ -9,6 +9,8 @@ May import: backend. The operators (+, @, ...) are bound in ops.py.
 Dtype policy:
 - Python numbers and lists become float32 (`backend.DTYPE`); bools and integers
   in an *array* keep their integer dtype (timesteps, labels, indices).
+- An array stays on its own backend (numpy or cupy); move host data with
+  `backend.to_active` first. Numbers and lists go to the active backend.
 - numpy/cupy float32 and float64 arrays keep their dtype; float16 is widened to
   float32. Complex, string and object data are rejected.
 - An op between two tensors follows NumPy's promotion: float32 with float64 gives
@@ -161,6 +163,8 @@ class Tensor:
             grad = xp.ones_like(self.data)
         else:
             grad = _as_array(grad, self.data.dtype)
+            if backend.xp_of(grad) is not xp:  # moved to the tensor's backend: a host .grad on a device tensor
+                grad = backend.to_backend_of(grad, self.data)  # would break every optimizer step after it
             if grad.shape != self.data.shape:
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)} but the tensor has shape {self.shape}")
         root = self if self._node is None else self._node
@@ -173,19 +177,7 @@ class Tensor:
             if g is None:
                 continue
             if node._fn is None:  # a leaf: accumulate across backward() calls, as PyTorch does
-                into = node.grad_into
-                if into is not None and (node.grad is None or node.grad is into):
-                    if node.grad is None:
-                        into[...] = g  # straight into the flat gradient buffer: one copy, no allocation
-                    else:
-                        into += g  # the buffer is ours, so accumulating in place is safe
-                    node.grad = into
-                    continue
-                if node.grad is not None:
-                    node.grad = node.grad + g
-                else:  # own the array: optimizers update .grad in place, and views or shared arrays would leak
-                    node.grad = g.copy() if (g.base is not None or id(g) in given) else g
-                    given.add(id(node.grad))
+                _accumulate_leaf_grad(node, g, given)
                 continue
             if node._ctx is None:
                 raise RuntimeError("backward() through a graph whose saved arrays were already freed; "
@@ -200,6 +192,29 @@ class Tensor:
                 grads[key] = pg if key not in grads else grads[key] + pg  # a reused tensor sums its terms
             if not retain_graph:
                 node._ctx, node._parents = None, ()
+
+
+def _accumulate_leaf_grad(leaf, g, given):
+    """leaf.grad += g, where leaf.grad must end up an array that belongs to this leaf alone.
+
+    Why "alone": optimizers update .grad in place, so a leaf must never hold a view of another
+    array, nor an array already handed to another leaf in this pass (`given`: a backward such as
+    Add's may return one array for both inputs). A leaf with `grad_into` (a parameter in
+    optim.FlatParameters) gets its gradient written into its slot of the flat buffer instead.
+    """
+    into = leaf.grad_into
+    if into is not None and (leaf.grad is None or leaf.grad is into):
+        if leaf.grad is None:
+            into[...] = g      # straight into the flat gradient buffer: one copy, no allocation
+        else:
+            into += g          # the buffer is ours, so accumulating in place is safe
+        leaf.grad = into
+    elif leaf.grad is not None:
+        leaf.grad = leaf.grad + g   # a fresh array: the old one may be shared with the caller
+    else:
+        shared = g.base is not None or id(g) in given
+        leaf.grad = g.copy() if shared else g
+        given.add(id(leaf.grad))
 
 
 def _topological_order(root):
@@ -223,9 +238,12 @@ def _topological_order(root):
 class _Node:
     """The graph record of a computed tensor: its Function, the saved context and its inputs' records.
 
-    Inputs are referenced as their _Node (leaves as the Tensor itself, whose .grad backward fills),
-    so an intermediate activation's array is freed as soon as neither a variable nor a saved
-    context holds it, as PyTorch's grad_fn graph does.
+    Why a separate record instead of links on the Tensor itself (as micrograd's Value has): the
+    graph must outlive the Python variables that named the intermediate results, but not keep
+    their arrays. A Tensor owns its array and points at its _Node; the _Node points at its
+    inputs' _Nodes (a leaf input as the Tensor itself, whose .grad backward fills). So once the
+    forward pass drops a variable, its activation array is freed unless a saved context still
+    needs it, as PyTorch's grad_fn graph does; backward walks _Nodes only.
     """
 
     __slots__ = ("_fn", "_ctx", "_parents", "requires_grad")

@@ -68,9 +68,3 @@ def check_backward(fn, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, seed=0):
     plus = _loss(fn, [a + eps * d for a, d in zip(arrays, directions)], cot)
     minus = _loss(fn, [a - eps * d for a, d in zip(arrays, directions)], cot)
     host.testing.assert_allclose(along, (plus - minus) / (2 * eps), rtol=rtol, atol=atol)
-
-
-def assert_close(actual, expected, rtol=1e-6, atol=1e-6):
-    """assert_allclose for Tensors or arrays of either backend."""
-    as_host = [backend.to_numpy(a.data if isinstance(a, Tensor) else a) for a in (actual, expected)]
-    host.testing.assert_allclose(*as_host, rtol=rtol, atol=atol)

@@ -84,7 +84,9 @@ class TrainConfig:
     ema_warmup: bool = _knob(True, "ramp the EMA decay as min(decay, (1 + n) / (10 + n)) so early weights fade fast")
     # --- run
     seed: int = _knob(0, "seed of the weights, the data order, t, the noise and dropout")
-    backend: str = _knob("numpy", "array backend: numpy (CPU) or cupy (NVIDIA GPU)", choices=("numpy", "cupy"))
+    backend: str = field(default_factory=backend.default_name,  # MINIDIFF_BACKEND when set, read at creation
+                         metadata={"help": "array backend: numpy (CPU) or cupy (NVIDIA GPU); default $MINIDIFF_BACKEND "
+                                           "or numpy", "choices": backend.NAMES})
     log_every: int = _knob(1, "write one line of the metrics log every this many steps")
     log_format: str = _knob("jsonl", "metrics log format: jsonl (metrics.jsonl) or csv (metrics.csv)",
                             choices=("jsonl", "csv"))

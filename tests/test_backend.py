@@ -13,6 +13,7 @@ from minidiff import backend
 from minidiff.tensor import Tensor
 
 PACKAGE = pathlib.Path(minidiff.__file__).parent
+ROOT = PACKAGE.parent
 
 # A module may import only minidiff modules of a strictly lower level (data flows one way).
 LEVEL = {
@@ -85,7 +86,7 @@ def test_xp_follows_a_switch_after_import(monkeypatch):
             pass
 
     monkeypatch.setattr(backend, "cupy", FakeCupy)
-    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(backend, "gpu_status", lambda: (True, ""))
     backend.use_backend("cupy")
     assert backend.xp() is FakeCupy and backend.backend_name() == "cupy"
     backend.use_backend("numpy")
@@ -94,16 +95,17 @@ def test_xp_follows_a_switch_after_import(monkeypatch):
 
 
 def test_cupy_without_cupy_names_the_install_command(monkeypatch):
+    previous = backend.backend_name()
     monkeypatch.setattr(backend, "cupy", None)
-    with pytest.raises(backend.BackendError, match=r'pip install "minidiff\[gpu\]"'):
+    monkeypatch.setattr(backend, "CUPY_IMPORT_ERROR", None)
+    with pytest.raises(backend.BackendError, match=r'not installed: pip install "minidiff\[gpu\]"'):
         backend.use_backend("cupy")
-    assert backend.backend_name() == "numpy"  # a failed switch leaves the active backend alone
+    assert backend.backend_name() == previous  # a failed switch leaves the active backend alone
 
 
 def test_cupy_without_a_gpu_says_so(monkeypatch):
-    monkeypatch.setattr(backend, "cupy", object())
-    monkeypatch.setattr(backend, "gpu_available", lambda: False)
-    with pytest.raises(backend.BackendError, match="GPU"):
+    monkeypatch.setattr(backend, "gpu_status", lambda: (False, "CUDA reports no usable GPU (no driver)"))
+    with pytest.raises(backend.BackendError, match="no usable GPU"):
         backend.use_backend("cupy")
 
 
@@ -121,25 +123,122 @@ def test_environment_variable_picks_the_default(value, expected):
 
 
 def test_generator_is_reproducible_and_resumable():
+    h = backend.to_numpy
     a, b = backend.Generator(7), backend.Generator(7)
-    np.testing.assert_array_equal(a.normal((3, 4)), b.normal((3, 4)))
+    np.testing.assert_array_equal(h(a.normal((3, 4))), h(b.normal((3, 4))))
     assert a.normal((2,)).dtype == np.float32
     state = a.get_state()
-    first = a.normal((5,))
+    first = h(a.normal((5,)))
     c = backend.Generator(0)
     c.set_state(state)
-    np.testing.assert_array_equal(c.normal((5,)), first)
-    assert not np.array_equal(backend.Generator(8).normal((5,)), backend.Generator(7).normal((5,)))
+    np.testing.assert_array_equal(h(c.normal((5,))), first)
+    assert not np.array_equal(h(backend.Generator(8).normal((5,))), h(backend.Generator(7).normal((5,))))
 
 
 def test_manual_seed_resets_the_default_generator():
     minidiff.manual_seed(3)
-    x = backend.default_generator().integers(0, 1000, (10,))
+    x = backend.to_numpy(backend.default_generator().integers(0, 1000, (10,)))
     minidiff.manual_seed(3)
-    np.testing.assert_array_equal(backend.default_generator().integers(0, 1000, (10,)), x)
+    np.testing.assert_array_equal(backend.to_numpy(backend.default_generator().integers(0, 1000, (10,))), x)
 
 
 def test_to_numpy_returns_host_arrays():
     t = Tensor([[1.0, 2.0]])
     assert isinstance(backend.to_numpy(t.data), np.ndarray)
     np.testing.assert_array_equal(t.numpy(), [[1.0, 2.0]])
+
+
+# ---------------------------------------------------------------- issue 10: what a reading found
+
+
+def _import_backend_with(tmp_path, cupy_init, env=None):
+    """Run `import minidiff` with a planted `cupy` package; print what use_backend("cupy") says."""
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(cupy_init)
+    code = ("import minidiff.backend as b\n"
+            "try:\n    b.use_backend('cupy')\nexcept b.BackendError as e:\n    print('ERR', e)\n")
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), **(env or {})}
+    environ.pop("MINIDIFF_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_a_broken_cupy_install_is_shown_as_broken_not_missing(tmp_path):
+    out = _import_backend_with(tmp_path, "raise ImportError('libcudart.so.12: cannot open shared object file')")
+    assert "failed to import" in out and "libcudart.so.12" in out and "not installed" not in out
+
+
+def test_a_missing_dependency_of_cupy_is_a_broken_install(tmp_path):
+    out = _import_backend_with(tmp_path, "import fastrlock_missing_for_this_test\n")
+    assert "failed to import" in out and "fastrlock_missing_for_this_test" in out
+
+
+def test_gpu_available_swallows_only_cuda_runtime_errors(monkeypatch):
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def fake(count):
+        def get_device_count():
+            if isinstance(count, Exception):
+                raise count
+            return count
+        runtime = type("runtime", (), {"CUDARuntimeError": CUDARuntimeError,
+                                       "getDeviceCount": staticmethod(get_device_count)})
+        return type("cupy", (), {"cuda": type("cuda", (), {"runtime": runtime})})
+
+    monkeypatch.setattr(backend, "cupy", fake(CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device")))
+    assert backend.gpu_available() is False
+    assert "cudaErrorNoDevice" in backend.gpu_status()[1]
+    monkeypatch.setattr(backend, "cupy", fake(0))
+    assert backend.gpu_available() is False
+    monkeypatch.setattr(backend, "cupy", fake(ZeroDivisionError("a bug, not a missing GPU")))
+    with pytest.raises(ZeroDivisionError):
+        backend.gpu_available()
+
+
+def test_an_unusable_minidiff_backend_fails_at_first_use_not_at_import():
+    code = ("import minidiff, minidiff.cli as cli\n"
+            "assert cli.main(['--version']) == 0\n"
+            "try:\n    minidiff.Tensor([1.0])\nexcept ValueError as e:\n    print('ERR', e)\n")
+    env = dict(os.environ, MINIDIFF_BACKEND="bogus", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "ERR MINIDIFF_BACKEND=bogus: unknown backend 'bogus'" in run.stdout
+
+
+def test_minidiff_backend_is_the_default_of_every_command_and_of_train_config(monkeypatch):
+    from minidiff import cli
+    from minidiff.train import TrainConfig
+    monkeypatch.setenv("MINIDIFF_BACKEND", "cupy")
+    assert TrainConfig().backend == "cupy"
+    parser = cli.build_parser()
+    for command in ("sample --checkpoint x", "forward", "interpolate --checkpoint x", "eval"):
+        assert parser.parse_args(command.split()).backend == "cupy", command
+    assert parser.parse_args(["sample", "--checkpoint", "x", "--backend", "numpy"]).backend == "numpy"  # explicit wins
+    monkeypatch.delenv("MINIDIFF_BACKEND")
+    assert TrainConfig().backend == "numpy"
+
+
+def test_to_backend_of_moves_only_across_backends(standin):
+    host, dev = np.arange(3.0), standin.arange(3.0)
+    assert backend.to_backend_of(dev, dev) is dev
+    assert isinstance(backend.to_backend_of(host, dev), standin.ndarray)
+    assert isinstance(backend.to_backend_of(dev, host), np.ndarray)
+    assert backend.to_backend_of([1, 2], dev).dtype == np.int64
+
+
+def test_keep_mask_is_the_same_on_both_backends_and_has_the_right_rate(standin):
+    """Counter-based on the device: identical bits on numpy and cupy, P(keep) = 1 - p, no host copy."""
+    g_host, g_dev = backend.Generator(5), backend.Generator(5)
+    a = g_host.keep_mask((200, 500), 0.1, like=np.zeros(1))
+    standin.reset()
+    b = g_dev.keep_mask((200, 500), 0.1, like=standin.zeros(1))
+    assert standin.counts["h2d_bytes"] == 0 and isinstance(b, standin.ndarray)
+    np.testing.assert_array_equal(a, backend.to_numpy(b))
+    assert a.shape == (200, 500) and abs(a.mean() - 0.9) < 0.004  # 5 sigma of 100,000 draws
+    assert g_host.get_state() == g_dev.get_state()  # one host draw each: checkpoints carry the state
+    c = g_host.keep_mask((200, 500), 0.1, like=np.zeros(1))  # the next mask is a fresh one
+    assert abs((a == c).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.005
+    assert g_host.keep_mask((4,), 0.0, like=np.zeros(1)).all()
+    assert not backend.Generator(1).keep_mask((1000,), 1.0, like=np.zeros(1)).any()

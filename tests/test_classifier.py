@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minidiff
-from minidiff import classifier, data, images
+from minidiff import backend, classifier, data, images
 from minidiff.optim import Adam
 from minidiff.tensor import Tensor
 
@@ -59,7 +59,7 @@ def test_weights_round_trip_through_safetensors(tmp_path):
 def test_a_few_training_steps_lower_the_loss():
     minidiff.manual_seed(0)
     x, y = data.load_dataset("digits", "train")
-    x, y = Tensor(x[:256]), y[:256]
+    x, y = Tensor(backend.to_active(x[:256])), y[:256]
     model = classifier.build_model("digits")
     opt = Adam(model.parameters(), lr=3e-3)
     losses = []

@@ -532,3 +532,119 @@ def test_interpolate_forward_and_resume_with_a_conditional_checkpoint(conditiona
     capsys.readouterr()
     assert run("train", "--out", copy, "--resume", "--steps", 5, "--no-conditional", "--no-progress") == 2
     assert "conditional" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- issue 10: every path on the cupy backend
+
+CUPY = ["--backend", "cupy"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _device_counter():
+    """The stand-in's counters when it is the cupy backend; None on a real GPU (nothing to count there)."""
+    import conftest
+    import strict_cupy
+    from minidiff import backend
+    if not conftest.USING_STANDIN and not backend.gpu_available():
+        pytest.skip("needs the cupy backend: a GPU, or the strict stand-in (MINIDIFF_STRICT_CUPY=0 turned it off)")
+    return strict_cupy if conftest.USING_STANDIN else None
+
+
+@pytest.fixture
+def cupy_backend():
+    """The cupy backend for one test (the strict stand-in, or a real GPU under benchmarks/gpu_check.sh)."""
+    from minidiff import backend
+    counter = _device_counter()
+    previous = backend.backend_name()
+    backend.use_backend("cupy")
+    if counter is not None:
+        counter.reset()
+    yield counter
+    backend.use_backend(previous)
+
+
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory):
+    """Three tiny runs trained with --backend cupy: mse with dropout, kl with v, and a 2-D toy."""
+    counter = _device_counter()
+    root = tmp_path_factory.mktemp("cupy")
+    runs = {"mse": root / "mse", "kl": root / "kl", "toy": root / "toy"}
+    argv = {"mse": ["--steps", 3, "--dropout", 0.1, *TINY],
+            "kl": ["--steps", 2, "--loss-type", "kl", "--mean-type", "v", *TINY],
+            "toy": ["--data", "swissroll", "--steps", 3, "--num-timesteps", 10, "--batch-size", 16,
+                    "--mlp-hidden", 16, "--num-samples", 16, "--no-progress"]}
+    from minidiff import backend
+    previous = backend.backend_name()   # a module fixture: the per-test restore does not cover it
+    try:
+        for name, out in runs.items():
+            if counter is not None:
+                counter.reset()
+            assert run("train", "--out", out, *argv[name], *CUPY) == 0, name
+            if counter is not None:
+                assert counter.counts["ops"] > 100, f"train {name} did not run on the device"
+            assert checkpoint.load(out)["config"]["backend"] == "cupy"
+    finally:
+        backend.use_backend(previous)
+    return runs
+
+
+SMOKE = {
+    "resume": lambda r, d: ["train", "--out", d / "mse", "--resume", "--steps", 4, *TINY],
+    "sample ddpm png": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 3, "--out", d / "s.png"],
+    "sample respaced npz": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 3, "--sampler", "ddpm",
+                                         "--steps", 4, "--out", d / "s.npz"],
+    "sample ddim eta 1": lambda r, d: ["sample", "--checkpoint", r["kl"], "--num", 3, "--sampler", "ddim",
+                                       "--steps", 4, "--eta", 1.0, "--out", d / "d.png"],
+    "sample progressive": lambda r, d: ["sample", "--checkpoint", r["mse"], "--num", 2, "--progressive",
+                                        "--frames", 3, "--out", d / "p.png"],
+    "sample toy": lambda r, d: ["sample", "--checkpoint", r["toy"], "--num", 16, "--out", d / "t.png"],
+    "forward demo": lambda r, d: ["forward", "mondrian", "--steps", 3, "--image-size", 16, "--out", d / "f.png"],
+    "forward reverse": lambda r, d: ["forward", "--checkpoint", r["mse"], "--steps", 3, "--num", 2,
+                                     "--out", d / "r.gif"],
+    "interpolate": lambda r, d: ["interpolate", "--checkpoint", r["mse"], "--t", 5, "--pairs", 2, "--lambdas", 3,
+                                 "--out", d / "i.png"],
+    "eval checkpoint": lambda r, d: ["eval", "--checkpoint", r["mse"], "--sampler", "ddim", "--steps", 3,
+                                     "--num", 16, "--out", d / "e.json"],
+    "eval npz": lambda r, d: ["eval", "--samples", d / "h.npz", "--data", "digits", "--num", 32],
+    "eval bpd": lambda r, d: ["eval", "--checkpoint", r["kl"], "--bpd", "--no-metrics", "--bpd-num", 4],
+}
+
+
+# Scoring a file touches no model (the metrics are host float64), and the forward demo is one float64
+# picture pushed through 1000 tiny steps on the host: both accept --backend cupy and run without it.
+HOST_BY_DESIGN = {"eval npz", "forward demo"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", list(SMOKE))
+def test_every_cli_path_runs_on_the_cupy_backend(path, device_runs, cupy_backend, tmp_path):
+    """Each command with --backend cupy on the strict stand-in: no host array may meet a device one."""
+    if path == "resume":
+        import shutil
+        shutil.copytree(device_runs["mse"], tmp_path / "mse")
+    if path == "eval npz":
+        np.savez(tmp_path / "h.npz", arr_0=heldout_digits_uint8()[:32])
+    assert run(*SMOKE[path](device_runs, tmp_path), *CUPY) == 0, path
+    if path not in HOST_BY_DESIGN and cupy_backend is not None:
+        assert cupy_backend.counts["ops"] > 50, f"{path} did not run on the device"
+    if path == "resume":
+        assert checkpoint.load(tmp_path / "mse")["step"] == 4
+
+
+@pytest.mark.gpu
+def test_minidiff_backend_cupy_trains_on_the_device_with_no_backend_option(tmp_path):
+    """`MINIDIFF_BACKEND=cupy minidiff train` in a fresh process: it must not train on numpy.
+
+    With the stand-in, the process starts through tests/standin_launch.py and reports its counters;
+    on a real GPU it is plain `python -m minidiff`.
+    """
+    report = tmp_path / "counts.json"
+    env = dict(os.environ, MINIDIFF_BACKEND="cupy", STRICT_CUPY_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
+    launch = [os.path.join(TESTS, "standin_launch.py")] if _device_counter() is not None else ["-m", "minidiff"]
+    result = subprocess.run([sys.executable, *launch, "train", "--out", str(tmp_path / "run"), "--steps", "2",
+                             *map(str, TINY)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.load(tmp_path / "run")["config"]["backend"] == "cupy"
+    if _device_counter() is not None:
+        assert json.loads(report.read_text())["ops"] > 1000

@@ -179,6 +179,7 @@ def test_clip_denoised_clips_the_x0_prediction():
     np.testing.assert_array_equal(unclipped["pred_xstart"], [[-3.0], [0.5], [2.0]])
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_float32_stays_float32_and_tensors_are_accepted():
     """Coefficients are cast to x's dtype in _extract; even a float64 model output does not promote."""
     d = GaussianDiffusion(LINEAR_100)
@@ -405,6 +406,7 @@ def test_a_wrong_point_set_model_misses_the_points():
 # ---------------------------------------------------------------- DDIM specifics
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_ddim_uses_the_original_spacing_and_one_model_call_per_step():
     d = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
     calls = []
@@ -449,6 +451,7 @@ def test_ddim_with_every_step_and_eta_1_is_ancestral_sampling(clip):
 # ---------------------------------------------------------------- seeds, noise, progress
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_the_same_seed_gives_bit_identical_samples():
     d = GaussianDiffusion(LINEAR_100)
     model = gaussian_optimal_model(d.alphas_cumprod, MU, 0.4)
@@ -475,6 +478,7 @@ def test_progressive_yields_every_step_and_ends_at_p_sample_loop():
         d.p_sample_loop(model, (4, 4), noise=x_T)
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_progress_bar(capsys):
     d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
     d.p_sample_loop(constant_model(np.zeros((1, 1), np.float32)), (1, 1), seed=0, progress=True)
@@ -539,6 +543,7 @@ def test_kl_loss_is_zero_for_a_perfect_x0_model_and_the_decoder_nll_at_t0():
 # ---------------------------------------------------------------- the bound (Eq. 5, Table 2)
 
 
+@pytest.mark.usefixtures("numpy_backend")  # host oracle arrays throughout
 def test_calc_bpd_loop_adds_up_and_matches_training_losses_column_by_column():
     """total = prior + sum_t vb[:, t]; column t is training_losses' kl term for the same noise."""
     d = GaussianDiffusion(get_named_beta_schedule("cosine", 20), loss_type="kl")
@@ -606,6 +611,7 @@ def mixture_oracle(alphas_cumprod, means=MIX_MEANS, s=MIX_S, weights=None, mean_
     log_pi = np.log(np.full(len(means), 1 / len(means)) if weights is None else np.asarray(weights))
 
     def model(x, t, y=None):
+        xp = backend.xp_of(x.data)                                          # answer on x's backend
         x = backend.to_numpy(x.data).astype(np.float64)                      # (N, 2)
         a = np.asarray(alphas_cumprod)[backend.to_numpy(t)][:, None, None]  # (N, 1, 1)
         var = a * s * s + 1 - a
@@ -623,7 +629,7 @@ def mixture_oracle(alphas_cumprod, means=MIX_MEANS, s=MIX_S, weights=None, mean_
             eps = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         elif mean_type == "v":
             eps = np.sqrt(a) * eps - np.sqrt(1 - a) * (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-        return backend.to_active(eps.astype(np.float32))
+        return xp.asarray(eps.astype(np.float32))
     return model
 
 
@@ -727,7 +733,7 @@ def test_guided_linear_predictors_match_eq_6_exactly(sampler, mean_type, backend
         y, t = (np.repeat(backend.to_numpy(a), x.shape[1]) for a in (y, t))
         x_np = Tensor(backend.to_numpy(x.data).reshape(-1, 1))
         out = np.where((y >= 0)[:, None], backend.to_numpy(cond(x_np, t)), backend.to_numpy(uncond(x_np, t)))
-        return backend.to_active(out.reshape(x.shape))
+        return backend.xp_of(x.data).asarray(out.reshape(x.shape))
 
     def guided(a):
         (cc, kc), (cu, ku) = eps_coefficients(a, mu_c, s_c), eps_coefficients(a, mu_u, s_u)
@@ -768,7 +774,7 @@ def test_guidance_moves_samples_of_label_c_further_toward_component_c():
 def test_interpolate_and_bpd_pass_labels_through(backend_name):
     d = GaussianDiffusion(LINEAR_100)
     counter = CallCounter(mixture_oracle(d.alphas_cumprod))
-    x_a, x_b = np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32)
+    x_a, x_b = backend.to_active(np.zeros((2, 2), np.float32)), backend.to_active(np.ones((2, 2), np.float32))
     out = d.interpolate(counter, x_a, x_b, 9, [0.0, 0.5, 1.0], seed=0, clip_denoised=False,
                         model_kwargs={"y": np.array([1, 2])}, guidance=1.0)
     assert out.shape == (3, 2, 2) and len(counter.calls) == 10
@@ -776,3 +782,16 @@ def test_interpolate_and_bpd_pass_labels_through(backend_name):
     counter.calls.clear()
     d.calc_bpd_loop(counter, x_a, clip_denoised=False, seed=0, model_kwargs={"y": np.array([0, 1])})
     assert len(counter.calls) == 100 and all(n == 2 and y.tolist() == [0, 1] for n, y in counter.calls)
+
+
+def test_default_noise_is_drawn_on_the_backend_of_x(standin):
+    """x on the device while numpy is active: every path that draws its own noise stays on x's backend."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 10))
+    x = standin.asarray(np.zeros((2, 1, 2, 2), np.float32))
+    t = standin.asarray(np.array([3, 0]))
+    backend.use_backend("numpy")
+    assert isinstance(d.q_sample(x, t), standin.ndarray)
+    model = lambda x_t, t_: Tensor(x_t.data * 0 if isinstance(x_t, Tensor) else x_t * 0)  # noqa: E731
+    assert isinstance(d.p_sample(model, x, t)["sample"], standin.ndarray)
+    assert isinstance(d.q_step(x, t), standin.ndarray)
+    assert isinstance(d.training_losses(model, x, t)["loss"].data, standin.ndarray)

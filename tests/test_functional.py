@@ -298,3 +298,14 @@ def test_a_resblock_like_chain_mixes_memory_layouts_correctly(backend_name):
 
     check_backward(chain, arrays)
     check_gradients(chain, arrays, atol=1e-6)
+
+
+def test_dropout_draws_its_mask_on_the_device_and_matches_numpy(standin):
+    """A seed gives the same mask on numpy and cupy; the cupy mask is made on the device (no host copy)."""
+    x = np.random.default_rng(3).standard_normal((8, 4, 5, 5)).astype(np.float32)
+    on_host = F.dropout(Tensor(x), 0.1, True, generator=Generator(4)).data
+    dev = backend.to_active(x)
+    standin.reset()
+    on_device = F.dropout(Tensor(dev), 0.1, True, generator=Generator(4)).data
+    assert standin.counts["h2d_bytes"] == 0 and isinstance(on_device, standin.ndarray)
+    np.testing.assert_array_equal(backend.to_numpy(on_device), on_host)

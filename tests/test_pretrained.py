@@ -398,6 +398,9 @@ def write_folder(path, unet=None, scheduler=None, weights=b"\0" * 8, weights_nam
     ({}, {"beta_schedule": "exponential"}, 'beta_schedule="exponential"'),
     ({}, {"_class_name": "PNDMScheduler"}, '_class_name="PNDMScheduler"'),
     ({}, {"prediction_type": "flow"}, 'prediction_type="flow"'),
+    ({"freq_shift": "one"}, {}, "malformed config"),
+    ({"block_out_channels": 128}, {}, "block_out_channels=128"),
+    ({}, {"num_train_timesteps": "1000"}, 'num_train_timesteps="1000"'),
 ])
 def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, scheduler, field):
     folder = write_folder(tmp_path / "model", unet, scheduler)
@@ -409,7 +412,8 @@ def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, 
 
 def test_pickle_weights_are_never_opened(tmp_path, monkeypatch):
     """A .bin is a pickle: it can run code when loaded, so minidiff refuses it without opening it."""
-    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes", weights_name="diffusion_pytorch_model.bin")
+    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes",
+                          weights_name="diffusion_pytorch_model.bin")
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
@@ -453,3 +457,19 @@ def test_compat_skip_is_a_failure_in_ci(tmp_path):
     assert local.returncode == 0 and "1 skipped" in local.stdout and "compat extra" in local.stdout, local.stdout
     ci = subprocess.run(command, env={**env, "CI": "true"}, capture_output=True, text=True, cwd=tmp_path)
     assert ci.returncode == 1 and "1 failed" in ci.stdout and "CI=true" in ci.stdout, ci.stdout
+
+
+def test_the_readme_pretrained_example_runs(diffusers, tmp_path, monkeypatch):
+    """The README's Python example for the paper's models, on a folder standing in for the download
+    (CIFAR-10's layout at width 8, so that its 50 steps of 16 images take a moment)."""
+    tiny = dict(CIFAR10, block_out_channels=[8, 8, 8, 8], norm_num_groups=2, layers_per_block=1)
+    folder = save_folder(diffusers, perturbed_unet(diffusers, tiny), str(tmp_path / "download"), "flat")
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = [block for block in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S) if "pretrained" in block]
+    assert len(code) == 1
+    monkeypatch.chdir(tmp_path)
+    os.symlink(folder, tmp_path / "ddpm-cifar10-32")
+    exec(compile(code[0], "README.md", "exec"), {})
+    assert (tmp_path / "cifar.png").stat().st_size > 0

@@ -185,3 +185,11 @@ def test_leaf_gradients_are_writable_and_never_shared():
     c.sum().backward()  # sum's backward is a broadcast view
     c.grad *= 2.0
     np.testing.assert_array_equal(c.grad, np.full((2, 2), 2.0))
+
+
+def test_backward_moves_a_host_gradient_to_a_device_tensor(standin):
+    from minidiff import backend
+    x = Tensor(standin.asarray(np.ones(3, np.float32)), requires_grad=True)
+    (x * 2.0).backward(grad=np.array([1.0, 2.0, 3.0], np.float32))
+    assert isinstance(x.grad, standin.ndarray)
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), [2.0, 4.0, 6.0])

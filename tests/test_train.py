@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from minidiff import checkpoint, diffusion
+from minidiff import backend, checkpoint, diffusion
 from minidiff import train as training
 from minidiff.train import (PRESETS, MLPDenoiser, TrainConfig, TrainingDiverged, Trainer, load_model, make_config,
                             preset_for, train)
@@ -75,11 +75,11 @@ def assert_same_run(dir_a, dir_b):
     assert a["rng"] == b["rng"]
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, backend_name):
     """Stop after 3 of 7 steps (closing the generator saves), resume, and compare with one straight run.
 
     Sample grids every 2 steps must not disturb the training's random streams either."""
-    config = tiny(steps=7, sample_every=2)
+    config = tiny(steps=7, sample_every=2, backend=backend_name)
     straight = run_to_end(config, tmp_path / "straight")
 
     run = train(config, tmp_path / "resumed")
@@ -155,15 +155,15 @@ def test_load_model_gives_the_ema_or_live_weights(tmp_path):
     ema_model, diff, config, info = load_model(tmp_path)
     live_model, *_ = load_model(tmp_path / "checkpoint.safetensors", use_ema=False)
     name = "conv_in.weight"
-    np.testing.assert_array_equal(ema_model.state_dict()[name], state["ema"][f"shadow.{name}"])
-    np.testing.assert_array_equal(live_model.state_dict()[name], state["model"][name])
+    np.testing.assert_array_equal(backend.to_numpy(ema_model.state_dict()[name]), state["ema"][f"shadow.{name}"])
+    np.testing.assert_array_equal(backend.to_numpy(live_model.state_dict()[name]), state["model"][name])
     assert diff.num_timesteps == 10 and info["image_size"] == 8 and config == tiny(steps=3)
 
 
 def test_mlp_denoiser_learns_a_swiss_roll_direction():
     """The 2-D preset runs end to end: shapes, records, and the loss goes down."""
     model = MLPDenoiser(hidden=16, layers=2)
-    assert model(np.zeros((5, 2), np.float32), np.arange(5)).shape == (5, 2)
+    assert model(backend.to_active(np.zeros((5, 2), np.float32)), np.arange(5)).shape == (5, 2)
     records = list(train(make_config(data="swissroll", steps=60, num_timesteps=20, batch_size=64, mlp_hidden=32,
                                      warmup=5, lr=1e-2)))
     losses = [r["loss"] for r in records]
@@ -340,3 +340,55 @@ def test_conditional_training_on_an_npz_with_uint8_labels(tmp_path):
     trainer.model.eval()
     d.ddim_sample_loop(trainer.model, (2, 1, 8, 8), num_steps=2, model_kwargs={"y": np.array([0, 2], np.uint8)},
                        guidance=1.0)
+
+
+# ---------------------------------------------------------------- issue 10: a step shaped for a GPU
+
+
+def test_a_digits_training_step_fits_the_gpu_budget(standin):
+    """digits preset, --dropout 0.1, batch 64, on the strict CuPy stand-in: per step at most 3000 array
+    operations (kernel launches) and at most 4x the batch's own bytes copied host->device.
+
+    Before issue 10 (commit 0b8bd53): 7214 operations and 2,916,864 bytes (178x: the dropout masks).
+    benchmarks/count_step.py prints the same count with a breakdown.
+    """
+    config = make_config(preset="digits", dropout=0.1, batch_size=64, backend="cupy")
+    trainer = Trainer(config)
+    for _ in range(2):  # warm-up: the schedule tables and group-norm averagers reach the device once
+        trainer.train_step()
+    standin.reset()
+    trainer.train_step()
+    ops, h2d = standin.counts["ops"], standin.counts["h2d_bytes"]
+    batch_bytes = trainer.data[:64].nbytes
+    assert isinstance(trainer.model.parameters()[0].data, standin.ndarray)  # it really ran on the device
+    assert ops <= 3000, f"{ops} array operations per step (budget 3000); see benchmarks/count_step.py --sites"
+    assert h2d <= 4 * batch_bytes, f"{h2d} bytes host->device per step; the batch itself is {batch_bytes}"
+    assert standin.counts["syncs"] <= 2  # the loss and the gradient norm, nothing else
+
+
+def test_a_seed_draws_the_same_streams_on_both_backends(standin):
+    """Weights, batches, t, eps and dropout masks: the same numbers on numpy and cupy for one seed.
+
+    The stand-in computes with NumPy, so any difference here is a random stream that differs
+    between the backends (on a GPU, float32 rounding would add its own, smaller, differences).
+    """
+    runs = {}
+    for name in ("numpy", "cupy"):
+        trainer = Trainer(tiny(backend=name))
+        losses = [trainer.train_step()[0] for _ in range(3)]
+        runs[name] = losses, {k: backend.to_numpy(v) for k, v in trainer.model.state_dict().items()}
+    assert runs["numpy"][0] == runs["cupy"][0]
+    for key, value in runs["numpy"][1].items():
+        np.testing.assert_array_equal(value, runs["cupy"][1][key], err_msg=key)
+
+
+def test_conditional_training_and_guided_sampling_stay_on_the_device(standin):
+    """Issue 14 on the strict CuPy stand-in: labels, the p_uncond drop and the doubled guided batch
+    never mix host and device arrays, and the model runs on the device."""
+    trainer = Trainer(tiny(conditional=True, backend="cupy", p_uncond=0.5))
+    for _ in range(2):
+        trainer.train_step()
+    standin.reset()
+    samples = trainer.sample(10, seed=0, steps=3)   # one per class, guided with config.guidance = 2
+    assert samples.shape == (10, 1, 8, 8) and standin.counts["ops"] > 100
+    assert isinstance(trainer.model.label_emb.weight.data, standin.ndarray)

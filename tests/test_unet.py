@@ -267,7 +267,8 @@ def test_forward_wiring_follows_the_original_model_function():
 
 
 def test_multi_head_attention_and_options_match_numpy_references():
-    """attn_head_dim splits channels into heads (each its own softmax); norm_eps and symmetric padding reach the layers."""
+    """attn_head_dim splits channels into heads (each its own softmax); norm_eps and symmetric padding
+    reach the layers."""
     from minidiff.unet import AttnBlock, Downsample
     minidiff.manual_seed(0)
     x = np.random.default_rng(1).standard_normal((2, 8, 3, 3))
