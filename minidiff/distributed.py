@@ -86,6 +86,7 @@ class World:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.stop_requested = False   # set by a Ctrl-C handler; the ranks agree on it at the next step
+        self.stop_agreed = False      # some rank's stop request, agreed on by global_loss (MPI only)
 
     @property
     def is_root(self):
@@ -135,6 +136,16 @@ class World:
         buf = backend.host.asarray(values, dtype=backend.host.float64)
         self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
         return [float(v) / self.size for v in buf]
+
+    def global_loss(self, value):
+        """The global batch's loss from this rank's share's `value` (equal shares: the mean of the
+        ranks' means), in the same small all-reduce that lets the ranks agree on a stop request:
+        afterwards `stop_agreed` says whether some rank asked to stop after this step (Ctrl-C)."""
+        if self.size == 1:
+            return value
+        value, stop = self.mean([value, float(self.stop_requested)])
+        self.stop_agreed = stop > 0
+        return value
 
     def allreduce_mean_(self, flat):
         """Replace the flat array `flat` by its mean over ranks, in place, with one Allreduce.

@@ -1,8 +1,8 @@
 """Training: Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) as a generator of per-step records.
 
-`train(config, out_dir)` draws a batch x_0, a uniform t and noise eps, takes one Adam
-step on L_simple = |eps - eps_theta(x_t, t)|^2 (Eq. 14) with linear warmup and gradient
-clipping, updates the EMA of the weights, and yields {"step", "loss", "lr", "grad_norm", ...}.
+The algorithm itself is `algorithm_1_step`: t, eps and one Adam step on L_simple =
+|eps - eps_theta(x_t, t)|^2 (Eq. 14). `train(config, out_dir)` feeds it batches x_0, updates
+the EMA of the weights after it, and yields {"step", "loss", "lr", "grad_norm", ...}.
 With an `out_dir` it also writes the checkpoint, the metrics log, the loss curve and EMA
 sample grids there. Every knob is a commented field of `TrainConfig`; presets bundle them.
 With `conditional`, the model is eps_theta(x_t, t, y) on the data's labels, each replaced by
@@ -223,6 +223,35 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the gradient became NaN or infinite: training stops and nothing more is saved."""
 
 
+def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=None, world=None, step=None):
+    """One gradient step of Algorithm 1 (Ho et al. 2020) on a batch x_0 ~ q(x_0) (line 2):
+
+        3: t ~ Uniform({1, ..., T})
+        4: eps ~ N(0, I)
+        5: take a gradient descent step on grad_theta || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+
+    Code t runs over 0 .. T - 1 (the paper's 1 .. T); the loss is L_simple (Eq. 14) or whatever
+    `diffusion.loss_type` asks for, and the step is `optimizer`'s (Adam with warmup and clipping).
+    Under MPI (`world`) the loss is the global batch's and the gradient is averaged over the ranks.
+    Returns (loss, grad_norm) as Python floats; a NaN stops the run before it reaches the weights.
+    """
+    t = rng.integers(0, diffusion.num_timesteps, (len(x_start),))                     # line 3
+    noise = rng.normal(x_start.shape)                                                  # line 4
+    loss = diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)["loss"].mean()
+    value = float(loss.data)   # GPU sync: needed every step to stop on NaN before it reaches the weights
+    value = world.global_loss(value) if world is not None else value   # the same on every rank
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss is {value} at step {step}")
+    optimizer.zero_grad()
+    loss.backward()                                                                    # line 5: the gradient
+    if world is not None:
+        world.mean_gradients_(optimizer.flat)   # one Allreduce over the flat gradient buffer (N > 1)
+    grad_norm = optimizer.step()                                                       # line 5: the step
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}")
+    return value, grad_norm
+
+
 class Trainer:
     """Everything a run holds: data stream, model, EMA, optimizer and random streams.
 
@@ -267,37 +296,24 @@ class Trainer:
         return None if self.num_classes is None else num // self.num_classes
 
     def train_step(self):
-        """One step of Algorithm 1; returns (loss, grad_norm, lr) as Python floats."""
-        cfg = self.config
-        world = self.world
-        batch = next(self.batches)
-        x_start = backend.to_active(world.shard(batch[0] if self.labels is not None else batch))  # (N, C, H, W)
-        t = self.rng.integers(0, cfg.num_timesteps, (len(x_start),))                  # t ~ Uniform, (N,)
-        noise = self.rng.normal(x_start.shape)                                        # eps ~ N(0, I)
+        """One step of Algorithm 1 (algorithm_1_step) and the run's bookkeeping; returns (loss, grad_norm, lr)."""
+        cfg, world = self.config, self.world
+        batch = next(self.batches)                                     # line 2: x_0 ~ q(x_0), this rank's rows
+        x_start = backend.to_active(world.shard(batch[0] if self.labels is not None else batch))
         kwargs = None
         if self.labels is not None:   # Ho & Salimans, Algorithm 1: c <- no label with probability p_uncond
             y = backend.to_active(world.shard(batch[1]))
             drop = self.rng.uniform((len(x_start),)) < cfg.p_uncond   # per sample, like t and eps (any rank count)
             kwargs = {"y": backend.xp_of(y).where(drop, NO_LABEL, y)}
-        loss = self.diffusion.training_losses(self.model, x_start, t, noise=noise, model_kwargs=kwargs)["loss"].mean()
-        value = float(loss.data)   # GPU sync: needed every step to stop on NaN before it reaches the weights
-        if world.size > 1:   # the global batch's loss (equal shares: the mean of the ranks' means)
-            value, stop = world.mean([value, float(world.stop_requested)])
-            self.stop = stop > 0   # any rank asked to stop (Ctrl-C): all stop after this same step
-        if not math.isfinite(value):   # the same value on every rank, so all of them stop here together
-            raise TrainingDiverged(f"loss is {value} at step {self.step + 1}")
         lr = self.optimizer.current_lr()
-        self.optimizer.zero_grad()
-        loss.backward()
-        world.mean_gradients_(self.optimizer.flat)   # one Allreduce over the flat gradient buffer (N > 1)
-        grad_norm = self.optimizer.step()        # clips, warms up, updates in place; float() = sync
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
+        loss, grad_norm = algorithm_1_step(self.diffusion, self.model, self.optimizer, x_start, self.rng,
+                                           model_kwargs=kwargs, world=world, step=self.step + 1)
+        self.stop = world.stop_agreed   # MPI: some rank asked to stop (Ctrl-C); all stop after this same step
         if cfg.ema_warmup:   # early on, average over the ~n steps taken so far instead of the init weights
             self.ema.decay = min(cfg.ema_decay, (1 + self.ema.num_updates) / (10 + self.ema.num_updates))
         self.ema.update(self.model)
         self.step += 1
-        return value, grad_norm, lr
+        return loss, grad_norm, lr
 
     def state_dict(self):
         return {
