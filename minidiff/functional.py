@@ -5,11 +5,13 @@ upsample_nearest2d, attention (fused backward) and the sinusoidal timestep_embed
 of Ho et al. 2020 (arXiv:2006.11239), App. B, as in the original DDPM code.
 Fused ops compute their statistics once in forward and reuse them in backward;
 tests/test_functional.py checks each against autograd of its composite.
-May import: backend, tensor, ops, conv.
+SiLU, group_norm and attention run per batch chunk on the thread pool (parallel.py);
+each chunk is the plain code on a slice of the batch.
+May import: backend, tensor, parallel, ops, conv.
 """
 import math
 
-from . import backend
+from . import backend, parallel
 from .conv import conv2d  # noqa: F401  (re-exported: F.conv2d)
 from .ops import softmax  # noqa: F401  (re-exported: F.softmax)
 from .tensor import Function, Tensor
@@ -61,28 +63,44 @@ class SiLU(Function):
     @staticmethod
     def forward(ctx, x):
         xp = backend.xp_of(x)
-        half = x * x.dtype.type(0.5)
-        y = xp.tanh(half)                                    # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
-        y += 1
-        y *= half                                            # y = x/2 (1 + tanh(x/2)) = x sigmoid(x)
         ctx.save_for_backward(x)
-        return y
+        shape, x = x.shape, (x if x.ndim else x.reshape(1))  # chunks slice the first axis
+        y = xp.empty_like(x)                                 # x's memory layout (channels-last stays so)
+
+        def chunk(a, b):
+            half = x[a:b] * x.dtype.type(0.5)
+            ya = y[a:b]
+            xp.tanh(half, out=ya)                            # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
+            ya += 1
+            ya *= half                                       # y = x/2 (1 + tanh(x/2)) = x sigmoid(x)
+
+        parallel.parallel_for(x.shape[0], chunk, parallel.threads_for(x))
+        return y.reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
         xp = backend.xp_of(x)
-        s = x * x.dtype.type(0.5)
-        xp.tanh(s, out=s)
-        s *= x.dtype.type(0.5)
-        s += x.dtype.type(0.5)                               # s = sigmoid(x), recomputed
-        # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
-        d = 1 - s
-        d *= x
-        d += 1
-        d *= s
-        d *= grad
-        return d
+        shape, x = x.shape, (x if x.ndim else x.reshape(1))
+        grad = xp.broadcast_to(grad, shape).reshape(x.shape)
+        out = xp.empty_like(x)
+
+        def chunk(a, b):
+            xa = x[a:b]
+            s = xa * x.dtype.type(0.5)
+            xp.tanh(s, out=s)
+            s *= x.dtype.type(0.5)
+            s += x.dtype.type(0.5)                           # s = sigmoid(x), recomputed
+            # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
+            d = out[a:b]
+            xp.subtract(1, s, out=d)
+            d *= xa
+            d += 1
+            d *= s
+            d *= grad[a:b]
+
+        parallel.parallel_for(x.shape[0], chunk, parallel.threads_for(x, grad))
+        return out.reshape(shape)
 
 
 def silu(x):
@@ -131,20 +149,27 @@ class GroupNorm(Function):
         n, c, g = x.shape[0], x.shape[1], num_groups
         sub = "ncs" if axis == 1 else "nsc"
         count = v.size // (n * g)                                  # entries per group
-        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (N, C) -> broadcastable
+        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (n, C) -> broadcastable
+        out = xp.empty_like(v)
+        mean = xp.empty((n, c), dtype=x.dtype)
+        rstd = xp.empty((n, c), dtype=x.dtype)
 
-        def group_mean(per_channel_sum):                           # (N, C) sums -> (N, C) group means
-            m = per_channel_sum.reshape(n, g, -1).sum(axis=2, keepdims=True) / count
-            return xp.broadcast_to(m, (n, g, c // g)).reshape(n, c)
+        def group_mean(per_channel_sum):                           # (n, C) sums -> (n, C) group means
+            m = per_channel_sum.reshape(len(per_channel_sum), g, -1).sum(axis=2, keepdims=True) / count
+            return xp.broadcast_to(m, (len(m), g, c // g)).reshape(-1, c)
 
-        mean = group_mean(xp.einsum(sub + "->nc", v))
-        d = v - per_c(mean)                                        # x - mean_g
-        rstd = 1 / xp.sqrt(group_mean(xp.einsum(f"{sub},{sub}->nc", d, d)) + x.dtype.type(eps))  # (N, C)
-        scale = rstd * affine[0] if has_weight else rstd           # y = d * scale + bias
-        out = d                                                    # d is a temporary (x is saved): reuse it
-        out *= per_c(scale.astype(x.dtype, copy=False))
-        if has_bias:
-            out += per_c(affine[-1][None, :])
+        def chunk(a, b):                                           # samples a..b-1: statistics are per sample
+            va = v[a:b]
+            mean[a:b] = group_mean(xp.einsum(sub + "->nc", va))
+            d = out[a:b]
+            xp.subtract(va, per_c(mean[a:b]), out=d)               # x - mean_g, written where the output goes
+            rstd[a:b] = 1 / xp.sqrt(group_mean(xp.einsum(f"{sub},{sub}->nc", d, d)) + x.dtype.type(eps))
+            scale = rstd[a:b] * affine[0] if has_weight else rstd[a:b]   # y = d * scale + bias
+            d *= per_c(scale.astype(x.dtype, copy=False))
+            if has_bias:
+                d += per_c(affine[-1][None, :])
+
+        parallel.parallel_for(n, chunk, parallel.threads_for(x))
         ctx.save_for_backward(v, mean, rstd, affine[0] if has_weight else None)
         ctx.geometry = x.shape, axis, g, count
         return _from_spatial_view(out, x.shape, axis)
@@ -162,25 +187,37 @@ class GroupNorm(Function):
                   else xp.ascontiguousarray(grad).reshape(n, c, -1))
         sub = "ncs" if axis == 1 else "nsc"
         per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])
-        d = v - per_c(mean)                                        # x - mean_g, recomputed (not saved: memory)
-        sum_g = xp.einsum(sub + "->nc", gv)                        # sum over positions of dL/dy, (N, C)
-        sum_g_xhat = xp.einsum(f"{sub},{sub}->nc", gv, d) * rstd   # sum over positions of dL/dy * x_hat
+        sum_g = xp.empty((n, c), dtype=grad.dtype)
+        sum_g_xhat = xp.empty((n, c), dtype=grad.dtype)
+        gx = xp.empty_like(v) if need[0] else None
+        w = weight if weight is not None else 1
+
+        def chunk(a, b):                                           # samples a..b-1
+            d = v[a:b] - per_c(mean[a:b])                          # x - mean_g, recomputed (not saved: memory)
+            ga = gv[a:b]
+            sg = sum_g[a:b] = xp.einsum(sub + "->nc", ga)          # sum over positions of dL/dy, (n, C)
+            sgx = sum_g_xhat[a:b] = xp.einsum(f"{sub},{sub}->nc", ga, d) * rstd[a:b]   # sum of dL/dy * x_hat
+            if gx is None:
+                return
+            # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
+            r, k = rstd[a:b], b - a
+            m1 = (sg * w).reshape(k, g, -1).sum(axis=2, keepdims=True) / count        # mean_g(gh), (n, G, 1)
+            m2 = (sgx * w).reshape(k, g, -1).sum(axis=2, keepdims=True) / count       # mean_g(gh x_hat)
+            expand = lambda m: xp.broadcast_to(m, (k, g, c // g)).reshape(k, c)       # noqa: E731
+            dtype = grad.dtype
+            d *= per_c((-expand(m2) * r * r).astype(dtype, copy=False))               # - rstd x_hat mean_g(gh x_hat)
+            d -= per_c((expand(m1) * r).astype(dtype, copy=False))                    # - rstd mean_g(gh)
+            out = gx[a:b]
+            xp.multiply(ga, per_c((r * w).astype(dtype, copy=False)), out=out)        # + rstd gh
+            out += d
+
+        parallel.parallel_for(n, chunk, parallel.threads_for(v))
         grads = [None]
         if weight is not None:
             grads.append(sum_g_xhat.sum(axis=0) if need[1] else None)      # dL/dweight = sum dL/dy x_hat
         if len(need) > len(grads):
             grads.append(sum_g.sum(axis=0) if need[len(grads)] else None)  # dL/dbias = sum dL/dy
         if need[0]:
-            # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
-            w = weight if weight is not None else 1
-            m1 = (sum_g * w).reshape(n, g, -1).sum(axis=2, keepdims=True) / count        # mean_g(gh), (N, G, 1)
-            m2 = (sum_g_xhat * w).reshape(n, g, -1).sum(axis=2, keepdims=True) / count   # mean_g(gh x_hat)
-            expand = lambda a: xp.broadcast_to(a, (n, g, c // g)).reshape(n, c)         # noqa: E731
-            dtype = grad.dtype
-            d *= per_c((-expand(m2) * rstd * rstd).astype(dtype, copy=False))            # - rstd x_hat mean_g(gh x_hat)
-            d -= per_c((expand(m1) * rstd).astype(dtype, copy=False))                    # - rstd mean_g(gh)
-            gx = gv * per_c((rstd * w).astype(dtype, copy=False))                        # + rstd gh
-            gx += d
             grads[0] = _from_spatial_view(gx, shape, axis)
         return tuple(grads)
 
@@ -277,30 +314,52 @@ class Attention(Function):
     @staticmethod
     def forward(ctx, q, k, v):
         xp = backend.xp_of(q)
-        qs = q * q.dtype.type(q.shape[-1] ** -0.5)               # scale q (N, L, C), not the (N, L, L) scores
-        p = qs @ k.swapaxes(-1, -2)                              # (N, L, L) scores
-        p -= p.max(axis=-1, keepdims=True)                       # shift by the max: exp never overflows
-        xp.exp(p, out=p)
-        p /= p.sum(axis=-1, keepdims=True)                       # softmax probabilities P
-        out = p @ v                                              # (N, L, C)
+        n, l, c = q.shape
+        qs = xp.empty(q.shape, dtype=q.dtype)
+        p = xp.empty((n, l, l), dtype=xp.result_type(q, k))
+        out = xp.empty((n, l, v.shape[-1]), dtype=xp.result_type(p, v))
+
+        def chunk(a, b):                                         # images a..b-1
+            xp.multiply(q[a:b], q.dtype.type(c ** -0.5), out=qs[a:b])   # scale q (n, L, C), not the scores
+            pa = p[a:b]
+            xp.matmul(qs[a:b], k[a:b].swapaxes(-1, -2), out=pa)  # (n, L, L) scores
+            pa -= pa.max(axis=-1, keepdims=True)                 # shift by the max: exp never overflows
+            xp.exp(pa, out=pa)
+            pa /= pa.sum(axis=-1, keepdims=True)                 # softmax probabilities P
+            xp.matmul(pa, v[a:b], out=out[a:b])                  # (n, L, C)
+
+        parallel.parallel_for(n, chunk, parallel.threads_for(p))
         ctx.save_for_backward(qs, k, v, p, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         qs, k, v, p, out = ctx.saved
-        grad = backend.xp_of(grad).ascontiguousarray(grad)       # a broadcast (zero-stride) grad would miss BLAS
+        xp = backend.xp_of(grad)
+        grad = xp.ascontiguousarray(grad)                        # a broadcast (zero-stride) grad would miss BLAS
         need = ctx.needs_input_grad
-        grad_v = p.swapaxes(-1, -2) @ grad if need[2] else None  # dL/dv = P^T dL/dout
-        if not (need[0] or need[1]):
-            return None, None, grad_v
-        # dL/dS = P * (dL/dP - rowsum(dL/dP * P)), and rowsum(dL/dP * P) = rowsum(dL/dout * out)
-        ds = grad @ v.swapaxes(-1, -2)                           # dL/dP, (N, L, L)
-        ds -= (grad * out).sum(axis=-1, keepdims=True)
-        ds *= p
         scale = qs.dtype.type(qs.shape[-1] ** -0.5)
-        grad_q = (ds @ k) * scale if need[0] else None           # dL/dq = dL/dS k / sqrt(C)
-        grad_k = ds.swapaxes(-1, -2) @ qs if need[1] else None   # dL/dk = dL/dS^T q / sqrt(C)
+        grad_q = xp.empty(qs.shape, dtype=grad.dtype) if need[0] else None
+        grad_k = xp.empty(k.shape, dtype=grad.dtype) if need[1] else None
+        grad_v = xp.empty(v.shape, dtype=grad.dtype) if need[2] else None
+
+        def chunk(a, b):                                         # images a..b-1
+            g = grad[a:b]
+            if need[2]:
+                xp.matmul(p[a:b].swapaxes(-1, -2), g, out=grad_v[a:b])   # dL/dv = P^T dL/dout
+            if not (need[0] or need[1]):
+                return
+            # dL/dS = P * (dL/dP - rowsum(dL/dP * P)), and rowsum(dL/dP * P) = rowsum(dL/dout * out)
+            ds = g @ v[a:b].swapaxes(-1, -2)                     # dL/dP, (n, L, L)
+            ds -= (g * out[a:b]).sum(axis=-1, keepdims=True)
+            ds *= p[a:b]
+            if need[0]:
+                xp.matmul(ds, k[a:b], out=grad_q[a:b])           # dL/dq = dL/dS k / sqrt(C)
+                grad_q[a:b] *= scale
+            if need[1]:
+                xp.matmul(ds.swapaxes(-1, -2), qs[a:b], out=grad_k[a:b])   # dL/dk = dL/dS^T q / sqrt(C)
+
+        parallel.parallel_for(grad.shape[0], chunk, parallel.threads_for(p))
         return grad_q, grad_k, grad_v
 
 
