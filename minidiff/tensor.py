@@ -72,6 +72,9 @@ class Tensor:
     """An n-dimensional array that can record the ops applied to it and differentiate them."""
 
     __array_ufunc__ = None  # make numpy defer `ndarray * Tensor` to Tensor.__rmul__
+    # Where backward() writes this leaf's gradient, when set: its view into a flat gradient
+    # buffer (optim.FlatParameters sets it), so an optimizer finds every gradient in one array.
+    grad_into = None
 
     def __init__(self, data, requires_grad=False, dtype=None):
         self.data = _as_array(data, dtype)  # numpy.ndarray or cupy.ndarray
@@ -170,6 +173,14 @@ class Tensor:
             if g is None:
                 continue
             if node._fn is None:  # a leaf: accumulate across backward() calls, as PyTorch does
+                into = node.grad_into
+                if into is not None and (node.grad is None or node.grad is into):
+                    if node.grad is None:
+                        into[...] = g  # straight into the flat gradient buffer: one copy, no allocation
+                    else:
+                        into += g  # the buffer is ours, so accumulating in place is safe
+                    node.grad = into
+                    continue
                 if node.grad is not None:
                     node.grad = node.grad + g
                 else:  # own the array: optimizers update .grad in place, and views or shared arrays would leak

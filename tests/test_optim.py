@@ -6,7 +6,7 @@ import pytest
 
 import minidiff
 from minidiff import backend, nn
-from minidiff.optim import EMA, Adam, clip_grad_norm_
+from minidiff.optim import EMA, Adam, FlatParameters, clip_grad_norm_
 
 
 def param(values, dtype=np.float32):
@@ -47,11 +47,14 @@ def test_adam_matches_the_closed_form_update_on_a_quadratic(backend_name):
 
 
 def test_adam_keeps_float32_and_updates_in_place():
+    """Adam adopts the parameter into its flat buffer when built; every step after that is in place."""
     p = param(np.ones((3, 2)))
-    data_before = p.data
     opt = Adam([p], lr=1e-3, weight_decay=0.1, grad_clip=1.0, warmup_steps=10)
-    set_grad(p, np.full((3, 2), 5.0))
-    opt.step()
+    data_before = p.data
+    np.testing.assert_array_equal(host(p), np.ones((3, 2)))  # adoption keeps the values
+    for _ in range(2):
+        set_grad(p, np.full((3, 2), 5.0))
+        opt.step()
     assert p.data is data_before and p.dtype == np.float32
     assert opt.exp_avg[0].dtype == np.float32 and opt.exp_avg_sq[0].dtype == np.float32
 
@@ -240,3 +243,105 @@ def test_invalid_hyperparameters_raise():
             Adam([p], **kwargs)
     with pytest.raises(ValueError):
         Adam([])
+
+
+# ---------------------------------------------------------------- the flat buffer
+
+
+def _views_of(flat_array, arrays):
+    """True when every array is a view into `flat_array`'s memory (on numpy or cupy)."""
+    return all(backend.xp_of(a).shares_memory(a, flat_array) for a in arrays)
+
+
+def test_parameters_and_gradients_live_in_one_flat_buffer(backend_name):
+    """backward() writes straight into the flat gradient buffer; Adam and the EMA share one FlatParameters."""
+    minidiff.manual_seed(0)
+    model = Tiny()
+    values = {n: host(p).copy() for n, p in model.named_parameters()}
+    opt, ema = Adam(model.parameters(), lr=0.1), EMA(model, decay=0.5)
+    flat = opt.flat
+    assert FlatParameters.of(model.parameters()) is flat
+    assert flat.data.ndim == 1 and flat.data.size == model.num_parameters() == flat.grad.size
+    assert _views_of(flat.data, [p.data for p in model.parameters()])
+    for n, p in model.named_parameters():  # adoption kept every value, at its slice
+        np.testing.assert_array_equal(host(p), values[n])
+    x = minidiff.Tensor(backend.to_active(np.ones((4, 3), np.float32)))
+    (model.lin(x) * model.scale).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert _views_of(flat.grad, grads)
+    for p, (lo, hi) in zip(model.parameters(), flat.slices):
+        np.testing.assert_array_equal(backend.to_numpy(flat.grad[lo:hi]), host(p.grad).ravel())
+    # A second backward without zero_grad accumulates in place, as before.
+    first = [host(g).copy() for g in grads]
+    (model.lin(x) * model.scale).sum().backward()
+    for f, p in zip(first, model.parameters()):
+        np.testing.assert_allclose(host(p.grad), 2 * f, rtol=1e-6)
+    assert flat.gather_grads() == [(0, flat.size)]
+    opt.step()
+    ema.update(model)
+    assert _views_of(flat.data, [p.data for p in model.parameters()])
+
+
+def test_flat_adam_matches_per_parameter_adam_with_skipped_parameters():
+    """Each parameter follows its own closed-form Adam; one without a gradient is skipped (moments and all)."""
+    ps = [param([1.0, -2.0], np.float64), param([[0.5], [3.0]], np.float64), param([4.0], np.float64)]
+    opt = Adam(ps, lr=0.1, weight_decay=0.2, grad_clip=2.0)
+    single = [Adam([q], lr=0.1, weight_decay=0.2) for q in (param([1.0, -2.0], np.float64),
+                                                              param([4.0], np.float64))]
+    g = {0: np.array([1.0, 2.0]), 2: np.array([-2.0])}
+    set_grad(ps[0], g[0])
+    ps[1].grad = None
+    set_grad(ps[2], g[2])
+    assert opt.flat.gather_grads() == [(0, 2), (4, 5)]
+    norm = opt.step()
+    assert norm == pytest.approx(3.0)
+    np.testing.assert_array_equal(host(ps[1]), [[0.5], [3.0]])  # no gradient: untouched
+    np.testing.assert_array_equal(host(opt.exp_avg[1]), 0.0)
+    scale = 2.0 / 3.0  # the global clip scales both gradients alike
+    for q, s, i in zip(single, (0, 1), (0, 2)):
+        set_grad(q.params[0], g[i] * scale)
+        q.step()
+        np.testing.assert_allclose(host(ps[i]), host(q.params[0]), rtol=1e-12)
+
+
+def test_flat_buffer_readopts_rebound_data_and_hand_set_grads():
+    p = param([1.0, 2.0])
+    opt = Adam([p], lr=0.5)
+    p.data = backend.to_active(np.array([5.0, 6.0], np.float32))  # rebound behind the optimizer's back
+    set_grad(p, [1.0, 1.0])
+    opt.step()
+    np.testing.assert_allclose(host(p), [4.5, 5.5], rtol=1e-6)  # the new values were the ones updated
+    assert _views_of(opt.flat.data, [p.data]) and _views_of(opt.flat.grad, [p.grad])
+
+
+def test_flat_clip_grad_norm_scales_the_buffer_in_place():
+    a, b = param(np.zeros(3)), param(np.zeros((2, 2)))
+    flat = FlatParameters([a, b])
+    set_grad(a, [3.0, 0.0, 4.0])
+    set_grad(b, [[0.0, 12.0], [0.0, 0.0]])
+    assert flat.clip_grad_norm_(1.0) == pytest.approx(13.0)
+    np.testing.assert_allclose(backend.to_numpy(flat.grad), np.array([3, 0, 4, 0, 12, 0, 0]) / 13, rtol=1e-6)
+    np.testing.assert_allclose(host(a.grad), np.array([3.0, 0.0, 4.0]) / 13, rtol=1e-6)
+
+
+def test_flat_buffer_refuses_mixed_dtypes_and_duplicates():
+    with pytest.raises(ValueError, match="one dtype and backend.*float32.*float64|one dtype and backend.*float64"):
+        FlatParameters([param([1.0]), param([1.0], np.float64)])
+    p = param([1.0])
+    with pytest.raises(ValueError, match="twice"):
+        FlatParameters([p, p])
+
+
+def test_checkpoints_of_the_per_parameter_optimizer_still_load():
+    """The state_dict format is unchanged: per-parameter exp_avg.i / exp_avg_sq.i / shadow.name keys."""
+    minidiff.manual_seed(0)
+    model = Tiny()
+    opt, ema = Adam(model.parameters()), EMA(model)
+    state = opt.state_dict()
+    assert sorted(k for k in state if "." in k) == sorted(f"{k}.{i}" for i in range(3) for k in ("exp_avg", "exp_avg_sq"))
+    old = {**state, **{f"exp_avg.{i}": np.full(p.shape, i + 1.0, np.float32) for i, p in enumerate(model.parameters())}}
+    opt.load_state_dict(old)
+    for i, p in enumerate(model.parameters()):
+        np.testing.assert_array_equal(backend.to_numpy(opt.exp_avg[i]), np.full(p.shape, i + 1.0))
+    assert _views_of(opt.flat_exp_avg, opt.exp_avg)
+    assert sorted(ema.state_dict()) == sorted(["decay", "num_updates"] + [f"shadow.{n}" for n, _ in model.named_parameters()])
