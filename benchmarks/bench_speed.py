@@ -105,8 +105,9 @@ def unet_flops(cfg):
 
 
 def _set_env_threads(env, threads):
-    """One thread count for every BLAS and OpenMP runtime; effective only before numpy/torch import."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    """One thread count for every BLAS and OpenMP runtime and minidiff's own pool; effective only
+    before numpy/torch import."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINIDIFF_NUM_THREADS"):
         env[var] = str(threads)
 
 

@@ -156,3 +156,24 @@ def test_unet_training_gradients_agree_between_one_and_two_threads(threads):
     # rounding: compare every gradient at the scale of the largest, as the torch conformance check does
     _assert_same(one[:1], many[:1])
     _assert_same(one[1:], many[1:], scale=max(float(np.abs(g).max()) for g in one[1:]))
+
+
+def test_adam_and_ema_updates_are_bitwise_the_same_on_one_and_three_threads(threads):
+    """The flat-buffer updates are elementwise: chunking them changes no bit."""
+    from minidiff.optim import EMA, Adam
+
+    def run():
+        backend.manual_seed(0)
+        model = UNet(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+        opt, ema = Adam(model.parameters(), lr=1e-3, grad_clip=1.0, weight_decay=0.01), EMA(model, decay=0.9)
+        rng = np.random.default_rng(4)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = backend.xp().asarray(rng.standard_normal(p.shape).astype(np.float32))
+            opt.step()
+            ema.update(model)
+        return [p.data.copy() for p in model.parameters()] + [ema.flat_shadow.copy()]
+
+    one, many = _run(run, 1, threads), _run(run, 3, threads)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
