@@ -78,8 +78,9 @@ def windows(xpad, kh, kw, stride):
 _workspace = {}  # (module name, dtype, thread) -> one flat buffer reused for every im2col matrix
 
 
-def _scratch(xp, shape, dtype):
-    """A reusable numpy buffer of `shape` for an im2col matrix, which never outlives one forward/backward.
+def _scratch(xp, shape, dtype, slot="cols"):
+    """A reusable numpy buffer of `shape` for an im2col matrix (or a Winograd operand, per `slot`),
+    which never outlives one forward/backward.
 
     A fresh 10-100 MB array costs page faults on every call, about half of the
     copy's time on numpy; cupy's memory pool already reuses memory, so it allocates.
@@ -89,7 +90,7 @@ def _scratch(xp, shape, dtype):
     size = 1
     for n in shape:
         size *= n
-    key = (xp.__name__, xp.dtype(dtype).str, threading.get_ident())  # per thread: chunks run at once
+    key = (xp.__name__, xp.dtype(dtype).str, threading.get_ident(), slot)  # per thread: chunks run at once
     buf = _workspace.get(key)
     if buf is None or buf.size < size:
         buf = _workspace[key] = None  # free the old buffer before allocating the larger one
@@ -136,6 +137,92 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     return gpad[:, pt:pt + h, pl:pl + w].transpose(0, 3, 1, 2)  # (N, C, H, W) view, channels-last strides
 
 
+# ---------------------------------------------------------------- Winograd F(2x2, 3x3), the fast path
+
+# Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", Sec. 4.1: a 2x2 output tile
+# Y = A^T [(G g G^T) * (B^T d B)] A of a 4x4 input tile d and 3x3 kernel g. The elementwise product over
+# the 16 tile positions becomes 16 GEMMs (tiles x C) @ (C x O): 16 multiplies per 4 outputs where
+# im2col's one GEMM does 36, 2.25x fewer. The transforms are additions on whole strided slices.
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))   # kernel transform G
+USE_WINOGRAD = True  # stride-1 3x3 convolutions on numpy take the fast path (False: the plain im2col + GEMM)
+# Where it pays (BENCHMARKS.md, measured per U-Net conv shape at one thread): the transforms are memory-bound
+# passes, so below 64 channels in and out or 16x16 outputs the plain GEMM is as fast or faster.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS = 64, 256
+
+
+def winograd_weights(w):
+    """U = G g G^T for every (o, c) of a 3x3 kernel w (O, C, 3, 3) -> (16, C, O), the 16 GEMMs' right operands."""
+    xp = backend.xp_of(w)
+    g = xp.asarray(WINOGRAD_G, dtype=w.dtype)
+    o, c = w.shape[:2]
+    kron = (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)   # G (x) G: U[ab] = sum_ij G[a,i] G[b,j] g[ij]
+    u = w.reshape(o * c, 9) @ kron.T                                 # (O*C, 16): one GEMM for every (o, c)
+    return xp.ascontiguousarray(u.reshape(o, c, 16).transpose(2, 1, 0))
+
+
+def _winograd_conv(xpad, u, out):
+    """Stride-1 3x3 correlation of xpad (n, Ho+2, Wo+2, C), Ho and Wo even, with U (16, C, O) into out (n*Ho*Wo, O).
+
+    V = B^T d B for every 4x4 tile (stride 2) of xpad, M = V U per tile position, Y = A^T M A.
+    """
+    xp = backend.xp_of(xpad)
+    n, hp, wp, c = xpad.shape
+    th, tw, o = (hp - 2) // 2, (wp - 2) // 2, u.shape[2]
+    # B^T d: the 4 row combinations of every tile, over whole rows (n, th, Wp, C)
+    r = _scratch(xp, (4, n, th, wp, c), xpad.dtype, "wino_rows")
+    d0, d1, d2, d3 = (xpad[:, k:k + 2 * th:2] for k in range(4))   # tile rows k = 0..3
+    xp.subtract(d0, d2, out=r[0])
+    xp.add(d1, d2, out=r[1])
+    xp.subtract(d2, d1, out=r[2])
+    xp.subtract(d1, d3, out=r[3])
+    # (B^T d) B: the same on the columns -> V (4, 4, n, th, tw, C) = (16 tile positions, tiles, C)
+    v = _scratch(xp, (4, 4, n, th, tw, c), xpad.dtype, "wino_v")
+    for i in range(4):
+        e0, e1, e2, e3 = (r[i][:, :, k:k + 2 * tw:2] for k in range(4))
+        xp.subtract(e0, e2, out=v[i, 0])
+        xp.add(e1, e2, out=v[i, 1])
+        xp.subtract(e2, e1, out=v[i, 2])
+        xp.subtract(e1, e3, out=v[i, 3])
+    m = _scratch(xp, (16, n * th * tw, o), out.dtype, "wino_m")
+    xp.matmul(v.reshape(16, -1, c), u, out=m)                         # the 16 GEMMs
+    # A^T M: rows (m0 + m1 + m2, m1 - m2 - m3) of every tile column, then the same on columns into Y
+    m = m.reshape(4, 4, n, th, tw, o)
+    t = _scratch(xp, (2, 4, n, th, tw, o), out.dtype, "wino_t")
+    xp.add(m[0], m[1], out=t[0])
+    t[0] += m[2]
+    xp.subtract(m[1], m[2], out=t[1])
+    t[1] -= m[3]
+    y = out.reshape(n, th, 2, tw, 2, o)                              # output pixel (2a + p, 2b + q)
+    for p in range(2):
+        yp0, yp1 = y[:, :, p, :, 0], y[:, :, p, :, 1]
+        xp.add(t[p, 0], t[p, 1], out=yp0)
+        yp0 += t[p, 2]
+        xp.subtract(t[p, 1], t[p, 2], out=yp1)
+        yp1 -= t[p, 3]
+
+
+def _winograd_correlate(x_nhwc, u, pads, out):
+    """Stride-1 3x3 correlation of x (n, H, W, C) padded by `pads`, into out (n*Ho*Wo, O), any Ho, Wo:
+    odd sizes get one more zero row/column and the extra output row/column is dropped."""
+    n = x_nhwc.shape[0]
+    pt, pb, pl, pr = pads
+    ho, wo = x_nhwc.shape[1] + pt + pb - 2, x_nhwc.shape[2] + pl + pr - 2
+    xpad = _pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
+    if ho % 2 == 0 and wo % 2 == 0:
+        return _winograd_conv(xpad, u, out)
+    he, we = ho + ho % 2, wo + wo % 2
+    full = backend.xp_of(out).empty((n * he * we, out.shape[1]), dtype=out.dtype)
+    _winograd_conv(xpad, u, full)
+    out.reshape(n, ho, wo, -1)[...] = full.reshape(n, he, we, -1)[:, :ho, :wo]
+
+
+def _use_winograd(x, weight, stride, pixels):
+    """The fast path for a stride-1 3x3 correlation of x with a weight (O, C, 3, 3) into `pixels` outputs per image."""
+    o, c, kh, kw = weight.shape
+    return (USE_WINOGRAD and kh == kw == 3 and stride == (1, 1) and backend.xp_of(x) is backend.host
+            and min(o, c) >= WINOGRAD_MIN_CHANNELS and pixels >= WINOGRAD_MIN_PIXELS)
+
+
 class Conv2d(Function):
     """out = conv(x, weight) + bias: x (N, C, H, W), weight (O, C, kh, kw), bias (O,) -> (N, O, Ho, Wo).
 
@@ -157,12 +244,16 @@ class Conv2d(Function):
         w2 = weight.transpose(0, 2, 3, 1).reshape(o, -1)          # (O, kh*kw*C), columns ordered (i, j, c)
         out = xp.empty((n * ho * wo, o), dtype=xp.result_type(x, weight))
         rows = ho * wo                                            # output rows per image
+        u = winograd_weights(weight) if _use_winograd(x, weight, stride, ho * wo) else None
 
         def chunk(a, b):                                          # images a..b-1, on one thread
-            xpad = _pad_nhwc(x[a:b].transpose(0, 2, 3, 1), padding)       # (n, Hp, Wp, C)
-            cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)        # (n*Ho*Wo, kh*kw*C)
             res = out[a * rows:b * rows]
-            xp.matmul(cols, w2.T, out=res)                                 # (n*Ho*Wo, O): the one GEMM
+            if u is not None:                                     # the fast path: same result, 2.25x fewer FLOPs
+                _winograd_correlate(x[a:b].transpose(0, 2, 3, 1), u, padding, res)
+            else:                                                 # the plain convolution: im2col + one GEMM
+                xpad = _pad_nhwc(x[a:b].transpose(0, 2, 3, 1), padding)       # (n, Hp, Wp, C)
+                cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)        # (n*Ho*Wo, kh*kw*C)
+                xp.matmul(cols, w2.T, out=res)                                 # (n*Ho*Wo, O): the one GEMM
             if bias is not None:
                 res += bias
 
@@ -188,6 +279,9 @@ class Conv2d(Function):
         if need[0] and (plain_1x1 or transposed):
             grad_x = xp.empty((n * h * w, c), dtype=grad.dtype)   # rows written by the chunks
         w_flip = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)   # (C, kh*kw*O)
+        u_flip = None                                             # Winograd U of the transposed conv's kernel
+        if need[0] and transposed and _use_winograd(grad, weight, stride, h * w):
+            u_flip = winograd_weights(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (16, O, C)
 
         def chunk(a, b):                                          # images a..b-1 -> (dW part, db part, dx part)
             g2 = xp.ascontiguousarray(g4[a:b].reshape(-1, o))     # (n*Ho*Wo, O); no copy if grad is channels-last
@@ -202,6 +296,8 @@ class Conv2d(Function):
                 res = None if grad_x is None else grad_x[a * h * w:b * h * w]
                 if plain_1x1:
                     xp.matmul(g2, weight.reshape(o, c), out=res)  # dL/dx = dL/dout W, a plain GEMM
+                elif u_flip is not None:                          # the same correlation, Winograd's fast path
+                    _winograd_correlate(g2.reshape(b - a, *g4.shape[1:]), u_flip, full, res)
                 elif transposed:
                     # stride 1: dL/dx = dL/dout (zero-padded by k-1-p) correlated with the flipped, transposed kernel
                     gcols = _im2col_nhwc(_pad_nhwc(g2.reshape(b - a, *g4.shape[1:]), full), kh, kw, (1, 1),
