@@ -61,11 +61,12 @@ class SiLU(Function):
     recomputes sigmoid, which costs three elementwise passes and saves one activation per call."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, inplace=False):
         xp = backend.xp_of(x)
         ctx.save_for_backward(x)
         shape, x = x.shape, (x if x.ndim else x.reshape(1))  # chunks slice the first axis
-        y = xp.empty_like(x)                                 # x's memory layout (channels-last stays so)
+        # in place only when no backward will need x (sampling under no_grad): one activation less to allocate
+        y = x if inplace and not ctx.needs_input_grad[0] else xp.empty_like(x)   # x's layout (channels-last stays)
 
         def chunk(a, b):
             half = x[a:b] * x.dtype.type(0.5)
@@ -103,9 +104,10 @@ class SiLU(Function):
         return out.reshape(shape)
 
 
-def silu(x):
-    """x * sigmoid(x), elementwise."""
-    return SiLU.apply(x)
+def silu(x, inplace=False):
+    """x * sigmoid(x), elementwise. inplace=True may write the result into x's array (as torch's
+    inplace=True), which it does only when x needs no gradient; pass it only for a temporary x."""
+    return SiLU.apply(x, inplace=inplace)
 
 
 # ---------------------------------------------------------------- group norm

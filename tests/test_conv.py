@@ -163,8 +163,9 @@ def _conv_and_grads(x, w, b, padding, cot, fast, monkeypatch):
 
 
 # float32 tolerance of the fast path against the plain im2col + GEMM convolution: |fast - plain| at most
-# 2e-6 times sum |x| |w| over the window (the conditioning of each output; Winograd's transforms add and
-# subtract up to 4x4 tile entries, so its rounding error is a small multiple of the GEMM's, ~1e-7 relative).
+# 2e-6 times the largest sum |x| |w| over a window (the scale of the outputs' rounding). Not per output:
+# Winograd's transforms add and subtract whole 4x4 tiles, so an output that is small by cancellation
+# carries the rounding of its tile's larger terms. Worst seen over 2000 hypothesis examples: 3e-7.
 WINOGRAD_F32_TOL = 2e-6
 
 
@@ -183,12 +184,12 @@ def test_winograd_matches_the_plain_convolution_in_float32(winograd_everywhere, 
     plain = _conv_and_grads(x, weight, b, pads, cot, False, monkeypatch)
     fast = _conv_and_grads(x, weight, b, pads, cot, True, monkeypatch)
     scale_out = conv_reference(np.abs(x), np.abs(weight), None, 1, pads)          # sum |x| |w| per output
-    assert np.all(np.abs(fast[0] - plain[0]) <= WINOGRAD_F32_TOL * scale_out + 1e-30)
+    assert np.abs(fast[0] - plain[0]).max() <= WINOGRAD_F32_TOL * scale_out.max()
     # dL/dx is the transposed convolution of the cotangent: sum |cot| |w| per input pixel
     monkeypatch.setattr(conv, "USE_WINOGRAD", False)
     full_grad = conv_reference(np.abs(cot), np.abs(weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), None, 1,
                                tuple(2 - p for p in pads))
-    assert np.all(np.abs(fast[1] - plain[1]) <= WINOGRAD_F32_TOL * full_grad + 1e-30)
+    assert np.abs(fast[1] - plain[1]).max() <= WINOGRAD_F32_TOL * full_grad.max()
     np.testing.assert_array_equal(fast[2], plain[2])   # the weight gradient keeps im2col: same bits
     np.testing.assert_array_equal(fast[3], plain[3])
 

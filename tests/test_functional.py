@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minidiff import Generator, Tensor, backend, functional as F, ops
+from minidiff.tensor import no_grad
 from minidiff.testing import check_backward, check_gradients
 
 
@@ -283,3 +284,22 @@ def test_a_resblock_like_chain_mixes_memory_layouts_correctly(backend_name):
 
     check_backward(chain, arrays)
     check_gradients(chain, arrays, atol=1e-6)
+
+
+def test_silu_inplace_writes_into_x_only_when_no_gradient_needs_it():
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    expected = F.silu(Tensor(a)).numpy()
+    x = Tensor(a.copy())
+    with no_grad():
+        y = F.silu(x, inplace=True)
+    assert np.shares_memory(y.data, x.data)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6, atol=1e-7)
+    x = Tensor(a.copy(), requires_grad=True)                 # training: x is saved for backward, so no aliasing
+    y = F.silu(x, inplace=True)
+    assert not np.shares_memory(y.data, x.data)
+    np.testing.assert_array_equal(x.numpy(), a)
+    y.sum().backward()
+    plain = Tensor(a.copy(), requires_grad=True)
+    F.silu(plain).sum().backward()
+    np.testing.assert_array_equal(x.grad, plain.grad)
