@@ -111,6 +111,7 @@ OPS = {
     "conv1x1": (lambda x, w, b: F.conv2d(x, w, b), [(5, 3, 6, 7), (4, 3, 1, 1), (4,)]),
     "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), [(5, 4, 6, 7), (4,), (4,)]),
     "silu": (lambda x: F.silu(x), [(5, 4, 6, 7)]),
+    "linear": (lambda x, w, b: F.linear(x, w, b), [(5, 7, 6), (3, 6), (3,)]),
     "attention": (lambda q, k, v: F.attention(q, k, v), [(5, 12, 4), (5, 12, 4), (5, 12, 3)]),
 }
 
