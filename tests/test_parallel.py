@@ -178,3 +178,16 @@ def test_adam_and_ema_updates_are_bitwise_the_same_on_one_and_three_threads(thre
     one, many = _run(run, 1, threads), _run(run, 3, threads)
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
+
+
+def test_blas_is_single_threaded_inside_a_multi_thread_pool_and_restored_with_one(threads):
+    from threadpoolctl import ThreadpoolController
+    blas = ThreadpoolController().select(user_api="blas")
+    threads(1)
+    before = [lib.num_threads for lib in blas.lib_controllers]
+    blas.limit(limits=2)  # what a user's OPENBLAS_NUM_THREADS=2 would give
+    threads(2)
+    assert [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers] == \
+        [1] * len(before)
+    threads(1)  # back to the count BLAS had before the pool first limited it
+    assert [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers] == before
