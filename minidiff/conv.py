@@ -8,9 +8,17 @@ numpy's elementwise ops keep that layout. Backward: dL/dW is one GEMM with the
 rebuilt columns; dL/dx is, for stride 1, the same im2col + GEMM on the gradient
 with the flipped kernel (measured 1.2-2x faster than GEMM + col2im, which moves
 kh*kw times more data), and otherwise GEMM + col2im over the kernel offsets.
-May import: backend, tensor.
+The fast path: stride-1 3x3 convolutions of 64+ channels and 16x16+ outputs take
+Winograd F(2x2, 3x3) (Lavin & Gray 2016) on the CPU, forward and input gradient, 2.25x
+fewer multiplications; the im2col + GEMM above stays the reference it is tested against.
+On the CPU each of these runs per batch chunk on the thread pool (parallel.py), with
+single-threaded BLAS and a scratch buffer per thread; the weight gradient sums the
+chunks' products. With one thread the chunk is the whole batch.
+May import: backend, tensor, parallel.
 """
-from . import backend
+import threading
+
+from . import backend, parallel
 from .tensor import Function
 
 
@@ -70,11 +78,12 @@ def windows(xpad, kh, kw, stride):
         xpad, shape=(n, ho, wo, kh, kw, c), strides=(s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
 
 
-_workspace = {}  # (module name, dtype) -> one flat buffer reused for every im2col matrix
+_workspace = {}  # (module name, dtype, thread) -> one flat buffer reused for every im2col matrix
 
 
-def _scratch(xp, shape, dtype):
-    """A reusable numpy buffer of `shape` for an im2col matrix, which never outlives one forward/backward.
+def _scratch(xp, shape, dtype, slot="cols"):
+    """A reusable numpy buffer of `shape` for an im2col matrix (or a Winograd operand, per `slot`),
+    which never outlives one forward/backward.
 
     A fresh 10-100 MB array costs page faults on every call, about half of the
     copy's time on numpy; cupy's memory pool already reuses memory, so it allocates.
@@ -84,7 +93,7 @@ def _scratch(xp, shape, dtype):
     size = 1
     for n in shape:
         size *= n
-    key = (xp.__name__, xp.dtype(dtype).str)
+    key = (xp.__name__, xp.dtype(dtype).str, threading.get_ident(), slot)  # per thread: chunks run at once
     buf = _workspace.get(key)
     if buf is None or buf.size < size:
         buf = _workspace[key] = None  # free the old buffer before allocating the larger one
@@ -131,6 +140,92 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     return gpad[:, pt:pt + h, pl:pl + w].transpose(0, 3, 1, 2)  # (N, C, H, W) view, channels-last strides
 
 
+# ---------------------------------------------------------------- Winograd F(2x2, 3x3), the fast path
+
+# Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", Sec. 4.1: a 2x2 output tile
+# Y = A^T [(G g G^T) * (B^T d B)] A of a 4x4 input tile d and 3x3 kernel g. The elementwise product over
+# the 16 tile positions becomes 16 GEMMs (tiles x C) @ (C x O): 16 multiplies per 4 outputs where
+# im2col's one GEMM does 36, 2.25x fewer. The transforms are additions on whole strided slices.
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))   # kernel transform G
+USE_WINOGRAD = True  # stride-1 3x3 convolutions on numpy take the fast path (False: the plain im2col + GEMM)
+# Where it pays (BENCHMARKS.md, measured per U-Net conv shape at one thread): the transforms are memory-bound
+# passes, so below 64 channels in and out or 16x16 outputs the plain GEMM is as fast or faster.
+WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS = 64, 256
+
+
+def winograd_weights(w):
+    """U = G g G^T for every (o, c) of a 3x3 kernel w (O, C, 3, 3) -> (16, C, O), the 16 GEMMs' right operands."""
+    xp = backend.xp_of(w)
+    g = xp.asarray(WINOGRAD_G, dtype=w.dtype)
+    o, c = w.shape[:2]
+    kron = (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)   # G (x) G: U[ab] = sum_ij G[a,i] G[b,j] g[ij]
+    u = w.reshape(o * c, 9) @ kron.T                                 # (O*C, 16): one GEMM for every (o, c)
+    return xp.ascontiguousarray(u.reshape(o, c, 16).transpose(2, 1, 0))
+
+
+def _winograd_conv(xpad, u, out):
+    """Stride-1 3x3 correlation of xpad (n, Ho+2, Wo+2, C), Ho and Wo even, with U (16, C, O) into out (n*Ho*Wo, O).
+
+    V = B^T d B for every 4x4 tile (stride 2) of xpad, M = V U per tile position, Y = A^T M A.
+    """
+    xp = backend.xp_of(xpad)
+    n, hp, wp, c = xpad.shape
+    th, tw, o = (hp - 2) // 2, (wp - 2) // 2, u.shape[2]
+    # B^T d: the 4 row combinations of every tile, over whole rows (n, th, Wp, C)
+    r = _scratch(xp, (4, n, th, wp, c), xpad.dtype, "wino_rows")
+    d0, d1, d2, d3 = (xpad[:, k:k + 2 * th:2] for k in range(4))   # tile rows k = 0..3
+    xp.subtract(d0, d2, out=r[0])
+    xp.add(d1, d2, out=r[1])
+    xp.subtract(d2, d1, out=r[2])
+    xp.subtract(d1, d3, out=r[3])
+    # (B^T d) B: the same on the columns -> V (4, 4, n, th, tw, C) = (16 tile positions, tiles, C)
+    v = _scratch(xp, (4, 4, n, th, tw, c), xpad.dtype, "wino_v")
+    for i in range(4):
+        e0, e1, e2, e3 = (r[i][:, :, k:k + 2 * tw:2] for k in range(4))
+        xp.subtract(e0, e2, out=v[i, 0])
+        xp.add(e1, e2, out=v[i, 1])
+        xp.subtract(e2, e1, out=v[i, 2])
+        xp.subtract(e1, e3, out=v[i, 3])
+    m = _scratch(xp, (16, n * th * tw, o), out.dtype, "wino_m")
+    xp.matmul(v.reshape(16, -1, c), u, out=m)                         # the 16 GEMMs
+    # A^T M: rows (m0 + m1 + m2, m1 - m2 - m3) of every tile column, then the same on columns into Y
+    m = m.reshape(4, 4, n, th, tw, o)
+    t = _scratch(xp, (2, 4, n, th, tw, o), out.dtype, "wino_t")
+    xp.add(m[0], m[1], out=t[0])
+    t[0] += m[2]
+    xp.subtract(m[1], m[2], out=t[1])
+    t[1] -= m[3]
+    y = out.reshape(n, th, 2, tw, 2, o)                              # output pixel (2a + p, 2b + q)
+    for p in range(2):
+        yp0, yp1 = y[:, :, p, :, 0], y[:, :, p, :, 1]
+        xp.add(t[p, 0], t[p, 1], out=yp0)
+        yp0 += t[p, 2]
+        xp.subtract(t[p, 1], t[p, 2], out=yp1)
+        yp1 -= t[p, 3]
+
+
+def _winograd_correlate(x_nhwc, u, pads, out):
+    """Stride-1 3x3 correlation of x (n, H, W, C) padded by `pads`, into out (n*Ho*Wo, O), any Ho, Wo:
+    odd sizes get one more zero row/column and the extra output row/column is dropped."""
+    n = x_nhwc.shape[0]
+    pt, pb, pl, pr = pads
+    ho, wo = x_nhwc.shape[1] + pt + pb - 2, x_nhwc.shape[2] + pl + pr - 2
+    xpad = _pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
+    if ho % 2 == 0 and wo % 2 == 0:
+        return _winograd_conv(xpad, u, out)
+    he, we = ho + ho % 2, wo + wo % 2
+    full = backend.xp_of(out).empty((n * he * we, out.shape[1]), dtype=out.dtype)
+    _winograd_conv(xpad, u, full)
+    out.reshape(n, ho, wo, -1)[...] = full.reshape(n, he, we, -1)[:, :ho, :wo]
+
+
+def _use_winograd(x, weight, stride, pixels):
+    """The fast path for a stride-1 3x3 correlation of x with a weight (O, C, 3, 3) into `pixels` outputs per image."""
+    o, c, kh, kw = weight.shape
+    return (USE_WINOGRAD and kh == kw == 3 and stride == (1, 1) and backend.xp_of(x) is backend.host
+            and min(o, c) >= WINOGRAD_MIN_CHANNELS and pixels >= WINOGRAD_MIN_PIXELS)
+
+
 class Conv2d(Function):
     """out = conv(x, weight) + bias: x (N, C, H, W), weight (O, C, kh, kw), bias (O,) -> (N, O, Ho, Wo).
 
@@ -148,12 +243,29 @@ class Conv2d(Function):
         ho, wo = output_size(h, w, kh, kw, stride, padding)
         if ho < 1 or wo < 1:
             raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {h}x{w} with padding {padding}")
-        xpad = _pad_nhwc(x.transpose(0, 2, 3, 1), padding)       # (N, Hp, Wp, C)
-        cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)   # (N*Ho*Wo, kh*kw*C)
+        xp = backend.xp_of(x)
         w2 = weight.transpose(0, 2, 3, 1).reshape(o, -1)          # (O, kh*kw*C), columns ordered (i, j, c)
-        out = cols @ w2.T                                         # (N*Ho*Wo, O): the one GEMM
-        if bias is not None:
-            out += bias
+        threads = parallel.threads_for(x)
+        dtype = xp.result_type(x, weight)
+        out = parallel.buffer(xp, (n * ho * wo, o), dtype, threads)
+        rows = ho * wo                                            # output rows per image
+        u = winograd_weights(weight) if _use_winograd(x, weight, stride, ho * wo) else None
+
+        def chunk(a, b):                                          # images a..b-1, on one thread
+            res = parallel.part(out, a * rows, b * rows)
+            if u is not None:                                     # the fast path: same result, 2.25x fewer FLOPs
+                res = xp.empty(((b - a) * rows, o), dtype=dtype) if res is None else res
+                _winograd_correlate(parallel.part(x, a, b).transpose(0, 2, 3, 1), u, padding, res)
+            else:                                                 # the plain convolution: im2col + one GEMM
+                xpad = _pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding)       # (n, Hp, Wp, C)
+                cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)        # (n*Ho*Wo, kh*kw*C)
+                res = xp.matmul(cols, w2.T, out=res)                           # (n*Ho*Wo, O): the one GEMM
+            if bias is not None:
+                res += bias
+            return res
+
+        parts = parallel.parallel_for(n, chunk, threads)
+        out = parts[0] if out is None else out
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.geometry = x.shape, stride, padding
         return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)   # (N, O, Ho, Wo) view, channels-last strides
@@ -167,28 +279,61 @@ class Conv2d(Function):
         xp = backend.xp_of(grad)
         need = ctx.needs_input_grad
         g4 = grad.transpose(0, 2, 3, 1)                           # (N, Ho, Wo, O)
-        g2 = xp.ascontiguousarray(g4.reshape(-1, o))              # (N*Ho*Wo, O); no copy if grad is channels-last
-        grad_x = grad_w = grad_b = None
+        pt, pb, pl, pr = padding
+        full = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
+        plain_1x1 = kh == kw == 1 and stride == (1, 1) and not any(padding)
+        transposed = stride == (1, 1) and min(full) >= 0
+        threads = parallel.threads_for(grad)
+        grad_x = None
+        if need[0] and (plain_1x1 or transposed):
+            grad_x = parallel.buffer(xp, (n * h * w, c), grad.dtype, threads)   # rows written by the chunks
+        w_flip = u_flip = None                                    # the transposed conv's kernel, as a GEMM or Winograd's U
+        if need[0] and transposed and _use_winograd(grad, weight, stride, h * w):
+            u_flip = winograd_weights(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (16, O, C)
+        elif need[0] and transposed and not plain_1x1:
+            w_flip = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)   # (C, kh*kw*O)
+
+        def chunk(a, b):                                          # images a..b-1 -> (dW part, db part, dx part)
+            g2 = xp.ascontiguousarray(parallel.part(g4, a, b).reshape(-1, o))     # (n*Ho*Wo, O); no copy if grad is channels-last
+            gw = gb = gx = None
+            if need[1]:
+                cols = _im2col_nhwc(_pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding), kh, kw, stride, scratch=True)
+                gw = cols.T @ g2                                  # dL/dW = cols^T dL/dout, (kh*kw*C, O)
+                del cols
+            if len(need) > 2 and need[2]:
+                gb = g2.sum(axis=0)                               # dL/db = sum of dL/dout over N, Ho, Wo
+            if need[0]:
+                res = parallel.part(grad_x, a * h * w, b * h * w)
+                if plain_1x1:
+                    gx = xp.matmul(g2, weight.reshape(o, c), out=res)   # dL/dx = dL/dout W, a plain GEMM
+                elif u_flip is not None:                          # the same correlation, Winograd's fast path
+                    gx = xp.empty(((b - a) * h * w, c), dtype=grad.dtype) if res is None else res
+                    _winograd_correlate(g2.reshape(b - a, *g4.shape[1:]), u_flip, full, gx)
+                elif transposed:
+                    # stride 1: dL/dx = dL/dout (zero-padded by k-1-p) correlated with the flipped, transposed kernel
+                    gcols = _im2col_nhwc(_pad_nhwc(g2.reshape(b - a, *g4.shape[1:]), full), kh, kw, (1, 1),
+                                         scratch=True)
+                    gx = xp.matmul(gcols, w_flip.T, out=res)      # (n*H*W, C)
+                else:
+                    # dL/dx = col2im(dL/dout W): scatter each window's gradient back
+                    gx = col2im(g2 @ weight.transpose(0, 2, 3, 1).reshape(o, -1), (b - a,) + tuple(x_shape[1:]),
+                                kh, kw, stride, padding)
+            return gw, gb, gx
+
+        parts = parallel.parallel_for(n, chunk, threads)
+        grad_w = grad_b = None
         if need[1]:
-            cols = _im2col_nhwc(_pad_nhwc(x.transpose(0, 2, 3, 1), padding), kh, kw, stride, scratch=True)  # rebuilt
-            # dL/dW = cols^T dL/dout, (kh*kw*C, O) reordered to OIHW
-            grad_w = xp.ascontiguousarray((cols.T @ g2).reshape(kh, kw, c, o).transpose(3, 2, 0, 1))
-            del cols
+            gw = parts[0][0]
+            for p in parts[1:]:
+                gw += p[0]                                        # the weight gradient sums the chunks' products
+            grad_w = xp.ascontiguousarray(gw.reshape(kh, kw, c, o).transpose(3, 2, 0, 1))   # OIHW
         if len(need) > 2 and need[2]:
-            grad_b = g2.sum(axis=0)                               # dL/db = sum of dL/dout over N, Ho, Wo
+            grad_b = parts[0][1]
+            for p in parts[1:]:
+                grad_b = grad_b + p[1]
         if need[0]:
-            pt, pb, pl, pr = padding
-            full = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
-            if kh == kw == 1 and stride == (1, 1) and not any(padding):
-                grad_x = g2 @ weight.reshape(o, c)                # dL/dx = dL/dout W, a plain GEMM
-            elif stride == (1, 1) and min(full) >= 0:
-                # stride 1: dL/dx = dL/dout (zero-padded by k-1-p) correlated with the flipped, transposed kernel
-                gcols = _im2col_nhwc(_pad_nhwc(g2.reshape(n, *g4.shape[1:]), full), kh, kw, (1, 1), scratch=True)
-                w_flip = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)   # (C, kh*kw*O)
-                grad_x = gcols @ w_flip.T                         # (N*H*W, C)
-            else:
-                # dL/dx = col2im(dL/dout W): scatter each window's gradient back
-                grad_x = col2im(g2 @ weight.transpose(0, 2, 3, 1).reshape(o, -1), x_shape, kh, kw, stride, padding)
+            if grad_x is None:                                    # one chunk, or col2im's (N, C, H, W) pieces
+                grad_x = parts[0][2] if len(parts) == 1 else xp.concatenate([p[2] for p in parts])
             if grad_x.ndim == 2:
                 grad_x = grad_x.reshape(n, h, w, c).transpose(0, 3, 1, 2)   # channels-last strides
         return (grad_x, grad_w, grad_b)[:len(need)]

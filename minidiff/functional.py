@@ -5,11 +5,13 @@ upsample_nearest2d, attention (fused backward) and the sinusoidal timestep_embed
 of Ho et al. 2020 (arXiv:2006.11239), App. B, as in the original DDPM code.
 Fused ops compute their statistics once in forward and reuse them in backward;
 tests/test_functional.py checks each against autograd of its composite.
-May import: backend, tensor, ops, conv.
+SiLU, group_norm and attention run per batch chunk on the thread pool (parallel.py);
+each chunk is the plain code on a slice of the batch.
+May import: backend, tensor, parallel, ops, conv.
 """
 import math
 
-from . import backend
+from . import backend, parallel
 from .conv import conv2d  # noqa: F401  (re-exported: F.conv2d)
 from .ops import softmax  # noqa: F401  (re-exported: F.softmax)
 from .tensor import Function, Tensor
@@ -22,14 +24,24 @@ __all__ = ["conv2d", "linear", "group_norm", "silu", "softmax", "dropout",
 
 
 class Linear(Function):
-    """y = x W^T + b: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
+    """y = x W^T + b: x (..., in), weight (out, in), bias (out,) -> (..., out). On the CPU in row chunks
+    on the thread pool (attention's q, k, v projections are (N*H*W, C) GEMMs); dL/dW sums the chunks'."""
 
     @staticmethod
     def forward(ctx, x, weight, bias=None):
+        xp = backend.xp_of(x)
         x2 = x.reshape(-1, x.shape[-1])                      # (M, in)
-        out = x2 @ weight.T                                  # (M, out)
-        if bias is not None:
-            out += bias
+        threads = parallel.threads_for(x2)
+        out = parallel.buffer(xp, (x2.shape[0], weight.shape[0]), xp.result_type(x, weight), threads)
+
+        def chunk(a, b):                                     # rows a..b-1
+            o = xp.matmul(parallel.part(x2, a, b), weight.T, out=parallel.part(out, a, b))   # (m, out)
+            if bias is not None:
+                o += bias
+            return o
+
+        parts = parallel.parallel_for(len(x2), chunk, threads)
+        out = parts[0] if out is None else out
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
         ctx.x_shape = x.shape
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -37,12 +49,34 @@ class Linear(Function):
     @staticmethod
     def backward(ctx, grad):
         x2, weight = ctx.saved
+        xp = backend.xp_of(grad)
         g2 = grad.reshape(-1, weight.shape[0])               # (M, out)
-        g2 = backend.xp_of(g2).ascontiguousarray(g2)         # a broadcast (zero-stride) grad would miss BLAS
+        g2 = xp.ascontiguousarray(g2)                        # a broadcast (zero-stride) grad would miss BLAS
         need = ctx.needs_input_grad
-        grad_x = (g2 @ weight).reshape(ctx.x_shape) if need[0] else None  # dL/dx = dL/dy W
-        grad_w = g2.T @ x2 if need[1] else None                            # dL/dW = dL/dy^T x
-        grad_b = g2.sum(axis=0) if len(need) > 2 and need[2] else None     # dL/db = sum_rows dL/dy
+        threads = parallel.threads_for(g2)
+        grad_x = parallel.buffer(xp, (len(g2), weight.shape[1]), g2.dtype, threads) if need[0] else None
+
+        def chunk(a, b):                                     # rows a..b-1 -> (dW part, db part, dx part)
+            ga = parallel.part(g2, a, b)
+            gx = xp.matmul(ga, weight, out=parallel.part(grad_x, a, b)) if need[0] else None   # dL/dx = dL/dy W
+            gw = ga.T @ parallel.part(x2, a, b) if need[1] else None    # dL/dW = dL/dy^T x
+            gb = ga.sum(axis=0) if len(need) > 2 and need[2] else None   # dL/db = sum_rows dL/dy
+            return gw, gb, gx
+
+        parts = parallel.parallel_for(len(g2), chunk, threads)
+        if need[0] and grad_x is None:
+            grad_x = parts[0][2]
+        grad_w = grad_b = None
+        if need[1]:
+            grad_w = parts[0][0]
+            for p in parts[1:]:
+                grad_w += p[0]                               # the weight gradient sums the chunks' products
+        if len(need) > 2 and need[2]:
+            grad_b = parts[0][1]
+            for p in parts[1:]:
+                grad_b = grad_b + p[1]
+        if need[0]:
+            grad_x = grad_x.reshape(ctx.x_shape)
         return (grad_x, grad_w, grad_b)[:len(need)]
 
 
@@ -59,35 +93,56 @@ class SiLU(Function):
     recomputes sigmoid, which costs three elementwise passes and saves one activation per call."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, inplace=False):
         xp = backend.xp_of(x)
-        half = x * x.dtype.type(0.5)
-        y = xp.tanh(half)                                    # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
-        y += 1
-        y *= half                                            # y = x/2 (1 + tanh(x/2)) = x sigmoid(x)
         ctx.save_for_backward(x)
-        return y
+        shape, x = x.shape, (x if x.ndim else x.reshape(1))  # chunks slice the first axis
+        # in place only when no backward will need x (sampling under no_grad): one activation less to allocate
+        threads = parallel.threads_for(x)
+        # x's layout (channels-last stays)
+        y = x if inplace and not ctx.needs_input_grad[0] else parallel.buffer(xp, x.shape, x.dtype, threads, like=x)
+
+        def chunk(a, b):
+            half = parallel.part(x, a, b) * x.dtype.type(0.5)
+            ya = xp.tanh(half, out=parallel.part(y, a, b))   # sigmoid(x) = (tanh(x/2) + 1) / 2: no overflow
+            ya += 1
+            ya *= half                                       # y = x/2 (1 + tanh(x/2)) = x sigmoid(x)
+            return ya
+
+        parts = parallel.parallel_for(x.shape[0], chunk, threads)
+        return (parts[0] if y is None else y).reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
         xp = backend.xp_of(x)
-        s = x * x.dtype.type(0.5)
-        xp.tanh(s, out=s)
-        s *= x.dtype.type(0.5)
-        s += x.dtype.type(0.5)                               # s = sigmoid(x), recomputed
-        # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
-        d = 1 - s
-        d *= x
-        d += 1
-        d *= s
-        d *= grad
-        return d
+        shape, x = x.shape, (x if x.ndim else x.reshape(1))
+        grad = xp.broadcast_to(grad, shape).reshape(x.shape)
+        threads = parallel.threads_for(x, grad)
+        out = parallel.buffer(xp, x.shape, x.dtype, threads, like=x)
+
+        def chunk(a, b):
+            xa = parallel.part(x, a, b)
+            s = xa * x.dtype.type(0.5)
+            xp.tanh(s, out=s)
+            s *= x.dtype.type(0.5)
+            s += x.dtype.type(0.5)                           # s = sigmoid(x), recomputed
+            # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
+            d = xp.subtract(1, s, out=parallel.part(out, a, b))
+            d *= xa
+            d += 1
+            d *= s
+            d *= parallel.part(grad, a, b)
+            return d
+
+        parts = parallel.parallel_for(x.shape[0], chunk, threads)
+        return (parts[0] if out is None else out).reshape(shape)
 
 
-def silu(x):
-    """x * sigmoid(x), elementwise."""
-    return SiLU.apply(x)
+def silu(x, inplace=False):
+    """x * sigmoid(x), elementwise. inplace=True may write the result into x's array (as torch's
+    inplace=True), which it does only when x needs no gradient; pass it only for a temporary x."""
+    return SiLU.apply(x, inplace=inplace)
 
 
 # ---------------------------------------------------------------- group norm
@@ -158,17 +213,30 @@ class GroupNorm(Function):
         n, c, g = x.shape[0], x.shape[1], num_groups
         sub = "ncs" if axis == 1 else "nsc"
         count = v.size // (n * g)                                  # entries per group
-        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (N, C) -> broadcastable
-        group_mean = _group_averager(xp, c, g, count, x.dtype)    # (N, C) sums @ it = (N, C) group means
+        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (n, C) -> broadcastable
+        group_mean = _group_averager(xp, c, g, count, x.dtype)    # (n, C) sums @ it = (n, C) group means
+        threads = parallel.threads_for(x)
+        out = parallel.buffer(xp, v.shape, x.dtype, threads, like=v)
+        mean = parallel.buffer(xp, (n, c), x.dtype, threads)
+        rstd = parallel.buffer(xp, (n, c), x.dtype, threads)
 
-        mean = xp.einsum(sub + "->nc", v) @ group_mean
-        d = v - per_c(mean)                                        # x - mean_g
-        rstd = 1 / xp.sqrt(xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean + x.dtype.type(eps))  # (N, C)
-        scale = rstd * affine[0] if has_weight else rstd           # y = d * scale + bias
-        out = d                                                    # d is a temporary (x is saved): reuse it
-        out *= per_c(scale.astype(x.dtype, copy=False))
-        if has_bias:
-            out += per_c(affine[-1][None, :])
+        def chunk(a, b):                                           # samples a..b-1: statistics are per sample
+            va = parallel.part(v, a, b)
+            m = xp.matmul(xp.einsum(sub + "->nc", va), group_mean, out=parallel.part(mean, a, b))
+            d = xp.subtract(va, per_c(m), out=parallel.part(out, a, b))   # x - mean_g, where the output goes
+            var = xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean
+            var += x.dtype.type(eps)
+            r = xp.sqrt(var, out=var)
+            r = xp.divide(1, r, out=parallel.part(rstd, a, b))
+            scale = r * affine[0] if has_weight else r             # y = d * scale + bias
+            d *= per_c(scale.astype(x.dtype, copy=False))
+            if has_bias:
+                d += per_c(affine[-1][None, :])
+            return d, m, r
+
+        parts = parallel.parallel_for(n, chunk, threads)
+        if out is None:
+            out, mean, rstd = parts[0]
         ctx.save_for_backward(v, mean, rstd, affine[0] if has_weight else None)
         ctx.geometry = x.shape, axis, g, count
         return _from_spatial_view(out, x.shape, axis)
@@ -186,25 +254,43 @@ class GroupNorm(Function):
                   else xp.ascontiguousarray(grad).reshape(n, c, -1))
         sub = "ncs" if axis == 1 else "nsc"
         per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])
-        d = v - per_c(mean)                                        # x - mean_g, recomputed (not saved: memory)
-        sum_g = xp.einsum(sub + "->nc", gv)                        # sum over positions of dL/dy, (N, C)
-        sum_g_xhat = xp.einsum(f"{sub},{sub}->nc", gv, d) * rstd   # sum over positions of dL/dy * x_hat
+        threads = parallel.threads_for(v)
+        sum_g = parallel.buffer(xp, (n, c), grad.dtype, threads)
+        sum_g_xhat = parallel.buffer(xp, (n, c), grad.dtype, threads)
+        gx = parallel.buffer(xp, v.shape, grad.dtype, threads, like=v) if need[0] else None
+        w = weight if weight is not None else 1
+        group_mean = _group_averager(xp, c, g, count, v.dtype)
+
+        def chunk(a, b):                                           # samples a..b-1
+            rows = lambda arr: parallel.part(arr, a, b)   # noqa: E731
+            r = rows(rstd)
+            d = rows(v) - per_c(rows(mean))                        # x - mean_g, recomputed (not saved: memory)
+            ga = rows(gv)
+            sg = parallel.into(sum_g, a, b, xp.einsum(sub + "->nc", ga))   # sum over positions of dL/dy, (n, C)
+            sgx = xp.einsum(f"{sub},{sub}->nc", ga, d)
+            sgx *= r                                               # sum over positions of dL/dy * x_hat
+            sgx = parallel.into(sum_g_xhat, a, b, sgx)
+            if not need[0]:
+                return sg, sgx, None
+            # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
+            m1 = (sg * w) @ group_mean                                                # mean_g(gh), (n, C)
+            m2 = (sgx * w) @ group_mean                                               # mean_g(gh x_hat)
+            dtype = grad.dtype
+            d *= per_c((-m2 * r * r).astype(dtype, copy=False))                       # - rstd x_hat mean_g(gh x_hat)
+            d -= per_c((m1 * r).astype(dtype, copy=False))                            # - rstd mean_g(gh)
+            out = xp.multiply(ga, per_c((r * w).astype(dtype, copy=False)), out=rows(gx))   # + rstd gh
+            out += d
+            return sg, sgx, out
+
+        parts = parallel.parallel_for(n, chunk, threads)
+        if sum_g is None:
+            sum_g, sum_g_xhat, gx = parts[0]
         grads = [None]
         if weight is not None:
             grads.append(sum_g_xhat.sum(axis=0) if need[1] else None)      # dL/dweight = sum dL/dy x_hat
         if len(need) > len(grads):
             grads.append(sum_g.sum(axis=0) if need[len(grads)] else None)  # dL/dbias = sum dL/dy
         if need[0]:
-            # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
-            w = weight if weight is not None else 1
-            group_mean = _group_averager(xp, c, g, count, v.dtype)
-            m1 = (sum_g * w) @ group_mean                                                # mean_g(gh), (N, C)
-            m2 = (sum_g_xhat * w) @ group_mean                                           # mean_g(gh x_hat)
-            dtype = grad.dtype
-            d *= per_c((-m2 * rstd * rstd).astype(dtype, copy=False))                    # - rstd x_hat mean_g(gh x_hat)
-            d -= per_c((m1 * rstd).astype(dtype, copy=False))                            # - rstd mean_g(gh)
-            gx = gv * per_c((rstd * w).astype(dtype, copy=False))                        # + rstd gh
-            gx += d
             grads[0] = _from_spatial_view(gx, shape, axis)
         return tuple(grads)
 
@@ -302,30 +388,59 @@ class Attention(Function):
     @staticmethod
     def forward(ctx, q, k, v):
         xp = backend.xp_of(q)
-        qs = q * q.dtype.type(q.shape[-1] ** -0.5)               # scale q (N, L, C), not the (N, L, L) scores
-        p = qs @ k.swapaxes(-1, -2)                              # (N, L, L) scores
-        p -= p.max(axis=-1, keepdims=True)                       # shift by the max: exp never overflows
-        xp.exp(p, out=p)
-        p /= p.sum(axis=-1, keepdims=True)                       # softmax probabilities P
-        out = p @ v                                              # (N, L, C)
+        n, l, c = q.shape
+        threads = parallel.threads_for(q, size=n * l * l)       # the (N, L, L) scores are the big array
+        qs = parallel.buffer(xp, q.shape, q.dtype, threads)
+        p = parallel.buffer(xp, (n, l, l), xp.result_type(q, k), threads)
+        out = parallel.buffer(xp, (n, l, v.shape[-1]), xp.result_type(q, k, v), threads)
+
+        def chunk(a, b):                                         # images a..b-1
+            qa = xp.multiply(parallel.part(q, a, b), q.dtype.type(c ** -0.5), out=parallel.part(qs, a, b))  # scale q, not the scores
+            pa = xp.matmul(qa, parallel.part(k, a, b).swapaxes(-1, -2), out=parallel.part(p, a, b))  # (n, L, L) scores
+            pa -= pa.max(axis=-1, keepdims=True)                 # shift by the max: exp never overflows
+            xp.exp(pa, out=pa)
+            pa /= pa.sum(axis=-1, keepdims=True)                 # softmax probabilities P
+            oa = xp.matmul(pa, parallel.part(v, a, b), out=parallel.part(out, a, b))             # (n, L, C)
+            return qa, pa, oa
+
+        parts = parallel.parallel_for(n, chunk, threads)
+        if out is None:
+            qs, p, out = parts[0]
         ctx.save_for_backward(qs, k, v, p, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         qs, k, v, p, out = ctx.saved
-        grad = backend.xp_of(grad).ascontiguousarray(grad)       # a broadcast (zero-stride) grad would miss BLAS
+        xp = backend.xp_of(grad)
+        grad = xp.ascontiguousarray(grad)                        # a broadcast (zero-stride) grad would miss BLAS
         need = ctx.needs_input_grad
-        grad_v = p.swapaxes(-1, -2) @ grad if need[2] else None  # dL/dv = P^T dL/dout
-        if not (need[0] or need[1]):
-            return None, None, grad_v
-        # dL/dS = P * (dL/dP - rowsum(dL/dP * P)), and rowsum(dL/dP * P) = rowsum(dL/dout * out)
-        ds = grad @ v.swapaxes(-1, -2)                           # dL/dP, (N, L, L)
-        ds -= (grad * out).sum(axis=-1, keepdims=True)
-        ds *= p
         scale = qs.dtype.type(qs.shape[-1] ** -0.5)
-        grad_q = (ds @ k) * scale if need[0] else None           # dL/dq = dL/dS k / sqrt(C)
-        grad_k = ds.swapaxes(-1, -2) @ qs if need[1] else None   # dL/dk = dL/dS^T q / sqrt(C)
+        threads = parallel.threads_for(p)
+        grad_q = parallel.buffer(xp, qs.shape, grad.dtype, threads) if need[0] else None
+        grad_k = parallel.buffer(xp, k.shape, grad.dtype, threads) if need[1] else None
+        grad_v = parallel.buffer(xp, v.shape, grad.dtype, threads) if need[2] else None
+
+        def chunk(a, b):                                         # images a..b-1
+            g, pa = parallel.part(grad, a, b), parallel.part(p, a, b)
+            gq = gk = gv = None
+            if need[2]:
+                gv = xp.matmul(pa.swapaxes(-1, -2), g, out=parallel.part(grad_v, a, b))   # dL/dv = P^T dL/dout
+            if need[0] or need[1]:
+                # dL/dS = P * (dL/dP - rowsum(dL/dP * P)), and rowsum(dL/dP * P) = rowsum(dL/dout * out)
+                ds = g @ parallel.part(v, a, b).swapaxes(-1, -2)                     # dL/dP, (n, L, L)
+                ds -= (g * parallel.part(out, a, b)).sum(axis=-1, keepdims=True)
+                ds *= pa
+            if need[0]:
+                gq = xp.matmul(ds, parallel.part(k, a, b), out=parallel.part(grad_q, a, b))   # dL/dq = dL/dS k / sqrt(C)
+                gq *= scale
+            if need[1]:
+                gk = xp.matmul(ds.swapaxes(-1, -2), parallel.part(qs, a, b), out=parallel.part(grad_k, a, b))   # dL/dk
+            return gq, gk, gv
+
+        parts = parallel.parallel_for(grad.shape[0], chunk, threads)
+        if threads <= 1:                                         # one chunk: it allocated the gradients
+            grad_q, grad_k, grad_v = parts[0]
         return grad_q, grad_k, grad_v
 
 

@@ -8,12 +8,13 @@ float32 parameters). Adam and the EMA work on one flat contiguous buffer of all 
 parameters (FlatParameters: p.data and p.grad are views into it), so a step is a
 handful of array operations whatever the number of parameter tensors. State dicts
 stay per parameter and flat {str: array} so checkpoints can be written with
-safetensors. May import: backend, tensor.
+safetensors. The flat updates run in chunks on the thread pool (parallel.py); they are
+elementwise, so any chunking gives the same bits. May import: backend, tensor, parallel.
 """
 import contextlib
 import math
 
-from . import backend
+from . import backend, parallel
 
 
 def _scalar(value, dtype="float64"):
@@ -295,8 +296,11 @@ class Adam:
                             inv_sqrt_bc2=1.0 / math.sqrt(1.0 - b2 ** t),
                             decay=1.0 - lr * self.weight_decay)
         for lo, hi in runs:
-            adam_update_(flat.data[lo:hi], flat.grad[lo:hi], self.flat_exp_avg[lo:hi],
-                         self.flat_exp_avg_sq[lo:hi], self._buf[lo:hi], **coefficients)
+            def chunk(a, b):  # noqa: B023 (called before the loop moves on)
+                a, b = lo + a, lo + b
+                adam_update_(parallel.part(flat.data, a, b), parallel.part(flat.grad, a, b), parallel.part(self.flat_exp_avg, a, b),
+                             parallel.part(self.flat_exp_avg_sq, a, b), parallel.part(self._buf, a, b), **coefficients)
+            parallel.parallel_for(hi - lo, chunk, parallel.threads_for(flat.data[lo:hi]))
         return float(norm)  # GPU sync
 
     def state_dict(self):
@@ -369,7 +373,9 @@ class EMA:
 
     def update(self, module):
         """shadow -= (1 - decay) (shadow - param), in place (the same as the formula above)."""
-        ema_update_(self.flat_shadow, self._flat(module).data, self._buf, 1.0 - self.decay)
+        shadow, p, buf = self.flat_shadow, self._flat(module).data, self._buf
+        parallel.parallel_for(len(shadow), lambda a, b: ema_update_(parallel.part(shadow, a, b), parallel.part(p, a, b), parallel.part(buf, a, b), 1.0 - self.decay),
+                              parallel.threads_for(shadow))
         self.num_updates += 1
 
     def copy_to(self, module):

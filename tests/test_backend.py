@@ -18,7 +18,7 @@ ROOT = PACKAGE.parent
 # A module may import only minidiff modules of a strictly lower level (data flows one way).
 LEVEL = {
     "backend": 0,
-    "tensor": 1, "schedule": 1, "data": 1, "images": 1,
+    "tensor": 1, "schedule": 1, "data": 1, "images": 1, "parallel": 1,
     "ops": 2,
     "conv": 3, "testing": 3, "losses": 3, "optim": 3, "distributed": 3,
     "functional": 4, "diffusion": 4, "explainer": 2,

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minidiff import Generator, Tensor, backend, functional as F, ops
+from minidiff.tensor import no_grad
 from minidiff.testing import check_backward, check_gradients
 
 
@@ -309,3 +310,22 @@ def test_dropout_draws_its_mask_on_the_device_and_matches_numpy(standin):
     on_device = F.dropout(Tensor(dev), 0.1, True, generator=Generator(4)).data
     assert standin.counts["h2d_bytes"] == 0 and isinstance(on_device, standin.ndarray)
     np.testing.assert_array_equal(backend.to_numpy(on_device), on_host)
+
+
+def test_silu_inplace_writes_into_x_only_when_no_gradient_needs_it():
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    expected = F.silu(Tensor(a)).numpy()
+    x = Tensor(a.copy())
+    with no_grad():
+        y = F.silu(x, inplace=True)
+    assert np.shares_memory(y.data, x.data)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6, atol=1e-7)
+    x = Tensor(a.copy(), requires_grad=True)                 # training: x is saved for backward, so no aliasing
+    y = F.silu(x, inplace=True)
+    assert not np.shares_memory(y.data, x.data)
+    np.testing.assert_array_equal(x.numpy(), a)
+    y.sum().backward()
+    plain = Tensor(a.copy(), requires_grad=True)
+    F.silu(plain).sum().backward()
+    np.testing.assert_array_equal(x.grad, plain.grad)

@@ -1,0 +1,189 @@
+"""Intra-op parallelism on the CPU: a small thread pool that runs one op's batch chunks on every core.
+
+PyTorch's `at::parallel_for` idea, on numpy: an op splits its work into contiguous chunks
+along the batch (or a flat buffer), and each chunk runs in its own thread. numpy releases
+the GIL inside ufunc loops and BLAS calls, so the chunks really run at the same time.
+BLAS itself is set to one thread (threadpoolctl) while the pool has more than one: two
+single-threaded GEMMs on halves of the batch beat one narrow GEMM split by OpenBLAS, and
+no BLAS thread spin-waits while numpy's elementwise passes run.
+
+    parallel_for(n, fn)  # fn(start, stop) on contiguous chunks of range(n); chunk results, in order
+
+With one thread (MINIDIFF_NUM_THREADS=1, or set_num_threads(1)) it is fn(0, n): the plain
+code path. Chunk boundaries depend only on n and the thread count, so a run is
+reproducible at a fixed thread count; across thread counts, sums over chunks agree to
+float32 reduction order. Chunks of a nested call, or of a call from a second Python
+thread while the pool is busy, run serially in the calling thread.
+May import: backend.
+"""
+import os
+import queue
+import threading
+
+from . import backend
+
+_state = threading.local()  # .inside: this thread is running a chunk (nested calls run serially)
+_lock = threading.Lock()    # one parallel region at a time; other callers run serially
+_workers = []
+_num_threads = None
+_blas = None                # threadpoolctl's controller of the loaded BLAS, or False where unavailable
+_blas_default = None        # the BLAS thread counts before the pool first limited them
+
+
+def usable_cores():
+    """CPUs this process may run on (its affinity mask where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads_from_env():
+    value = os.environ.get("MINIDIFF_NUM_THREADS", "").strip()
+    if not value:
+        return usable_cores()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"MINIDIFF_NUM_THREADS must be a positive integer; got {value!r} "
+                         "(unset it to use every usable core)")
+    return n
+
+
+def _set_blas_threads(n):
+    """Limit the BLAS that numpy loaded to n threads, or restore its own count for n=None
+    (a no-op where threadpoolctl is missing)."""
+    global _blas, _blas_default
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController().select(user_api="blas")
+            _blas_default = [lib.num_threads for lib in _blas.lib_controllers]
+        except Exception:  # ImportError, or a platform threadpoolctl cannot inspect
+            _blas = False
+    if not _blas:
+        return
+    for lib, default in zip(_blas.lib_controllers, _blas_default):
+        lib.set_num_threads(default if n is None else n)  # stays until the next set_num_threads
+
+
+def _worker(inbox, outbox):
+    _state.inside = True
+    while True:
+        fn, start, stop = inbox.get()
+        try:
+            outbox.put((True, fn(start, stop)))
+        except BaseException as exc:  # handed to the caller, which raises it
+            outbox.put((False, exc))
+
+
+def set_num_threads(n):
+    """Use n threads for the heavy ops (n >= 1); with n > 1 BLAS runs single-threaded inside each chunk."""
+    global _num_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads needs a positive thread count; got {n}")
+    with _lock:
+        while len(_workers) < n - 1:  # workers are daemons that wait for chunks; surplus ones just idle
+            inbox, outbox = queue.SimpleQueue(), queue.SimpleQueue()
+            threading.Thread(target=_worker, args=(inbox, outbox), daemon=True,
+                             name=f"minidiff-{len(_workers) + 1}").start()
+            _workers.append((inbox, outbox))
+        _num_threads = n
+    # one thread: BLAS as the environment set it (OPENBLAS_NUM_THREADS), the plain path
+    _set_blas_threads(1 if n > 1 else None)
+
+
+def get_num_threads():
+    """The thread count parallel_for splits work over (MINIDIFF_NUM_THREADS, default: usable cores)."""
+    if _num_threads is None:
+        set_num_threads(_threads_from_env())
+    return _num_threads
+
+
+def chunks(n, parts):
+    """Split range(n) into at most `parts` contiguous, nearly equal (start, stop) pairs, none empty."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (i < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+MIN_PARALLEL_SIZE = 1 << 14  # elements: below this a thread hand-off (~10-50 us) costs more than it saves
+
+
+def threads_for(*arrays, size=0):
+    """How many chunks to use on these arrays: 1 for GPU arrays (CuPy parallelises itself) and
+    for small work (the largest array, or `size` elements, under MIN_PARALLEL_SIZE), otherwise the pool's size."""
+    if any(backend.xp_of(a) is not backend.host for a in arrays):
+        return 1
+    if max(size, *(a.size for a in arrays)) < MIN_PARALLEL_SIZE:
+        return 1
+    return get_num_threads()
+
+
+def part(arr, a, b):
+    """arr[a:b], one chunk's rows; `arr` itself when the chunk is all of it (or None for None), so
+    the one-chunk path (one thread, small arrays, a GPU) makes no view: on a GPU each is an op."""
+    return arr if arr is None or (a == 0 and b == len(arr)) else arr[a:b]
+
+
+def into(buf, a, b, value):
+    """`value` (one chunk's rows) written into buf[a:b] and returned as that view; `value` itself
+    when there is no buffer (one chunk)."""
+    if buf is None:
+        return value
+    rows = part(buf, a, b)
+    rows[...] = value
+    return rows
+
+
+def buffer(xp, shape, dtype, threads, like=None):
+    """The output array the chunks of an op write their rows into, or None for one chunk.
+
+    With one chunk (threads == 1: one thread, a small array, or a GPU, where CuPy parallelises
+    itself) the chunk's own ops allocate the result, `out=None`, and the op takes it from what
+    parallel_for returns: no extra allocation, the plain code path. `like` keeps its layout.
+    """
+    if threads <= 1:
+        return None
+    return xp.empty_like(like) if like is not None else xp.empty(shape, dtype=dtype)
+
+
+def parallel_for(n, fn, threads=None):
+    """[fn(start, stop) for each chunk of range(n)], the chunks run on the pool's threads at once.
+
+    The caller's thread runs the first chunk; an exception in any chunk is raised here
+    after every chunk has finished (no chunk is left writing into a shared output).
+    """
+    pool = get_num_threads()
+    bounds = chunks(n, pool if threads is None else min(threads, len(_workers) + 1))
+    if len(bounds) == 1 or getattr(_state, "inside", False) or not _lock.acquire(blocking=False):
+        return [fn(a, b) for a, b in bounds]
+    try:
+        _state.inside = True
+        for (inbox, _), (a, b) in zip(_workers, bounds[1:]):
+            inbox.put((fn, a, b))
+        results, error = [], None
+        try:
+            results.append(fn(*bounds[0]))
+        except BaseException as exc:
+            error = exc
+        for _, outbox in _workers[:len(bounds) - 1]:
+            ok, value = outbox.get()
+            if ok:
+                results.append(value)
+            elif error is None:
+                error = value
+        if error is not None:
+            raise error
+        return results
+    finally:
+        _state.inside = False
+        _lock.release()
