@@ -3,15 +3,17 @@
 conv2d (conv.py), linear, group_norm (fused backward), silu, softmax, dropout,
 upsample_nearest2d, attention (fused backward) and the sinusoidal timestep_embedding
 of Ho et al. 2020 (arXiv:2006.11239), App. B, as in the original DDPM code.
-Fused ops compute their statistics once in forward and reuse them in backward;
-tests/test_functional.py checks each against autograd of its composite.
+Fused ops compute their statistics once in forward and reuse them in backward. Each has its
+definition written plainly with primitives directly above it (silu_reference,
+group_norm_reference, attention_reference): read those to learn what the op computes;
+tests/test_functional.py checks each fused op's output and gradients against them.
 SiLU, group_norm and attention run per batch chunk on the thread pool (parallel.py);
 each chunk is the plain code on a slice of the batch.
 May import: backend, tensor, parallel, ops, conv.
 """
 import math
 
-from . import backend, parallel
+from . import backend, ops, parallel
 from .conv import conv2d  # noqa: F401  (re-exported: F.conv2d)
 from .ops import softmax  # noqa: F401  (re-exported: F.softmax)
 from .tensor import Function, Tensor
@@ -86,6 +88,11 @@ def linear(x, weight, bias=None):
 
 
 # ---------------------------------------------------------------- silu
+
+
+def silu_reference(x):
+    """SiLU ("swish") as its definition, x sigmoid(x), with primitives: what the fused SiLU below computes."""
+    return x * ops.sigmoid(x)
 
 
 class SiLU(Function):
@@ -195,6 +202,23 @@ def _from_spatial_view(v, shape, channel_axis):
         n, c, h, w = shape
         return v.reshape(n, h, w, c).transpose(0, 3, 1, 2)
     return v.reshape(shape)
+
+
+def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group normalisation (Wu & He 2018) as its definition, with primitives: what the fused
+    GroupNorm below computes. Each sample's channels split into groups; each group is shifted
+    to mean 0 and scaled to variance 1 over its channels and positions; then a per-channel
+    affine map y = x_hat * weight + bias."""
+    n, c = x.shape[:2]
+    g = ops.reshape(x, n, num_groups, -1)                          # (N, G, C/G * H * W)
+    d = g - ops.mean(g, axis=2, keepdims=True)
+    x_hat = ops.reshape(d / ops.sqrt(ops.mean(d * d, axis=2, keepdims=True) + eps), x.shape)
+    pshape = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        x_hat = x_hat * ops.reshape(weight, pshape)
+    if bias is not None:
+        x_hat = x_hat + ops.reshape(bias, pshape)
+    return x_hat
 
 
 class GroupNorm(Function):
@@ -380,6 +404,13 @@ def upsample_nearest2d(x, scale_factor=2):
 
 
 # ---------------------------------------------------------------- attention
+
+
+def attention_reference(q, k, v):
+    """Dot-product attention as its definition, softmax(q k^T / sqrt(C)) v on (N, L, C), with
+    primitives: what the fused Attention below computes (it also scales q instead of the scores)."""
+    scores = q @ ops.transpose(k, 0, 2, 1) * (q.shape[-1] ** -0.5)   # (N, L, L)
+    return ops.softmax(scores, axis=-1) @ v
 
 
 class Attention(Function):

@@ -31,20 +31,6 @@ def _grads_of(fn, arrays, cotangent):
 # ---------------------------------------------------------------- group norm
 
 
-def group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """group_norm written with primitives: the oracle for the fused backward."""
-    n, c = x.shape[:2]
-    g = ops.reshape(x, n, num_groups, -1)
-    d = g - ops.mean(g, axis=2, keepdims=True)
-    xhat = ops.reshape(d / ops.sqrt(ops.mean(d * d, axis=2, keepdims=True) + eps), x.shape)
-    pshape = (1, c) + (1,) * (x.ndim - 2)
-    if weight is not None:
-        xhat = xhat * ops.reshape(weight, pshape)
-    if bias is not None:
-        xhat = xhat + ops.reshape(bias, pshape)
-    return xhat
-
-
 def group_norm_numpy(x, num_groups, weight, bias, eps):
     n, c = x.shape[:2]
     g = x.reshape(n, num_groups, -1)
@@ -63,7 +49,7 @@ def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, pe
         x = _channels_last(x)
     weight, bias, cot = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
     out, grads = _grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, eps), [x, weight, bias], cot)
-    ref_out, ref_grads = _grads_of(lambda x, w, b: group_norm_composite(x, groups, w, b, eps), [x, weight, bias], cot)
+    ref_out, ref_grads = _grads_of(lambda x, w, b: F.group_norm_reference(x, groups, w, b, eps), [x, weight, bias], cot)
     np.testing.assert_allclose(out, group_norm_numpy(x, groups, weight, bias, eps), rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
@@ -110,12 +96,6 @@ def test_group_norm_rejects_indivisible_channels():
 # ---------------------------------------------------------------- attention
 
 
-def attention_composite(q, k, v):
-    """softmax(q k^T / sqrt(C)) v written with primitives: the oracle for the fused backward."""
-    scores = q @ ops.transpose(k, 0, 2, 1) * (q.shape[-1] ** -0.5)
-    return F.softmax(scores, axis=-1) @ v
-
-
 def attention_loops(q, k, v):
     """One query position at a time, plainly."""
     out = np.zeros(q.shape[:2] + v.shape[2:])
@@ -136,7 +116,7 @@ def test_attention_matches_loops_and_composite(n, length, c, cv, transposed_view
         q, k, v = (np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1) for a in (q, k, v))
     cot = rng.standard_normal((n, length, cv))
     out, grads = _grads_of(F.attention, [q, k, v], cot)
-    ref_out, ref_grads = _grads_of(attention_composite, [q, k, v], cot)
+    ref_out, ref_grads = _grads_of(F.attention_reference, [q, k, v], cot)
     np.testing.assert_allclose(out, attention_loops(q, k, v), rtol=1e-10, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
@@ -182,7 +162,7 @@ def test_silu(backend_name):
     check_gradients(F.silu, [x[:20].reshape(4, 5)])
     cot = rng.standard_normal(20)
     fused = _grads_of(F.silu, [x[:20]], cot)[1][0]
-    composite = _grads_of(lambda a: a * ops.sigmoid(a), [x[:20]], cot)[1][0]
+    composite = _grads_of(F.silu_reference, [x[:20]], cot)[1][0]
     np.testing.assert_allclose(fused, composite, rtol=1e-12)
     x32 = Tensor(np.array([-200.0, 0.5, 200.0], np.float32), requires_grad=True)
     with np.errstate(all="raise"):   # no overflow warnings for large |x| in float32
