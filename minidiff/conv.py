@@ -9,8 +9,8 @@ rebuilt columns; dL/dx is, for stride 1, the same im2col + GEMM on the gradient
 with the flipped kernel (measured 1.2-2x faster than GEMM + col2im, which moves
 kh*kw times more data), and otherwise GEMM + col2im over the kernel offsets.
 The fast path: stride-1 3x3 convolutions of 64+ channels and 16x16+ outputs take
-Winograd F(2x2, 3x3) (Lavin & Gray 2016) on the CPU, forward and input gradient, 2.25x
-fewer multiplications; the im2col + GEMM above stays the reference it is tested against.
+Winograd F(2x2, 3x3) (Lavin & Gray 2016) on the CPU, forward, input gradient and weight
+gradient, 2.25x fewer multiplications; the im2col + GEMM above stays the reference it is tested against.
 On the CPU each of these runs per batch chunk on the thread pool (parallel.py), with
 single-threaded BLAS and a scratch buffer per thread; the weight gradient sums the
 chunks' products. With one thread the chunk is the whole batch.
@@ -115,6 +115,22 @@ def _im2col_nhwc(xpad, kh, kw, stride, scratch=False):
     return cols.reshape(-1, kh * kw * c)
 
 
+# The largest scratch matrix (im2col columns, Winograd's V and M) one block of images may take: a chunk's
+# images go through in blocks of this size, so the copy is still in the core's cache when the GEMM reads it,
+# and the scratch memory stays at this size per thread whatever the batch (a 96-channel 8x8 conv of 64
+# images would otherwise need a 14 MB column matrix).
+BLOCK_BYTES = 1 << 20
+
+
+def image_blocks(n, bytes_per_image, xp):
+    """Split images 0..n-1 into (start, stop) blocks of at most BLOCK_BYTES of scratch each (at least one
+    image per block); one block on a GPU, where CuPy's memory pool reuses memory and launches cost."""
+    if xp is not backend.host or n <= 1:
+        return [(0, n)]
+    step = max(1, BLOCK_BYTES // max(1, bytes_per_image))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def im2col(x, kh, kw, stride=1, padding=0):
     """x (N, C, H, W) -> cols (N*Ho*Wo, kh*kw*C), one row per output pixel, columns ordered (i, j, c)."""
     stride, pads = normalize_stride(stride), normalize_padding(padding)
@@ -163,14 +179,12 @@ def winograd_weights(w):
     return xp.ascontiguousarray(u.reshape(o, c, 16).transpose(2, 1, 0))
 
 
-def _winograd_conv(xpad, u, out):
-    """Stride-1 3x3 correlation of xpad (n, Ho+2, Wo+2, C), Ho and Wo even, with U (16, C, O) into out (n*Ho*Wo, O).
-
-    V = B^T d B for every 4x4 tile (stride 2) of xpad, M = V U per tile position, Y = A^T M A.
-    """
+def _winograd_input(xpad):
+    """V = B^T d B for every 4x4 tile (stride 2) of xpad (n, 2*th+2, 2*tw+2, C) -> (4, 4, n, th, tw, C),
+    the 16 tile positions' left GEMM operands (a scratch buffer: use it before the next call)."""
     xp = backend.xp_of(xpad)
     n, hp, wp, c = xpad.shape
-    th, tw, o = (hp - 2) // 2, (wp - 2) // 2, u.shape[2]
+    th, tw = (hp - 2) // 2, (wp - 2) // 2
     # B^T d: the 4 row combinations of every tile, over whole rows (n, th, Wp, C)
     r = _scratch(xp, (4, n, th, wp, c), xpad.dtype, "wino_rows")
     d0, d1, d2, d3 = (xpad[:, k:k + 2 * th:2] for k in range(4))   # tile rows k = 0..3
@@ -186,6 +200,18 @@ def _winograd_conv(xpad, u, out):
         xp.add(e1, e2, out=v[i, 1])
         xp.subtract(e2, e1, out=v[i, 2])
         xp.subtract(e1, e3, out=v[i, 3])
+    return v
+
+
+def _winograd_conv(xpad, u, out):
+    """Stride-1 3x3 correlation of xpad (n, Ho+2, Wo+2, C), Ho and Wo even, with U (16, C, O) into out (n*Ho*Wo, O).
+
+    V = B^T d B for every 4x4 tile (stride 2) of xpad, M = V U per tile position, Y = A^T M A.
+    """
+    xp = backend.xp_of(xpad)
+    n, hp, wp, c = xpad.shape
+    th, tw, o = (hp - 2) // 2, (wp - 2) // 2, u.shape[2]
+    v = _winograd_input(xpad)
     m = _scratch(xp, (16, n * th * tw, o), out.dtype, "wino_m")
     xp.matmul(v.reshape(16, -1, c), u, out=m)                         # the 16 GEMMs
     # A^T M: rows (m0 + m1 + m2, m1 - m2 - m3) of every tile column, then the same on columns into Y
@@ -205,18 +231,75 @@ def _winograd_conv(xpad, u, out):
 
 
 def _winograd_correlate(x_nhwc, u, pads, out):
-    """Stride-1 3x3 correlation of x (n, H, W, C) padded by `pads`, into out (n*Ho*Wo, O), any Ho, Wo:
-    odd sizes get one more zero row/column and the extra output row/column is dropped."""
-    n = x_nhwc.shape[0]
+    """Stride-1 3x3 correlation of x (n, H, W, C) padded by `pads`, into out (n*Ho*Wo, O), any Ho, Wo, a block of
+    images at a time: odd sizes get one more zero row/column and the extra output row/column is dropped."""
+    xp = backend.xp_of(out)
+    n, h, w, c = x_nhwc.shape
     pt, pb, pl, pr = pads
-    ho, wo = x_nhwc.shape[1] + pt + pb - 2, x_nhwc.shape[2] + pl + pr - 2
-    xpad = _pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
-    if ho % 2 == 0 and wo % 2 == 0:
-        return _winograd_conv(xpad, u, out)
-    he, we = ho + ho % 2, wo + wo % 2
-    full = backend.xp_of(out).empty((n * he * we, out.shape[1]), dtype=out.dtype)
-    _winograd_conv(xpad, u, full)
-    out.reshape(n, ho, wo, -1)[...] = full.reshape(n, he, we, -1)[:, :ho, :wo]
+    ho, wo = h + pt + pb - 2, w + pl + pr - 2
+    he, we, o = ho + ho % 2, wo + wo % 2, out.shape[1]
+    for p, q in image_blocks(n, 4 * he * we * max(c, o) * out.itemsize, xp):   # V and M: 4x an image's in/out
+        xpad = _pad_nhwc(x_nhwc[p:q], (pt, pb + ho % 2, pl, pr + wo % 2))
+        rows = out[p * ho * wo:q * ho * wo]
+        if ho % 2 == 0 and wo % 2 == 0:
+            _winograd_conv(xpad, u, rows)
+            continue
+        full = xp.empty(((q - p) * he * we, o), dtype=out.dtype)
+        _winograd_conv(xpad, u, full)
+        rows.reshape(q - p, ho, wo, o)[...] = full.reshape(q - p, he, we, o)[:, :ho, :wo]
+
+
+def _winograd_tile_grads(x_nhwc, g_nhwo, pads):
+    """The weight gradient's part of one batch chunk in the Winograd domain: dL/dU' (16, C, O).
+
+    Y = A^T (U * V) A is linear in U, so dL/dU = sum over tiles of V * (A dY A^T), one GEMM
+    (C x tiles) @ (tiles x O) per tile position: 16 C T O multiplies where im2col's GEMM does
+    36 C T O, and no im2col copy. Here A dY A^T is taken with A's last row as +dY1 (no negation
+    pass); `winograd_kernel_grad` puts that sign back. Odd Ho, Wo: the gradient gets a zero
+    row/column, as the forward's extra output row/column was dropped. A block of images at a time.
+    """
+    xp = backend.xp_of(g_nhwo)
+    n, ho, wo, o = g_nhwo.shape
+    c = x_nhwc.shape[3]
+    pt, pb, pl, pr = pads
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    du = None
+    for p, q in image_blocks(n, 16 * th * tw * max(c, o) * g_nhwo.itemsize, xp):
+        xpad = _pad_nhwc(x_nhwc[p:q], (pt, pb + ho % 2, pl, pr + wo % 2))
+        g = g_nhwo[p:q]
+        if ho % 2 or wo % 2:
+            g = xp.zeros((q - p, 2 * th, 2 * tw, o), dtype=g_nhwo.dtype)
+            g[:, :ho, :wo] = g_nhwo[p:q]
+        v = _winograd_input(xpad)                                   # (4, 4, n, th, tw, C)
+        y = g.reshape(q - p, th, 2, tw, 2, o)                       # dY of output pixel (2a + p, 2b + q)
+        # A dY: rows (dY0, dY0 + dY1, dY0 - dY1, dY1) of every tile, then the same on columns into dM
+        s = _scratch(xp, (2, q - p, th, tw, 2, o), g.dtype, "wino_g")
+        xp.add(y[:, :, 0], y[:, :, 1], out=s[0])
+        xp.subtract(y[:, :, 0], y[:, :, 1], out=s[1])
+        dm = _scratch(xp, (4, 4, q - p, th, tw, o), g.dtype, "wino_m")
+        for i, r in enumerate((y[:, :, 0], s[0], s[1], y[:, :, 1])):
+            r0, r1 = r[:, :, :, 0], r[:, :, :, 1]
+            dm[i, 0] = r0
+            xp.add(r0, r1, out=dm[i, 1])
+            xp.subtract(r0, r1, out=dm[i, 2])
+            dm[i, 3] = r1
+        t = (q - p) * th * tw
+        prod = xp.matmul(v.reshape(16, t, c).transpose(0, 2, 1), dm.reshape(16, t, o))   # the 16 GEMMs, (16, C, O)
+        du = prod if du is None else xp.add(du, prod, out=du)
+    return du
+
+
+def winograd_kernel_grad(du):
+    """dL/dU' (16, C, O), summed over chunks -> dL/dw (O, C, 3, 3) = G^T dL/dU G per (o, c), the adjoint of
+    winograd_weights (with the sign of A's last row that _winograd_tile_grads left out)."""
+    xp = backend.xp_of(du)
+    g = xp.asarray(WINOGRAD_G, dtype=du.dtype)
+    sign = xp.asarray((1.0, 1.0, 1.0, -1.0), dtype=du.dtype)
+    kron = (g[:, None, :, None] * g[None, :, None, :]).reshape(16, 9)
+    kron *= (sign[:, None] * sign[None, :]).reshape(16, 1)
+    _, c, o = du.shape
+    dw = du.reshape(16, c * o).T @ kron                               # (C*O, 9): one GEMM for every (c, o)
+    return xp.ascontiguousarray(dw.reshape(c, o, 3, 3).transpose(1, 0, 2, 3))
 
 
 def _use_winograd(x, weight, stride, pixels):
@@ -257,9 +340,14 @@ class Conv2d(Function):
                 res = xp.empty(((b - a) * rows, o), dtype=dtype) if res is None else res
                 _winograd_correlate(parallel.part(x, a, b).transpose(0, 2, 3, 1), u, padding, res)
             else:                                                 # the plain convolution: im2col + one GEMM
-                xpad = _pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding)       # (n, Hp, Wp, C)
-                cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)        # (n*Ho*Wo, kh*kw*C)
-                res = xp.matmul(cols, w2.T, out=res)                           # (n*Ho*Wo, O): the one GEMM
+                blocks = image_blocks(b - a, rows * w2.shape[1] * x.itemsize, xp) if kh * kw > 1 else [(0, b - a)]
+                if res is None and len(blocks) > 1:
+                    res = xp.empty(((b - a) * rows, o), dtype=dtype)
+                for p, q in blocks:                               # a few images at a time: the columns stay in cache
+                    xpad = _pad_nhwc(parallel.part(x, a + p, a + q).transpose(0, 2, 3, 1), padding)   # (n, Hp, Wp, C)
+                    cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)    # (n*Ho*Wo, kh*kw*C)
+                    r = xp.matmul(cols, w2.T, out=parallel.part(res, p * rows, q * rows))   # (n*Ho*Wo, O): the GEMM
+                res = r if res is None else res
             if bias is not None:
                 res += bias
             return res
@@ -293,12 +381,23 @@ class Conv2d(Function):
         elif need[0] and transposed and not plain_1x1:
             w_flip = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)   # (C, kh*kw*O)
 
+        ho, wo = g4.shape[1:3]
+        wino_w = need[1] and _use_winograd(grad, weight, stride, ho * wo)   # dL/dW in the Winograd domain
+
         def chunk(a, b):                                          # images a..b-1 -> (dW part, db part, dx part)
             g2 = xp.ascontiguousarray(parallel.part(g4, a, b).reshape(-1, o))     # (n*Ho*Wo, O); no copy if grad is channels-last
             gw = gb = gx = None
-            if need[1]:
-                cols = _im2col_nhwc(_pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding), kh, kw, stride, scratch=True)
-                gw = cols.T @ g2                                  # dL/dW = cols^T dL/dout, (kh*kw*C, O)
+            if wino_w:                                            # the fast path: dL/dU', 16 GEMMs, no im2col copy
+                gw = _winograd_tile_grads(parallel.part(x, a, b).transpose(0, 2, 3, 1),
+                                          g2.reshape(b - a, ho, wo, o), padding)
+            elif need[1]:
+                rows = ho * wo
+                blocks = image_blocks(b - a, rows * kh * kw * c * x.itemsize, xp) if kh * kw > 1 else [(0, b - a)]
+                for p, q in blocks:                               # dL/dW sums the blocks' products
+                    xpad = _pad_nhwc(parallel.part(x, a + p, a + q).transpose(0, 2, 3, 1), padding)
+                    cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)
+                    prod = cols.T @ parallel.part(g2, p * rows, q * rows)   # dL/dW = cols^T dL/dout, (kh*kw*C, O)
+                    gw = prod if gw is None else xp.add(gw, prod, out=gw)
                 del cols
             if len(need) > 2 and need[2]:
                 gb = g2.sum(axis=0)                               # dL/db = sum of dL/dout over N, Ho, Wo
@@ -311,9 +410,14 @@ class Conv2d(Function):
                     _winograd_correlate(g2.reshape(b - a, *g4.shape[1:]), u_flip, full, gx)
                 elif transposed:
                     # stride 1: dL/dx = dL/dout (zero-padded by k-1-p) correlated with the flipped, transposed kernel
-                    gcols = _im2col_nhwc(_pad_nhwc(g2.reshape(b - a, *g4.shape[1:]), full), kh, kw, (1, 1),
-                                         scratch=True)
-                    gx = xp.matmul(gcols, w_flip.T, out=res)      # (n*H*W, C)
+                    g_img = g2.reshape(b - a, *g4.shape[1:])
+                    blocks = image_blocks(b - a, h * w * w_flip.shape[1] * g2.itemsize, xp)
+                    if res is None and len(blocks) > 1:
+                        res = xp.empty(((b - a) * h * w, c), dtype=grad.dtype)
+                    for p, q in blocks:
+                        gcols = _im2col_nhwc(_pad_nhwc(g_img[p:q], full), kh, kw, (1, 1), scratch=True)
+                        gx = xp.matmul(gcols, w_flip.T, out=parallel.part(res, p * h * w, q * h * w))   # (n*H*W, C)
+                    gx = gx if res is None else res
                 else:
                     # dL/dx = col2im(dL/dout W): scatter each window's gradient back
                     gx = col2im(g2 @ weight.transpose(0, 2, 3, 1).reshape(o, -1), (b - a,) + tuple(x_shape[1:]),
@@ -326,7 +430,10 @@ class Conv2d(Function):
             gw = parts[0][0]
             for p in parts[1:]:
                 gw += p[0]                                        # the weight gradient sums the chunks' products
-            grad_w = xp.ascontiguousarray(gw.reshape(kh, kw, c, o).transpose(3, 2, 0, 1))   # OIHW
+            if wino_w:
+                grad_w = winograd_kernel_grad(gw)                 # dL/dw = G^T dL/dU G, OIHW
+            else:
+                grad_w = xp.ascontiguousarray(gw.reshape(kh, kw, c, o).transpose(3, 2, 0, 1))   # OIHW
         if len(need) > 2 and need[2]:
             grad_b = parts[0][1]
             for p in parts[1:]:

@@ -190,8 +190,10 @@ def test_winograd_matches_the_plain_convolution_in_float32(winograd_everywhere, 
     full_grad = conv_reference(np.abs(cot), np.abs(weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), None, 1,
                                tuple(2 - p for p in pads))
     assert np.abs(fast[1] - plain[1]).max() <= WINOGRAD_F32_TOL * full_grad.max()
-    np.testing.assert_array_equal(fast[2], plain[2])   # the weight gradient keeps im2col: same bits
-    np.testing.assert_array_equal(fast[3], plain[3])
+    # dL/dW sums x times the cotangent over the batch and the positions: sum |x| |cot| per weight
+    _, _, scale_w, _ = _conv_and_grads(np.abs(x), np.abs(weight), b, pads, np.abs(cot), False, monkeypatch)
+    assert np.abs(fast[2] - plain[2]).max() <= WINOGRAD_F32_TOL * scale_w.max()
+    np.testing.assert_array_equal(fast[3], plain[3])   # the bias gradient is the same sum on both paths
 
 
 @pytest.mark.parametrize("size", [(4, 4), (5, 7), (8, 6), (1, 3)])
@@ -216,13 +218,30 @@ def test_winograd_gradients_by_finite_differences(winograd_everywhere):
 def test_the_production_rule_takes_the_fast_path_on_large_convs(monkeypatch):
     """A 64-channel 16x16 conv goes through Winograd (and the rule's thresholds are what they say)."""
     calls = []
-    original = conv._winograd_conv
-    monkeypatch.setattr(conv, "_winograd_conv", lambda *a: (calls.append(a[0].shape), original(*a))[1])
+    original = conv._winograd_input
+    monkeypatch.setattr(conv, "_winograd_input", lambda *a: (calls.append(a[0].shape), original(*a))[1])
     rng = np.random.default_rng(9)
     x = Tensor(rng.standard_normal((1, 64, 16, 16)).astype(np.float32), requires_grad=True)
     w = Tensor(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), requires_grad=True)
     F.conv2d(x, w, padding=1).sum().backward()
-    assert len(calls) == 2                                # forward and the input gradient
+    assert len(calls) == 3                                # forward, the weight gradient and the input gradient
     F.conv2d(Tensor(x.numpy()[:, :32]), Tensor(w.numpy()[:, :32]), padding=1)
     F.conv2d(Tensor(x.numpy()[:, :, :8, :8]), w, padding=1)
-    assert len(calls) == 2                                # 32 channels, 8x8: the plain path
+    assert len(calls) == 3                                # 32 channels, 8x8: the plain path
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("padding", [1, (2, 0, 1, 2)])
+def test_one_image_per_block_gives_the_same_convolution(monkeypatch, fast, padding):
+    """A chunk's images go through im2col (or Winograd's transforms) in blocks of at most BLOCK_BYTES of
+    scratch; with one image per block the output and every gradient are still the nested loops' (float64)."""
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv, "USE_WINOGRAD", fast)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
+    assert conv.image_blocks(3, 10, np) == [(0, 1), (1, 2), (2, 3)]
+    rng = np.random.default_rng(11)
+    x, w, b = rng.standard_normal((3, 2, 5, 6)), rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+    out = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=padding)
+    np.testing.assert_allclose(out.numpy(), conv_reference(x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
+    check_gradients(lambda x, w, b: F.conv2d(x, w, b, padding=padding), [x, w, b])
