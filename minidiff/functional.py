@@ -221,6 +221,126 @@ def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5):
     return x_hat
 
 
+def _silu_(y):
+    """y <- y sigmoid(y) in place (one temporary): y/2 (1 + tanh(y/2)), tanh for no overflow."""
+    y *= y.dtype.type(0.5)
+    t = backend.xp_of(y).tanh(y)
+    t += 1
+    y *= t
+    return y
+
+
+def _group_norm_forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
+    """GroupNorm's forward (see the class), followed in place by SiLU when `silu`."""
+    xp = backend.xp_of(x)
+    v, axis = _spatial_view(x)
+    n, c, g = x.shape[0], x.shape[1], num_groups
+    sub = "ncs" if axis == 1 else "nsc"
+    count = v.size // (n * g)                                  # entries per group
+    per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (n, C) -> broadcastable
+    per_channel = (lambda p: p[:, None]) if axis == 1 else (lambda p: p)              # (C,) -> broadcastable
+    group_mean = _group_averager(xp, c, g, count, x.dtype)    # (n, C) sums @ it = (n, C) group means
+    threads = parallel.threads_for(x)
+    out = parallel.buffer(xp, v.shape, x.dtype, threads, like=v)
+    mean = parallel.buffer(xp, (n, c), x.dtype, threads)
+    rstd = parallel.buffer(xp, (n, c), x.dtype, threads)
+
+    def chunk(a, b):                                           # samples a..b-1: statistics are per sample
+        va = parallel.part(v, a, b)
+        m = xp.matmul(xp.einsum(sub + "->nc", va), group_mean, out=parallel.part(mean, a, b))
+        d = xp.subtract(va, per_c(m), out=parallel.part(out, a, b))   # x - mean_g, where the output goes
+        var = xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean
+        var += x.dtype.type(eps)
+        r = xp.sqrt(var, out=var)
+        r = xp.divide(1, r, out=parallel.part(rstd, a, b))
+        scale = r * affine[0] if has_weight else r             # y = d * scale + bias
+        d *= per_c(scale.astype(x.dtype, copy=False))
+        if has_bias:
+            d += per_channel(affine[-1])
+        if silu:
+            _silu_(d)
+        return d, m, r
+
+    parts = parallel.parallel_for(n, chunk, threads)
+    if out is None:
+        out, mean, rstd = parts[0]
+    ctx.save_for_backward(v, mean, rstd, affine[0] if has_weight else None, affine[-1] if has_bias else None)
+    ctx.geometry = x.shape, axis, g, count
+    return _from_spatial_view(out, x.shape, axis)
+
+
+def _group_norm_backward(ctx, grad, silu):
+    """GroupNorm's backward; with `silu`, first through SiLU at the recomputed normalised output."""
+    v, mean, rstd, weight, bias = ctx.saved
+    shape, axis, g, count = ctx.geometry
+    xp = backend.xp_of(grad)
+    n, c = shape[:2]
+    need = ctx.needs_input_grad
+    gv, axis_g = _spatial_view(grad)
+    if axis_g != axis:                                         # match the forward's layout (one copy)
+        gv = (xp.ascontiguousarray(grad.transpose(0, 2, 3, 1)).reshape(n, -1, c) if axis == 2
+              else xp.ascontiguousarray(grad).reshape(n, c, -1))
+    sub = "ncs" if axis == 1 else "nsc"
+    per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])
+    per_channel = (lambda p: p[:, None]) if axis == 1 else (lambda p: p)
+    threads = parallel.threads_for(v)
+    sum_g = parallel.buffer(xp, (n, c), grad.dtype, threads)
+    sum_g_xhat = parallel.buffer(xp, (n, c), grad.dtype, threads)
+    gx = parallel.buffer(xp, v.shape, grad.dtype, threads, like=v) if need[0] else None
+    w = weight if weight is not None else 1
+    group_mean = _group_averager(xp, c, g, count, v.dtype)
+    dtype = grad.dtype
+
+    def chunk(a, b):                                           # samples a..b-1
+        rows = lambda arr: parallel.part(arr, a, b)   # noqa: E731
+        r = rows(rstd)
+        d = rows(v) - per_c(rows(mean))                        # x - mean_g, recomputed (not saved: memory)
+        ga = rows(gv)
+        rw = per_c((r * w).astype(dtype, copy=False))          # rstd * weight, (n, C) broadcastable
+        if silu:
+            # y = GroupNorm(x), recomputed; dL/dy = dL/dout s (1 + y (1 - s)) with s = sigmoid(y)
+            y = d * rw
+            if bias is not None:
+                y += per_channel(bias)
+            s = xp.multiply(y, dtype.type(0.5))
+            xp.tanh(s, out=s)
+            s *= dtype.type(0.5)
+            s += dtype.type(0.5)
+            dy = xp.subtract(1, s)
+            dy *= y
+            dy += 1
+            dy *= s
+            dy *= ga
+            ga = dy
+            del y, s
+        sg = parallel.into(sum_g, a, b, xp.einsum(sub + "->nc", ga))   # sum over positions of dL/dy, (n, C)
+        sgx = xp.einsum(f"{sub},{sub}->nc", ga, d)
+        sgx *= r                                               # sum over positions of dL/dy * x_hat
+        sgx = parallel.into(sum_g_xhat, a, b, sgx)
+        if not need[0]:
+            return sg, sgx, None
+        # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
+        m1 = (sg * w) @ group_mean                                                # mean_g(gh), (n, C)
+        m2 = (sgx * w) @ group_mean                                               # mean_g(gh x_hat)
+        d *= per_c((-m2 * r * r).astype(dtype, copy=False))                       # - rstd x_hat mean_g(gh x_hat)
+        d -= per_c((m1 * r).astype(dtype, copy=False))                            # - rstd mean_g(gh)
+        out = xp.multiply(ga, rw, out=rows(gx))                                   # + rstd gh
+        out += d
+        return sg, sgx, out
+
+    parts = parallel.parallel_for(n, chunk, threads)
+    if sum_g is None:
+        sum_g, sum_g_xhat, gx = parts[0]
+    grads = [None]
+    if weight is not None:
+        grads.append(sum_g_xhat.sum(axis=0) if need[1] else None)      # dL/dweight = sum dL/dy x_hat
+    if len(need) > len(grads):
+        grads.append(sum_g.sum(axis=0) if need[len(grads)] else None)  # dL/dbias = sum dL/dy
+    if need[0]:
+        grads[0] = _from_spatial_view(gx, shape, axis)
+    return tuple(grads)
+
+
 class GroupNorm(Function):
     """y = (x - mean_g) / sqrt(var_g + eps) * weight + bias; statistics per group of C/G channels and all positions.
 
@@ -232,101 +352,43 @@ class GroupNorm(Function):
 
     @staticmethod
     def forward(ctx, x, *affine, num_groups, eps, has_weight, has_bias):
-        xp = backend.xp_of(x)
-        v, axis = _spatial_view(x)
-        n, c, g = x.shape[0], x.shape[1], num_groups
-        sub = "ncs" if axis == 1 else "nsc"
-        count = v.size // (n * g)                                  # entries per group
-        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])   # (n, C) -> broadcastable
-        group_mean = _group_averager(xp, c, g, count, x.dtype)    # (n, C) sums @ it = (n, C) group means
-        threads = parallel.threads_for(x)
-        out = parallel.buffer(xp, v.shape, x.dtype, threads, like=v)
-        mean = parallel.buffer(xp, (n, c), x.dtype, threads)
-        rstd = parallel.buffer(xp, (n, c), x.dtype, threads)
-
-        def chunk(a, b):                                           # samples a..b-1: statistics are per sample
-            va = parallel.part(v, a, b)
-            m = xp.matmul(xp.einsum(sub + "->nc", va), group_mean, out=parallel.part(mean, a, b))
-            d = xp.subtract(va, per_c(m), out=parallel.part(out, a, b))   # x - mean_g, where the output goes
-            var = xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean
-            var += x.dtype.type(eps)
-            r = xp.sqrt(var, out=var)
-            r = xp.divide(1, r, out=parallel.part(rstd, a, b))
-            scale = r * affine[0] if has_weight else r             # y = d * scale + bias
-            d *= per_c(scale.astype(x.dtype, copy=False))
-            if has_bias:
-                d += per_c(affine[-1][None, :])
-            return d, m, r
-
-        parts = parallel.parallel_for(n, chunk, threads)
-        if out is None:
-            out, mean, rstd = parts[0]
-        ctx.save_for_backward(v, mean, rstd, affine[0] if has_weight else None)
-        ctx.geometry = x.shape, axis, g, count
-        return _from_spatial_view(out, x.shape, axis)
+        return _group_norm_forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu=False)
 
     @staticmethod
     def backward(ctx, grad):
-        v, mean, rstd, weight = ctx.saved
-        shape, axis, g, count = ctx.geometry
-        xp = backend.xp_of(grad)
-        n, c = shape[:2]
-        need = ctx.needs_input_grad
-        gv, axis_g = _spatial_view(grad)
-        if axis_g != axis:                                         # match the forward's layout (one copy)
-            gv = (xp.ascontiguousarray(grad.transpose(0, 2, 3, 1)).reshape(n, -1, c) if axis == 2
-                  else xp.ascontiguousarray(grad).reshape(n, c, -1))
-        sub = "ncs" if axis == 1 else "nsc"
-        per_c = (lambda a: a[:, :, None]) if axis == 1 else (lambda a: a[:, None, :])
-        threads = parallel.threads_for(v)
-        sum_g = parallel.buffer(xp, (n, c), grad.dtype, threads)
-        sum_g_xhat = parallel.buffer(xp, (n, c), grad.dtype, threads)
-        gx = parallel.buffer(xp, v.shape, grad.dtype, threads, like=v) if need[0] else None
-        w = weight if weight is not None else 1
-        group_mean = _group_averager(xp, c, g, count, v.dtype)
-
-        def chunk(a, b):                                           # samples a..b-1
-            rows = lambda arr: parallel.part(arr, a, b)   # noqa: E731
-            r = rows(rstd)
-            d = rows(v) - per_c(rows(mean))                        # x - mean_g, recomputed (not saved: memory)
-            ga = rows(gv)
-            sg = parallel.into(sum_g, a, b, xp.einsum(sub + "->nc", ga))   # sum over positions of dL/dy, (n, C)
-            sgx = xp.einsum(f"{sub},{sub}->nc", ga, d)
-            sgx *= r                                               # sum over positions of dL/dy * x_hat
-            sgx = parallel.into(sum_g_xhat, a, b, sgx)
-            if not need[0]:
-                return sg, sgx, None
-            # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
-            m1 = (sg * w) @ group_mean                                                # mean_g(gh), (n, C)
-            m2 = (sgx * w) @ group_mean                                               # mean_g(gh x_hat)
-            dtype = grad.dtype
-            d *= per_c((-m2 * r * r).astype(dtype, copy=False))                       # - rstd x_hat mean_g(gh x_hat)
-            d -= per_c((m1 * r).astype(dtype, copy=False))                            # - rstd mean_g(gh)
-            out = xp.multiply(ga, per_c((r * w).astype(dtype, copy=False)), out=rows(gx))   # + rstd gh
-            out += d
-            return sg, sgx, out
-
-        parts = parallel.parallel_for(n, chunk, threads)
-        if sum_g is None:
-            sum_g, sum_g_xhat, gx = parts[0]
-        grads = [None]
-        if weight is not None:
-            grads.append(sum_g_xhat.sum(axis=0) if need[1] else None)      # dL/dweight = sum dL/dy x_hat
-        if len(need) > len(grads):
-            grads.append(sum_g.sum(axis=0) if need[len(grads)] else None)  # dL/dbias = sum dL/dy
-        if need[0]:
-            grads[0] = _from_spatial_view(gx, shape, axis)
-        return tuple(grads)
+        return _group_norm_backward(ctx, grad, silu=False)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """Group normalisation (Wu & He 2018) of x (N, C, ...) with optional per-channel weight and bias (C,)."""
+class GroupNormSiLU(Function):
+    """silu(group_norm(x)) as one op, as every residual block and the output head apply them.
+
+    Saves what GroupNorm saves (x, mean, rstd) and no more: backward recomputes the normalised
+    y from them (two elementwise passes) for SiLU's derivative. The pair as two ops would also
+    keep y alive for SiLU's backward, one activation per norm in training; fused, SiLU also
+    runs in place on the norm's output in training, not only under no_grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *affine, num_groups, eps, has_weight, has_bias):
+        return _group_norm_forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _group_norm_backward(ctx, grad, silu=True)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
+    """Group normalisation (Wu & He 2018) of x (N, C, ...) with optional per-channel weight and bias (C,).
+
+    silu=True returns silu(group_norm(x)) from one fused op (GroupNormSiLU), which saves one activation.
+    """
     c = x.shape[1]
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
     affine = tuple(p for p in (weight, bias) if p is not None)
-    return GroupNorm.apply(x, *affine, num_groups=num_groups, eps=eps,
-                           has_weight=weight is not None, has_bias=bias is not None)
+    op = GroupNormSiLU if silu else GroupNorm
+    return op.apply(x, *affine, num_groups=num_groups, eps=eps,
+                    has_weight=weight is not None, has_bias=bias is not None)
 
 
 # ---------------------------------------------------------------- dropout

@@ -48,9 +48,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb_act):  # x (N, in_ch, H, W), temb_act = swish(temb) (N, temb_ch)
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (N, out_ch, H, W); in place on a temporary
+        h = self.conv1(self.norm1(x, silu=True))  # swish(GroupNorm(x)) (N, out_ch, H, W), fused: saves an activation
         h = h + self.temb_proj(temb_act).reshape(h.shape[0], h.shape[1], 1, 1)  # the timestep, per channel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -262,7 +262,7 @@ class UNet(nn.Module):
                     h = level.attn[i](h)
             if level.upsample is not None:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        return self.conv_out(self.norm_out(h, silu=True))  # swish(GroupNorm(h)), fused
 
 
 class MLPDenoiser(nn.Module):

@@ -40,24 +40,34 @@ def group_norm_numpy(x, num_groups, weight, bias, eps):
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
-       st.booleans(), st.sampled_from([1e-5, 1e-6]))
-def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, per_group, h, w, channels_last, eps):
+       st.booleans(), st.sampled_from([1e-5, 1e-6]), st.booleans())
+def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, per_group, h, w, channels_last, eps,
+                                                                   silu):
+    """GroupNorm against its reference composite; with silu=True the fused GroupNormSiLU against
+    silu_reference(group_norm_reference(x)), values and every gradient."""
     rng = np.random.default_rng(0)
     c = groups * per_group
     x = rng.standard_normal((n, c, h, w)) * 3 + 1
     if channels_last:
         x = _channels_last(x)
     weight, bias, cot = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
-    out, grads = _grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, eps), [x, weight, bias], cot)
-    ref_out, ref_grads = _grads_of(lambda x, w, b: F.group_norm_reference(x, groups, w, b, eps), [x, weight, bias], cot)
-    np.testing.assert_allclose(out, group_norm_numpy(x, groups, weight, bias, eps), rtol=1e-10, atol=1e-10)
+    act = F.silu_reference if silu else (lambda y: y)
+    out, grads = _grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, eps, silu=silu), [x, weight, bias], cot)
+    ref_out, ref_grads = _grads_of(lambda x, w, b: act(F.group_norm_reference(x, groups, w, b, eps)),
+                                   [x, weight, bias], cot)
+    expected = group_norm_numpy(x, groups, weight, bias, eps)
+    if silu:
+        expected = expected / (1 + np.exp(-expected))
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ref_out, expected, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
-def test_group_norm_gradients_by_finite_differences(backend_name, affine, layout):
+def test_group_norm_gradients_by_finite_differences(backend_name, affine, layout, silu):
     rng = np.random.default_rng(1)
     shape = (2, 4, 6) if layout == "3d" else (2, 4, 3, 2)
     x = rng.standard_normal(shape)
@@ -69,7 +79,7 @@ def test_group_norm_gradients_by_finite_differences(backend_name, affine, layout
     def fn(x, *p):
         weight = p[0] if affine in ("both", "weight") else None
         bias = p[-1] if affine in ("both", "bias") else None
-        return F.group_norm(x, 2, weight, bias, eps=1e-6)
+        return F.group_norm(x, 2, weight, bias, eps=1e-6, silu=silu)
 
     check_gradients(fn, [x, *params], atol=1e-6)
 
