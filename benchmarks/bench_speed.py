@@ -218,6 +218,13 @@ def worker_minidiff(cfg, args):
         with no_grad():
             model(Tensor(x0), t)
 
+    # Adam() allocates its moments up front, but as zero pages the OS maps only when first written, so the
+    # first step would count them: a step on zero gradients (no change to the weights) makes them resident,
+    # as the torch side does for its lazily created moments
+    for p in model.parameters():
+        p.grad = xp.zeros_like(p.data)
+    opt.step()
+    opt.zero_grad()
     sync()
     base_rss = _rss_mb("VmRSS")
     reset = _reset_peak_rss()
