@@ -66,6 +66,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         while trainer.step < k:
             trainer.train_step()
+            if trainer.step % 500 == 0:
+                print(f"step {trainer.step}: {train_seconds + time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         train_seconds += time.perf_counter() - t0
         x = trainer.sample(args.num, seed=args.seed + 1, steps=args.ddim_steps)
         report = metrics.evaluate_samples(images.to_uint8(x), config.data, seed=args.seed)
