@@ -328,7 +328,7 @@ class Conv2d(Function):
             raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {h}x{w} with padding {padding}")
         xp = backend.xp_of(x)
         w2 = weight.transpose(0, 2, 3, 1).reshape(o, -1)          # (O, kh*kw*C), columns ordered (i, j, c)
-        threads = parallel.threads_for(x)
+        threads = parallel.threads_for(x, macs=n * ho * wo * o * c * kh * kw)
         dtype = xp.result_type(x, weight)
         out = parallel.buffer(xp, (n * ho * wo, o), dtype, threads)
         rows = ho * wo                                            # output rows per image
@@ -371,7 +371,7 @@ class Conv2d(Function):
         full = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
         plain_1x1 = kh == kw == 1 and stride == (1, 1) and not any(padding)
         transposed = stride == (1, 1) and min(full) >= 0
-        threads = parallel.threads_for(grad)
+        threads = parallel.threads_for(grad, macs=grad.size * c * kh * kw)
         grad_x = None
         if need[0] and (plain_1x1 or transposed):
             grad_x = parallel.buffer(xp, (n * h * w, c), grad.dtype, threads)   # rows written by the chunks

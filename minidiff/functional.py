@@ -33,7 +33,7 @@ class Linear(Function):
     def forward(ctx, x, weight, bias=None):
         xp = backend.xp_of(x)
         x2 = x.reshape(-1, x.shape[-1])                      # (M, in)
-        threads = parallel.threads_for(x2)
+        threads = parallel.threads_for(x2, macs=x2.size * weight.shape[0])
         out = parallel.buffer(xp, (x2.shape[0], weight.shape[0]), xp.result_type(x, weight), threads)
 
         def chunk(a, b):                                     # rows a..b-1
@@ -55,7 +55,7 @@ class Linear(Function):
         g2 = grad.reshape(-1, weight.shape[0])               # (M, out)
         g2 = xp.ascontiguousarray(g2)                        # a broadcast (zero-stride) grad would miss BLAS
         need = ctx.needs_input_grad
-        threads = parallel.threads_for(g2)
+        threads = parallel.threads_for(g2, macs=g2.size * weight.shape[1])
         grad_x = parallel.buffer(xp, (len(g2), weight.shape[1]), g2.dtype, threads) if need[0] else None
 
         def chunk(a, b):                                     # rows a..b-1 -> (dW part, db part, dx part)
@@ -482,7 +482,7 @@ class Attention(Function):
     def forward(ctx, q, k, v):
         xp = backend.xp_of(q)
         n, l, c = q.shape
-        threads = parallel.threads_for(q, size=n * l * l)       # the (N, L, L) scores are the big array
+        threads = parallel.threads_for(q, size=n * l * l, macs=n * l * l * (c + v.shape[-1]))   # (N, L, L) scores
         qs = parallel.buffer(xp, q.shape, q.dtype, threads)
         p = parallel.buffer(xp, (n, l, l), xp.result_type(q, k), threads)
         out = parallel.buffer(xp, (n, l, v.shape[-1]), xp.result_type(q, k, v), threads)
@@ -509,7 +509,7 @@ class Attention(Function):
         grad = xp.ascontiguousarray(grad)                        # a broadcast (zero-stride) grad would miss BLAS
         need = ctx.needs_input_grad
         scale = qs.dtype.type(qs.shape[-1] ** -0.5)
-        threads = parallel.threads_for(p)
+        threads = parallel.threads_for(p, macs=p.size * (2 * qs.shape[-1] + 2 * v.shape[-1]))
         grad_q = parallel.buffer(xp, qs.shape, grad.dtype, threads) if need[0] else None
         grad_k = parallel.buffer(xp, k.shape, grad.dtype, threads) if need[1] else None
         grad_v = parallel.buffer(xp, v.shape, grad.dtype, threads) if need[2] else None

@@ -115,15 +115,21 @@ def chunks(n, parts):
     return bounds
 
 
-MIN_PARALLEL_SIZE = 1 << 14  # elements: below this a thread hand-off (~10-50 us) costs more than it saves
+# Below these a second thread costs more than it saves. Handing a chunk over takes ~20 us, but the
+# GIL then passes between the two threads at every numpy call of their chunks (a wake-up each), so an op
+# of ~20 small numpy calls pays ~100-150 us: measured at 2 threads, group norm and SiLU run slower split
+# up to ~2^17 elements and faster from 2^18; a matrix product of MIN_PARALLEL_MACS takes ~150 us on one core.
+MIN_PARALLEL_SIZE = 1 << 18   # elements of elementwise work (the largest array, or `size`)
+MIN_PARALLEL_MACS = 1 << 23   # multiply-adds of matrix products (`macs`)
 
 
-def threads_for(*arrays, size=0):
-    """How many chunks to use on these arrays: 1 for GPU arrays (CuPy parallelises itself) and
-    for small work (the largest array, or `size` elements, under MIN_PARALLEL_SIZE), otherwise the pool's size."""
+def threads_for(*arrays, size=0, macs=0):
+    """How many chunks to use on these arrays: 1 for GPU arrays (CuPy parallelises itself) and for small
+    work, otherwise the pool's size. Small: the largest array (or `size` elements) under MIN_PARALLEL_SIZE
+    and the op's matrix products (`macs` multiply-adds) under MIN_PARALLEL_MACS."""
     if any(backend.xp_of(a) is not backend.host for a in arrays):
         return 1
-    if max(size, *(a.size for a in arrays)) < MIN_PARALLEL_SIZE:
+    if max(size, *(a.size for a in arrays)) < MIN_PARALLEL_SIZE and macs < MIN_PARALLEL_MACS:
         return 1
     return get_num_threads()
 

@@ -191,3 +191,17 @@ def test_blas_is_single_threaded_inside_a_multi_thread_pool_and_restored_with_on
         [1] * len(before)
     threads(1)  # back to the count BLAS had before the pool first limited it
     assert [lib.num_threads for lib in ThreadpoolController().select(user_api="blas").lib_controllers] == before
+
+
+def test_threads_for_splits_only_work_worth_a_hand_off():
+    old = parallel.get_num_threads()
+    parallel.set_num_threads(3)
+    try:
+        small = np.zeros(parallel.MIN_PARALLEL_SIZE // 2, np.float32)
+        assert parallel.threads_for(small) == 1                                   # a cheap elementwise pass
+        assert parallel.threads_for(small, size=parallel.MIN_PARALLEL_SIZE) == 3  # its declared work is large
+        assert parallel.threads_for(small, macs=parallel.MIN_PARALLEL_MACS) == 3  # a matrix product's is
+        assert parallel.threads_for(small, macs=parallel.MIN_PARALLEL_MACS - 1) == 1
+        assert parallel.threads_for(np.zeros(parallel.MIN_PARALLEL_SIZE, np.float32)) == 3
+    finally:
+        parallel.set_num_threads(old)
