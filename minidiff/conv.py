@@ -238,9 +238,10 @@ def _winograd_correlate(x_nhwc, u, pads, out):
     pt, pb, pl, pr = pads
     ho, wo = h + pt + pb - 2, w + pl + pr - 2
     he, we, o = ho + ho % 2, wo + wo % 2, out.shape[1]
+    xpads = _pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
     for p, q in image_blocks(n, 4 * he * we * max(c, o) * out.itemsize, xp):   # V and M: 4x an image's in/out
-        xpad = _pad_nhwc(x_nhwc[p:q], (pt, pb + ho % 2, pl, pr + wo % 2))
-        rows = out[p * ho * wo:q * ho * wo]
+        xpad = parallel.part(xpads, p, q)
+        rows = parallel.part(out, p * ho * wo, q * ho * wo)
         if ho % 2 == 0 and wo % 2 == 0:
             _winograd_conv(xpad, u, rows)
             continue
@@ -264,9 +265,10 @@ def _winograd_tile_grads(x_nhwc, g_nhwo, pads):
     pt, pb, pl, pr = pads
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     du = None
+    xpads = _pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
     for p, q in image_blocks(n, 16 * th * tw * max(c, o) * g_nhwo.itemsize, xp):
-        xpad = _pad_nhwc(x_nhwc[p:q], (pt, pb + ho % 2, pl, pr + wo % 2))
-        g = g_nhwo[p:q]
+        xpad = parallel.part(xpads, p, q)
+        g = parallel.part(g_nhwo, p, q)
         if ho % 2 or wo % 2:
             g = xp.zeros((q - p, 2 * th, 2 * tw, o), dtype=g_nhwo.dtype)
             g[:, :ho, :wo] = g_nhwo[p:q]
@@ -343,9 +345,9 @@ class Conv2d(Function):
                 blocks = image_blocks(b - a, rows * w2.shape[1] * x.itemsize, xp) if kh * kw > 1 else [(0, b - a)]
                 if res is None and len(blocks) > 1:
                     res = xp.empty(((b - a) * rows, o), dtype=dtype)
+                xpad = _pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding)   # (n, Hp, Wp, C)
                 for p, q in blocks:                               # a few images at a time: the columns stay in cache
-                    xpad = _pad_nhwc(parallel.part(x, a + p, a + q).transpose(0, 2, 3, 1), padding)   # (n, Hp, Wp, C)
-                    cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)    # (n*Ho*Wo, kh*kw*C)
+                    cols = _im2col_nhwc(parallel.part(xpad, p, q), kh, kw, stride, scratch=True)   # (n*Ho*Wo, kh*kw*C)
                     r = xp.matmul(cols, w2.T, out=parallel.part(res, p * rows, q * rows))   # (n*Ho*Wo, O): the GEMM
                 res = r if res is None else res
             if bias is not None:
@@ -393,9 +395,9 @@ class Conv2d(Function):
             elif need[1]:
                 rows = ho * wo
                 blocks = image_blocks(b - a, rows * kh * kw * c * x.itemsize, xp) if kh * kw > 1 else [(0, b - a)]
+                xpad = _pad_nhwc(parallel.part(x, a, b).transpose(0, 2, 3, 1), padding)
                 for p, q in blocks:                               # dL/dW sums the blocks' products
-                    xpad = _pad_nhwc(parallel.part(x, a + p, a + q).transpose(0, 2, 3, 1), padding)
-                    cols = _im2col_nhwc(xpad, kh, kw, stride, scratch=True)
+                    cols = _im2col_nhwc(parallel.part(xpad, p, q), kh, kw, stride, scratch=True)
                     prod = cols.T @ parallel.part(g2, p * rows, q * rows)   # dL/dW = cols^T dL/dout, (kh*kw*C, O)
                     gw = prod if gw is None else xp.add(gw, prod, out=gw)
                 del cols
@@ -414,8 +416,9 @@ class Conv2d(Function):
                     blocks = image_blocks(b - a, h * w * w_flip.shape[1] * g2.itemsize, xp)
                     if res is None and len(blocks) > 1:
                         res = xp.empty(((b - a) * h * w, c), dtype=grad.dtype)
+                    gpad = _pad_nhwc(g_img, full)
                     for p, q in blocks:
-                        gcols = _im2col_nhwc(_pad_nhwc(g_img[p:q], full), kh, kw, (1, 1), scratch=True)
+                        gcols = _im2col_nhwc(parallel.part(gpad, p, q), kh, kw, (1, 1), scratch=True)
                         gx = xp.matmul(gcols, w_flip.T, out=parallel.part(res, p * h * w, q * h * w))   # (n*H*W, C)
                     gx = gx if res is None else res
                 else:
