@@ -12,6 +12,7 @@ safetensors. The flat updates run in chunks on the thread pool (parallel.py); th
 elementwise, so any chunking gives the same bits. May import: backend, tensor, parallel.
 """
 import contextlib
+import functools
 import math
 
 from . import backend, parallel
@@ -184,6 +185,23 @@ class FlatParameters:
         return float(norm)  # GPU sync
 
 
+CACHE_BLOCK = 1 << 16  # elements: five float32 arrays of this length (1.3 MB) stay in a core's L2 cache
+
+
+def in_cache_blocks(update, *arrays):
+    """update(*pieces) on consecutive CACHE_BLOCK-long pieces of matching 1-D arrays (whole on a GPU).
+
+    Adam's dozen elementwise passes then read each piece from cache, not memory: on the 35.7M
+    parameters of the CIFAR-10 model each pass over the flat buffers is 143 MB of memory traffic.
+    """
+    n = len(arrays[0])
+    if backend.xp_of(arrays[0]) is not backend.host or n <= CACHE_BLOCK:
+        update(*arrays)
+        return
+    for s in range(0, n, CACHE_BLOCK):
+        update(*(a[s:s + CACHE_BLOCK] for a in arrays))
+
+
 def adam_update_(p, g, m, v, buf, *, b1, b2, c1, c2, step_size, inv_sqrt_bc2, eps, decay):
     """One Adam step on matching 1-D arrays, in place (p, m, v; `buf` is scratch).
 
@@ -298,8 +316,9 @@ class Adam:
         for lo, hi in runs:
             def chunk(a, b):  # noqa: B023 (called before the loop moves on)
                 a, b = lo + a, lo + b
-                adam_update_(parallel.part(flat.data, a, b), parallel.part(flat.grad, a, b), parallel.part(self.flat_exp_avg, a, b),
-                             parallel.part(self.flat_exp_avg_sq, a, b), parallel.part(self._buf, a, b), **coefficients)
+                in_cache_blocks(functools.partial(adam_update_, **coefficients),
+                                *(parallel.part(arr, a, b) for arr in (flat.data, flat.grad, self.flat_exp_avg,
+                                                                        self.flat_exp_avg_sq, self._buf)))
             parallel.parallel_for(hi - lo, chunk, parallel.threads_for(flat.data[lo:hi]))
         return float(norm)  # GPU sync
 
@@ -374,7 +393,8 @@ class EMA:
     def update(self, module):
         """shadow -= (1 - decay) (shadow - param), in place (the same as the formula above)."""
         shadow, p, buf = self.flat_shadow, self._flat(module).data, self._buf
-        parallel.parallel_for(len(shadow), lambda a, b: ema_update_(parallel.part(shadow, a, b), parallel.part(p, a, b), parallel.part(buf, a, b), 1.0 - self.decay),
+        update = functools.partial(ema_update_, rate=1.0 - self.decay)
+        parallel.parallel_for(len(shadow), lambda a, b: in_cache_blocks(update, *(parallel.part(arr, a, b) for arr in (shadow, p, buf))),
                               parallel.threads_for(shadow))
         self.num_updates += 1
 
