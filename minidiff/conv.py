@@ -116,10 +116,12 @@ def _im2col_nhwc(xpad, kh, kw, stride, scratch=False):
 
 
 # The largest scratch matrix (im2col columns, Winograd's V and M) one block of images may take: a chunk's
-# images go through in blocks of this size, so the copy is still in the core's cache when the GEMM reads it,
-# and the scratch memory stays at this size per thread whatever the batch (a 96-channel 8x8 conv of 64
-# images would otherwise need a 14 MB column matrix).
-BLOCK_BYTES = 1 << 20
+# images go through in blocks of this size, so the copy is still in the core's cache (2 MB of L2 here) when
+# the GEMM reads it, and the scratch memory stays at this size per thread whatever the batch (a 96-channel
+# 8x8 conv of 64 images would otherwise need a 14 MB column matrix). Measured at 2 threads, forward +
+# backward (BENCHMARKS.md): 2 MiB makes the 32x32 Winograd convs 10-20% faster than one block, costs the
+# 8x8 ones at most 5%, and beat 0.5, 1 and 4 MiB overall.
+BLOCK_BYTES = 2 << 20
 
 
 def image_blocks(n, bytes_per_image, xp):
