@@ -111,6 +111,17 @@ def _set_env_threads(env, threads):
         env[var] = str(threads)
 
 
+def _release_free_memory():
+    """Hand memory malloc holds free back to the OS (glibc's malloc_trim), so that the baseline resident
+    set is the live data: minidiff keeps freed blocks for reuse (backend.keep_freed_memory), and the GEMM
+    peak's freed 16 MB matrices would otherwise sit resident and hide the step's own allocations."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss():
     """Reset the process's resident high-water mark (Linux VmHWM); False where unsupported."""
     try:
@@ -226,6 +237,7 @@ def worker_minidiff(cfg, args):
     opt.step()
     opt.zero_grad()
     sync()
+    _release_free_memory()
     base_rss = _rss_mb("VmRSS")
     reset = _reset_peak_rss()
     if args.backend == "cupy":
@@ -282,6 +294,7 @@ def worker_torch(cfg, args):
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync()
+    _release_free_memory()
     base_rss = _rss_mb("VmRSS")
     reset = _reset_peak_rss()
     if dev == "cuda":

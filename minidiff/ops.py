@@ -4,9 +4,9 @@ The closed set (issue 2): add sub mul div neg pow matmul | exp log sqrt tanh sig
 sum mean max | reshape transpose getitem concatenate stack pad | softmax log_softmax,
 plus where, maximum and clip for losses. Every backward states its derivative in
 one comment line; `unbroadcast` sums a gradient back to an input's shape.
-May import: backend, tensor. The Tensor operators are bound in the table at the bottom.
+May import: backend, tensor, parallel. The Tensor operators are bound in the table at the bottom.
 """
-from . import backend
+from . import backend, parallel
 from .tensor import Function, Tensor
 
 
@@ -27,10 +27,21 @@ def _shape(a):
 
 
 class Add(Function):
+    """a + b. Large host arrays of one batch (the U-Net's residual and timestep adds) are added in
+    batch chunks on the thread pool; the result keeps a's memory layout, as numpy's a + b does."""
+
     @staticmethod
     def forward(ctx, a, b):
-        ctx.shapes = _shape(a), _shape(b)
-        return a + b
+        ctx.shapes = sa, sb = _shape(a), _shape(b)
+        if len(sa) < 1 or len(sa) != len(sb) or sa[0] != sb[0] or any(m < n for m, n in zip(sa, sb)):
+            return a + b                                   # scalars, or b's broadcast changes the batch axis
+        threads = parallel.threads_for(a, b)
+        if threads <= 1:
+            return a + b
+        xp = backend.xp_of(a, b)
+        out = xp.empty_like(a, dtype=xp.result_type(a, b))
+        parallel.parallel_for(sa[0], lambda i, j: xp.add(a[i:j], b[i:j], out=out[i:j]), threads)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

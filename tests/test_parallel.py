@@ -113,6 +113,9 @@ OPS = {
     "silu": (lambda x: F.silu(x), [(5, 4, 6, 7)]),
     "linear": (lambda x, w, b: F.linear(x, w, b), [(5, 7, 6), (3, 6), (3,)]),
     "attention": (lambda q, k, v: F.attention(q, k, v), [(5, 12, 4), (5, 12, 4), (5, 12, 3)]),
+    "group_norm_silu": (lambda x, w, b: F.group_norm(x, 2, w, b, silu=True), [(5, 4, 6, 7), (4,), (4,)]),
+    "add": (lambda a, b: a + b, [(5, 4, 6, 7), (5, 4, 6, 7)]),
+    "add_per_channel": (lambda a, b: a + b, [(5, 4, 6, 7), (5, 4, 1, 1)]),    # the timestep projection's add
 }
 
 
@@ -131,7 +134,7 @@ def test_channels_last_inputs_agree_between_one_and_two_threads(threads):
     """conv2d returns channels-last views; group norm and SiLU chunk those along the batch too."""
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((4, 3, 5, 5)).astype(np.float32), rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
-    fn = lambda x, w: F.silu(F.group_norm(F.conv2d(x, w, padding=1), 3))   # noqa: E731
+    fn = lambda x, w: F.silu(F.group_norm(F.conv2d(x, w, padding=1), 3)) + x[:, :1]   # noqa: E731
     _assert_same(_run(lambda: _grads_of(fn, x, w), 1, threads), _run(lambda: _grads_of(fn, x, w), 2, threads))
 
 
