@@ -125,12 +125,12 @@ BLOCK_BYTES = 2 << 20
 
 
 def image_blocks(n, bytes_per_image, xp):
-    """Split images 0..n-1 into (start, stop) blocks of at most BLOCK_BYTES of scratch each (at least one
-    image per block); one block on a GPU, where CuPy's memory pool reuses memory and launches cost."""
+    """Split images 0..n-1 into nearly equal (start, stop) blocks of about BLOCK_BYTES of scratch each
+    (between 2/3 and 3/2 of it, at least one image per block; no small tail block); one block on a GPU,
+    where CuPy's memory pool reuses memory and every launch costs."""
     if xp is not backend.host or n <= 1:
         return [(0, n)]
-    step = max(1, BLOCK_BYTES // max(1, bytes_per_image))
-    return [(i, min(i + step, n)) for i in range(0, n, step)]
+    return parallel.chunks(n, max(1, round(n * bytes_per_image / BLOCK_BYTES)))
 
 
 def im2col(x, kh, kw, stride=1, padding=0):
