@@ -24,7 +24,7 @@ def test_default_config_is_the_digits_preset():
     config = TrainConfig()
     assert config.preset == "digits" and config.data == "digits"
     assert (config.ch, config.ch_mult, config.num_res_blocks, config.attn_resolutions) == (32, (1, 2), 1, (4,))
-    assert config.batch_size == 64 and config.grad_clip == 1.0 and config.num_timesteps == 1000
+    assert config.batch_size == 128 and config.grad_clip == 1.0 and config.num_timesteps == 1000
     assert make_config() == config
 
 
