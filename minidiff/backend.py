@@ -34,8 +34,8 @@ def keep_freed_memory():
 
     numpy allocates every activation and temporary afresh. glibc serves large blocks with
     their own mmap and hands freed memory back to the OS, so the next step's arrays fault
-    their pages in again: 6,500 page faults and 20-40 ms of kernel time in each 150 ms
-    training step of the digits U-Net, 13-25% of its CPU time. Fixing the two thresholds
+    their pages in again: 6,500 page faults and 20-40 ms of kernel time in each training step
+    of the digits U-Net (batch 64, about 150 ms of CPU time), 13-25% of it. Fixing the two thresholds
     (mallopt M_MMAP_THRESHOLD 32 MiB, glibc's largest, and M_TRIM_THRESHOLD 1 GiB) turns
     malloc into a cache for those blocks: 5 faults a step. The process keeps its peak in
     memory, as PyTorch's caching allocators do. Called once at import; MINIDIFF_MALLOC_TUNING=0

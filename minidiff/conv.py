@@ -119,8 +119,8 @@ def _im2col_nhwc(xpad, kh, kw, stride, scratch=False):
 # images go through in blocks of this size, so the copy is still in the core's cache (2 MB of L2 here) when
 # the GEMM reads it, and the scratch memory stays at this size per thread whatever the batch (a 96-channel
 # 8x8 conv of 64 images would otherwise need a 14 MB column matrix). Measured at 2 threads, forward +
-# backward (BENCHMARKS.md): 2 MiB makes the 32x32 Winograd convs 10-20% faster than one block, costs the
-# 8x8 ones at most 5%, and beat 0.5, 1 and 4 MiB overall.
+# backward (BENCHMARKS.md): 2 MiB makes the 32x32 Winograd convs 10-20% faster than one block, moves the
+# 8x8 ones by -7% to +6%, and beat 0.25, 0.5, 1 and 4 MiB overall.
 BLOCK_BYTES = 2 << 20
 
 
