@@ -99,6 +99,8 @@ class GaussianDiffusion:
             host.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * host.sqrt(self.alphas_cumprod_prev) / one_minus
         self.posterior_mean_coef2 = one_minus_prev * host.sqrt(alphas) / one_minus
+        # mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta): Eq. 11
+        self.sqrt_recip_alphas = 1.0 / host.sqrt(alphas)
 
         # The reverse process's fixed variance sigma_t^2 (Sec. 3.2). "fixed_large" takes beta_t but,
         # as the original code does, code t = 1's beta_tilde for the log-variance at code t = 0 (used by L_0).
@@ -248,13 +250,27 @@ class GaussianDiffusion:
             pred_xstart = self.predict_start_from_v(x, t, model_output)
         return pred_xstart.clip(-1.0, 1.0) if clip_denoised else pred_xstart
 
+    def p_mean_from_noise(self, x_t, t, eps):
+        """mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)): Eq. 11.
+
+        The reverse process's mean as the paper writes it, straight from the predicted noise `eps`
+        (Algorithm 2, line 4 is this plus sigma_t z). The samplers take the clipped route of
+        p_mean_variance instead: x_0_hat from eps (Eq. 15), clipped to [-1, 1], then the posterior
+        mean mu_tilde_t(x_t, x_0_hat) (Eq. 7). Substituting Eq. 15 into Eq. 7 gives exactly this
+        formula, so the two agree (to rounding) when nothing is clipped, i.e. with
+        clip_denoised=False or x_0_hat inside [-1, 1]; where clipping bites, the clipped mean moves
+        by posterior_mean_coef1 (clip(x_0_hat) - x_0_hat). tests/test_diffusion.py checks both.
+        """
+        return self._extract("sqrt_recip_alphas", t, x_t) * (
+            x_t - self._extract("betas", t, x_t) / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * eps)
+
     def p_mean_variance(self, model, x, t, clip_denoised=True, model_output=None, model_kwargs=None, guidance=0.0):
         """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 11, sigma_t^2 fixed as in Sec. 3.2) and x_0_hat.
 
-        Eq. 11's mean, mu_theta(x_t, t) = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta),
-        is computed as the posterior mean mu_tilde_t(x_t, x_0_hat) of Eq. 7 at x_0_hat from Eq. 15: the
-        same function of eps_theta (tests/test_diffusion.py checks the identity), but this route lets
-        x_0_hat be clipped to [-1, 1] first, as the original code does, and serves x_0 and v models too.
+        Eq. 11's mean, mu_theta(x_t, t) (p_mean_from_noise), is computed here as the posterior mean
+        mu_tilde_t(x_t, x_0_hat) of Eq. 7 at x_0_hat from Eq. 15: the same function of eps_theta when
+        nothing is clipped, but this route lets x_0_hat be clipped to [-1, 1] first, as the original
+        code does, and serves x_0 and v models too.
         A given `model_output` (a Tensor while training on the bound) is used instead of calling `model`,
         which otherwise gets `model_kwargs` (e.g. labels) and the guidance weight (see _call_model).
         Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
@@ -269,15 +285,21 @@ class GaussianDiffusion:
                 "pred_xstart": pred_xstart}
 
     def p_sample(self, model, x, t, noise=None, clip_denoised=True, model_kwargs=None, guidance=0.0):
-        """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, and no noise at the last step.
+        """Algorithm 2, line 4: one reverse step, and no noise at the last step.
 
-        The last step is the paper's t = 1, code t = 0. A mask rather than an `if`: no GPU sync, and a
-        batch may mix timesteps. Returns {"sample": x_{t-1}, "pred_xstart": x_0_hat}.
+            x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t) / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z
+
+        i.e. mu_theta(x_t, t) of Eq. 11 (p_mean_from_noise; 1 - alpha_t = beta_t) plus sigma_t z. The
+        mean comes from p_mean_variance, which is that formula when clip_denoised=False (an x_0 or v
+        model's output stands for the eps it implies); by default it clips x_0_hat to [-1, 1] first,
+        as the original code does. The last step is the paper's t = 1, code t = 0. A mask rather than an `if`:
+        no GPU sync, and a batch may mix timesteps. Returns {"sample": x_{t-1}, "pred_xstart": x_0_hat}.
         """
         if noise is None:
             noise = backend.default_generator().normal(x.shape, dtype=x.dtype, like=x)
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs=model_kwargs, guidance=guidance)
         nonzero = (backend.xp_of(x).asarray(_data(t)) != 0).astype(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        # line 4: mu_theta(x_t, t) (Eq. 11, through Eq. 15 and 7 so x_0_hat can be clipped) + sigma_t z
         return {"sample": out["mean"] + nonzero * out["variance"] ** 0.5 * noise, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop_progressive(self, model, shape, noise=None, seed=None, clip_denoised=True, progress=False,
@@ -385,8 +407,11 @@ class GaussianDiffusion:
         """The loss of Algorithm 1 for a batch x_start (N, ...) at timesteps t (N,): {"loss": Tensor (N,), ...}.
 
         "mse": L_simple (Eq. 14), the mean over non-batch axes of (target - model output)^2 with the
-        target eps, x_0 or v; also returned as "mse". "kl": the bound's term for t (Eq. 5) in bits/dim,
-        L_0 (Eq. 13) where code t == 0 (the paper's step 1), computed without clipping x_0 as the original does; also as "vb".
+        target eps, x_0 or v; also returned as "mse". With the eps target it is Eq. 12's term for t without
+        Eq. 12's weight beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)): Eq. 14 drops it (Sec. 3.4),
+        which down-weights the small-t terms, for better samples. "kl": the bound's term for t (Eq. 5)
+        in bits/dim, L_0 (Eq. 13) where code t == 0 (the paper's step 1), computed without clipping x_0
+        as the original does; also as "vb".
         `model_kwargs` go to the model (labels y for a class-conditional model, NO_LABEL where
         Ho & Salimans' Algorithm 1 drops them). The model runs with gradients on, so a training step is
             losses = diffusion.training_losses(model, x_start, t)
@@ -408,7 +433,8 @@ class GaussianDiffusion:
                 target = x_start
             else:
                 target = self.velocity(x_start, t, noise)
-            mse = mean_flat((model_output - target) ** 2)  # ||eps - eps_theta(x_t, t)||^2, Eq. 14
+            # ||eps - eps_theta(x_t, t)||^2, Eq. 14: no beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) weight (Eq. 12)
+            mse = mean_flat((model_output - target) ** 2)
             return {"loss": mse, "mse": mse}
         vb, _ = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)
         return {"loss": vb, "vb": vb}

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidiff import backend
-from minidiff.diffusion import GaussianDiffusion
+from minidiff.diffusion import LOSS_TYPES, GaussianDiffusion
 from minidiff.losses import discretized_gaussian_log_likelihood
 from minidiff.schedule import get_named_beta_schedule
 from minidiff.tensor import Tensor
@@ -116,19 +116,51 @@ def test_predict_start_from_noise_inverts_q_sample(betas, data):
 @hsettings
 @given(betas_arrays, st.data())
 def test_posterior_mean_from_x0_equals_algorithm_2s_mean_from_eps(betas, data):
-    """With x_t = q_sample(x_0, eps): mu_tilde(x_t, x_0) (Eq. 7) == 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)
-    (Eq. 11 / Algorithm 2, line 4), and p_mean_variance's unclipped mean with an exact eps-model is the same."""
+    """With x_t = q_sample(x_0, eps): p_mean_from_noise (Eq. 11 / Algorithm 2, line 4) is
+    1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) written out here from the betas, and
+    equals mu_tilde(x_t, x_0) (Eq. 7): the true eps gives the true posterior mean."""
     d = GaussianDiffusion(betas)
     x_start, eps, t = draw_case(data, betas)
     x_t = d.q_sample(x_start, t, eps)
     one_minus_abar = -np.expm1(np.cumsum(np.log1p(-betas)))  # 1 - alpha_bar without cancellation (beta ~ 1e-6)
     eq11 = (x_t - per_sample(betas / np.sqrt(one_minus_abar), t) * eps) / per_sample(np.sqrt(1 - betas), t)
-    posterior_mean, posterior_variance, _ = d.q_posterior_mean_variance(x_start, x_t, t)
     scale = 1 + np.abs(x_t) + np.abs(eps)
-    assert np.all(np.abs(posterior_mean - eq11) <= 1e-11 * scale)
+    assert np.all(np.abs(d.p_mean_from_noise(x_t, t, eps) - eq11) <= 1e-12 * scale)
+    posterior_mean, _, _ = d.q_posterior_mean_variance(x_start, x_t, t)
+    assert np.all(np.abs(posterior_mean - d.p_mean_from_noise(x_t, t, eps)) <= 1e-11 * scale)
+
+
+@hsettings
+@given(betas_arrays, st.data())
+def test_eq11_is_p_mean_variances_mean_when_nothing_is_clipped(betas, data):
+    """p_mean_variance's route (x_0_hat by Eq. 15, then Eq. 7) is Eq. 11 in float64 when unclipped, with
+    Sec. 3.2's fixed variance. Random schedules reach alpha_bar ~ 1e-90 (x_0_hat ~ 1e45 for an
+    arbitrary eps, then cancelled), so this model predicts an eps consistent with some x_0 in [-1, 1]."""
+    d = GaussianDiffusion(betas)
+    x_start, eps, t = draw_case(data, betas)
+    x_t = d.q_sample(x_start, t, eps)
     out = d.p_mean_variance(constant_model(eps), x_t, t, clip_denoised=False)
-    assert np.all(np.abs(out["mean"] - eq11) <= 1e-11 * scale)
-    np.testing.assert_array_equal(out["variance"], posterior_variance)
+    scale = 1 + np.abs(x_t) + np.abs(eps)
+    assert np.all(np.abs(out["mean"] - d.p_mean_from_noise(x_t, t, eps)) <= 1e-11 * scale)
+    np.testing.assert_array_equal(out["variance"], per_sample(d.posterior_variance, t))   # sigma_t^2 = beta_tilde_t
+
+
+def test_eq11_differs_from_the_clipped_mean_exactly_where_clipping_bites():
+    """With x_0_hat = 3 x_0 outside [-1, 1] in some entries, clip_denoised=True moves the mean there by
+    posterior_mean_coef1 (clip(x_0_hat) - x_0_hat) (Eq. 7 is affine in x_0) and nowhere else."""
+    d = GaussianDiffusion(LINEAR_100)
+    rng = np.random.default_rng(4)
+    x_start, eps = rng.uniform(-1, 1, (4, 1, 3, 3)), rng.standard_normal((4, 1, 3, 3))
+    t = np.array([0, 1, 50, 99])
+    x_t = d.q_sample(3 * x_start, t, eps)                         # Eq. 15 gives back x_0_hat = 3 x_0
+    eq11 = d.p_mean_from_noise(x_t, t, eps)
+    clipped = d.p_mean_variance(constant_model(eps), x_t, t, clip_denoised=True)["mean"]
+    bites = np.abs(3 * x_start) > 1
+    assert bites.any() and not bites.all()
+    shift = per_sample(d.posterior_mean_coef1, t) * (np.clip(3 * x_start, -1, 1) - 3 * x_start)
+    np.testing.assert_allclose(clipped - eq11, shift, rtol=1e-9, atol=1e-12)
+    assert np.all(np.abs(clipped - eq11)[bites] > 1e-6)
+    np.testing.assert_allclose(clipped[~bites], eq11[~bites], rtol=1e-12, atol=1e-12)
 
 
 @hsettings
@@ -500,6 +532,25 @@ def test_mse_loss_compares_the_model_with_its_target(mean_type):
     losses = d.training_losses(constant_model(output), x_start, t, noise=noise)
     assert isinstance(losses["loss"], Tensor) and losses["loss"].shape == (3,)
     np.testing.assert_allclose(losses["loss"].data, ((target - output) ** 2).mean(axis=(1, 2, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_l_simple_is_the_bounds_term_without_eq12s_weight(var_type):
+    """For an eps model at t > 1 the bound's term L_{t-1} (Eq. 5, "kl") is Eq. 12: in nats per dimension,
+    beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_theta||^2 plus a constant (zero when
+    sigma_t^2 = beta_tilde_t), while L_simple ("mse", Eq. 14) is the squared error alone."""
+    rng = np.random.default_rng(2)
+    x_start, noise = rng.uniform(-1, 1, (3, 1, 2, 2)), rng.standard_normal((3, 1, 2, 2))
+    output, t = rng.standard_normal((3, 1, 2, 2)), np.array([1, 40, 99])
+    losses = {loss_type: GaussianDiffusion(LINEAR_100, model_var_type=var_type, loss_type=loss_type)
+              .training_losses(constant_model(output), x_start, t, noise)["loss"].data for loss_type in LOSS_TYPES}
+    beta, abar = LINEAR_100[t], np.cumprod(1 - LINEAR_100)[t]
+    beta_tilde = beta * (1 - np.cumprod(1 - LINEAR_100)[t - 1]) / (1 - abar)
+    sigma2 = beta_tilde if var_type == "fixed_small" else beta
+    weight = beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - abar))                       # Eq. 12
+    variance_term = 0.5 * (np.log(sigma2 / beta_tilde) + beta_tilde / sigma2 - 1)     # KL of the variances
+    np.testing.assert_allclose(losses["mse"], ((noise - output) ** 2).mean(axis=(1, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(losses["kl"] * math.log(2), variance_term + weight * losses["mse"], rtol=1e-9)
 
 
 def linear_model(w, b):
