@@ -42,7 +42,8 @@ def check_gradients(fn, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, seed=0):
     """Compare autograd with central differences entry by entry.
 
     fn maps Tensors to a Tensor; `arrays` are float64 host arrays, moved to the
-    active backend. Costs two forwards per entry: keep the shapes small.
+    active backend. Costs two forwards per entry: keep the shapes small. Returns None;
+    a mismatch raises numpy.testing's AssertionError naming the input (tests/test_testing.py).
     """
     arrays = [host.asarray(a, dtype=host.float64) for a in arrays]
     analytic, cot = _analytic(fn, arrays, seed)
@@ -59,7 +60,11 @@ def check_gradients(fn, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, seed=0):
 
 
 def check_backward(fn, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, seed=0):
-    """Compare autograd with a central difference along one random direction (all inputs at once)."""
+    """Compare autograd with a central difference along one random direction (all inputs at once).
+
+    Returns None; a mismatch raises AssertionError. One direction can miss an error orthogonal to
+    it only by chance (probability zero for a random direction), but cannot say which input is wrong.
+    """
     arrays = [host.asarray(a, dtype=host.float64) for a in arrays]
     rng = host.random.default_rng(seed)
     directions = [rng.standard_normal(a.shape) for a in arrays]
