@@ -381,7 +381,7 @@ def test_the_oracle_detects_a_wrong_sampler(case):
 
 def test_the_samplers_do_not_reproduce_narrow_data_exactly():
     """The recursion, not the data distribution, is the right target: for narrow data the fixed
-    reverse variances miss the data's variance by far more than sampling error (issue 4)."""
+    reverse variances miss the data's variance by far more than sampling error."""
     d = GaussianDiffusion(LINEAR_100)
     samples = d.p_sample_loop(gaussian_optimal_model(d.alphas_cumprod, MU, 0.05), SHAPE, seed=0, clip_denoised=False)
     assert z_scores(samples, MU, 0.05 ** 2)[1] > 2 * Z_MAX
@@ -644,7 +644,7 @@ def test_interpolation_mixes_latents_and_shares_the_reverse_noise():
     assert not np.allclose(out[0], out[2])
 
 
-# ---------------------------------------------------------------- classifier-free guidance (issue 14)
+# ---------------------------------------------------------------- classifier-free guidance (Ho & Salimans 2022)
 
 MIX_MEANS = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.5]])   # component c of a labelled 2-D mixture
 MIX_S = 0.6

@@ -323,7 +323,7 @@ def test_impossible_options_raise(kwargs, message):
         UNet(8, 1, 16, (1, 2), 1, (4,), **kwargs)
 
 
-# ---------------------------------------------------------------- class-conditional U-Net (issue 14)
+# ---------------------------------------------------------------- class-conditional U-Net (classifier-free guidance)
 
 
 def test_conditional_unet_adds_only_the_label_embedding_and_keeps_the_unconditional_weights():
