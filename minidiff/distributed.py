@@ -274,12 +274,12 @@ class ShardedGenerator(backend.Generator):
     """A Generator seen by rank `rank` of `size`: a draw of shape (n, ...) returns rows
     [rank n, (rank+1) n) of the (size n, ...) draw the underlying stream would give.
 
-    Row i of the global batch thus gets the same t, noise and dropout mask whatever the
-    number of ranks, and the stream's state after each draw is the 1-process state, so a
-    checkpoint written by any rank count resumes under any other. Normals and integers
-    draw the global block and keep a slice (their size is the data batch's, small next to
-    the network's work). Uniforms (dropout masks, as large as the activations) skip the
-    other ranks' rows with PCG64.advance: each float64 uniform is exactly one 64-bit draw.
+    Row i of the global batch thus gets the same t, noise, label drop and dropout mask
+    whatever the number of ranks, and the stream's state after each draw is the 1-process
+    state, so a checkpoint written by any rank count resumes under any other. Normals,
+    integers and uniforms draw the global block and keep a slice: they are batch-sized
+    (t, eps, the p_uncond draw), small next to the network's work. Dropout masks, as large
+    as the activations, are counter-based (keep_mask): each rank computes only its own rows.
     """
 
     def __init__(self, generator, rank, size):
@@ -304,15 +304,7 @@ class ShardedGenerator(backend.Generator):
 
     def uniform(self, shape, low=0.0, high=1.0, dtype=backend.DTYPE, like=None):
         shape = tuple(shape)
-        per_rank = math.prod(shape)
-        bits = self._rng.bit_generator
-        before = bits.state   # advance() drops a buffered half of a 64-bit draw; uniforms never use it
-        bits.advance(self.rank * per_rank)                       # the rows of the ranks before this one
-        draws = self._rng.uniform(low, high, shape)
-        bits.advance((self.size - 1 - self.rank) * per_rank)     # and of the ranks after it
-        if before["has_uint32"]:
-            bits.state = {**bits.state, "has_uint32": before["has_uint32"], "uinteger": before["uinteger"]}
-        return self._put(draws.astype(dtype), like)
+        return self._put(self._rows(self._rng.uniform(low, high, self._global(shape))).astype(dtype), like)
 
     def keep_mask(self, shape, p, like=None, first=0):
         """Dropout masks are counter-based (backend.Generator.keep_mask): this rank's rows are the

@@ -51,7 +51,7 @@ def _same_stream(a, b):
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_each_rank_draws_its_rows_of_the_global_draw(size):
     """Concatenated over ranks, the sharded draws are the 1-process draws, and the stream ends where it does."""
-    n = 3   # odd: the integer draws leave a buffered 32-bit half for the uniforms to keep
+    n = 3   # odd: the integer draws leave a buffered 32-bit half, pending after the uniforms as in 1 process
     reference = backend.Generator([5, 2])
     want = [reference.integers(0, 10, (n * size,)), reference.uniform((n * size, 2, 3)),
             reference.normal((n * size, 4)), reference.integers(0, 10, (n * size,)),
