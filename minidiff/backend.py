@@ -5,16 +5,14 @@ on existing arrays asks them (`xp_of(a)`), so an op never mixes backends. `host`
 is numpy itself, for float64 schedule math and file I/O only.
 Randomness comes from `Generator`, a seeded stream drawn on the host (PCG64) and
 moved to the array's backend, so a seed gives the same numbers on numpy and cupy;
-`Generator.dropout_mask` draws on the device instead (see there).
+`Generator.keep_mask` draws on the device instead (see there).
 
 The default backend is MINIDIFF_BACKEND ("numpy" when unset), read by `default_name()`.
 An unusable MINIDIFF_BACKEND does not break `import minidiff`: the error is kept and
 raised, unchanged, by the first `xp()`, `to_active()` or `backend_name()` (or by
 `use_backend(default_name())`, as the CLI does), unless `use_backend` chose a backend first.
 """
-import ctypes
 import os
-import sys
 
 import numpy as host  # float64 coefficients, file I/O, host-side random draws
 
@@ -29,30 +27,6 @@ except Exception as err:  # ImportError/OSError from missing CUDA libraries, a w
     cupy = None
     CUPY_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS (Linux only).
-
-    numpy allocates every activation and temporary afresh. glibc serves large blocks with
-    their own mmap and hands freed memory back to the OS, so the next step's arrays fault
-    their pages in again: 6,500 page faults and 20-40 ms of kernel time in each training step
-    of the digits U-Net (batch 64, about 150 ms of CPU time), 13-25% of it. Fixing the two thresholds
-    (mallopt M_MMAP_THRESHOLD 32 MiB, glibc's largest, and M_TRIM_THRESHOLD 1 GiB) turns
-    malloc into a cache for those blocks: 5 faults a step. The process keeps its peak in
-    memory, as PyTorch's caching allocators do. Called once at import; MINIDIFF_MALLOC_TUNING=0
-    skips it. Returns True when the thresholds were set.
-    """
-    if os.environ.get("MINIDIFF_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc, not musl: mallopt's codes are glibc's)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-MALLOC_TUNED = keep_freed_memory()
 DTYPE = host.float32  # default dtype of data, activations and parameters
 GPU_INSTALL_HINT = 'pip install "minidiff[gpu]" (CUDA 12) or "minidiff[gpu-cuda13]" (CUDA 13)'
 NAMES = ("numpy", "cupy")
@@ -124,7 +98,7 @@ def xp_of(*arrays):
     """numpy or cupy, whichever owns `arrays` (cupy.get_array_module's rule: cupy if any is a cupy array).
 
     Written out rather than calling get_array_module: it runs several times per op, and the
-    isinstance loop costs a fraction of that call (1.6 ms of an 85 ms digits training step).
+    isinstance loop costs a fraction of that call (BENCHMARKS.md, "Per-op overheads").
     """
     if cupy is not None:
         device_array = cupy.ndarray

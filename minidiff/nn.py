@@ -12,7 +12,7 @@ import math
 from . import backend
 from . import functional as F
 from .ops import getitem
-from .tensor import Tensor
+from .tensor import Tensor, check_state_keys
 
 
 class Parameter(Tensor):
@@ -120,19 +120,7 @@ class Module:
         missing and unexpected keys, never a wrong shape.
         """
         params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
-        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {params[k].shape}"
-                      for k in params if k in state and tuple(state[k].shape) != params[k].shape]
-        problems = []
-        if strict and missing:
-            problems.append(f"missing keys: {', '.join(missing)}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys: {', '.join(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
-        if problems:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: " + " | ".join(problems))
+        check_state_keys(type(self).__name__, state, {k: p.shape for k, p in params.items()}, strict=strict)
         for name, p in params.items():
             if name in state:
                 xp = backend.xp_of(p.data)  # a cupy array cannot go straight into numpy, nor back

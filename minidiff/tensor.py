@@ -304,3 +304,24 @@ def _check_same_backend(fn, arrays):
     if len(kinds) > 1:
         raise TypeError(f"{fn.__name__} got arrays from different backends ({', '.join(sorted(kinds))}); "
                         "move them to one with minidiff.use_backend(...) before creating tensors")
+
+
+def check_state_keys(owner, state, expected, scalars=(), strict=True):
+    """Check a state dict before anything is copied from it: one ValueError naming every missing key,
+    unexpected key and shape mismatch. `expected` maps array keys to their shapes, `scalars` names
+    keys of any shape; strict=False tolerates missing and unexpected keys, never a wrong shape.
+    (nn.Module, optim.Adam and optim.EMA load through it.)"""
+    known = set(expected) | set(scalars)
+    missing = [k for k in list(scalars) + list(expected) if k not in state]
+    unexpected = [k for k in state if k not in known]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    if problems:
+        raise ValueError(f"{owner}.load_state_dict: " + " | ".join(problems))

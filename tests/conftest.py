@@ -98,10 +98,12 @@ def backend_name(request):
 
 @pytest.fixture(autouse=True)
 def _restore_backend_and_seed():
-    """Each test starts on the backend the session started with and leaves it so."""
-    previous = backend.backend_name()
+    """Each test starts on the backend and kernels mode the session started with and leaves them so."""
+    from minidiff import kernels
+    previous, mode = backend.backend_name(), kernels.mode()
     yield
     backend.use_backend(previous)
+    kernels.use_kernels(mode)
 
 
 @pytest.fixture
@@ -143,3 +145,21 @@ def numpy_backend():
     backend.use_backend("numpy")
     yield
     backend.use_backend(previous)
+
+
+@pytest.fixture(params=["fast", "reference"])
+def kernels_mode(request):
+    """Run a test once on the kernels (fast) and once on the plain math layer alone (reference)."""
+    from minidiff import kernels
+    previous = kernels.use_kernels(request.param)
+    yield request.param
+    kernels.use_kernels(previous)
+
+
+@pytest.fixture
+def reference_mode():
+    """The plain math layer alone for this test."""
+    from minidiff import kernels
+    previous = kernels.use_kernels("reference")
+    yield
+    kernels.use_kernels(previous)

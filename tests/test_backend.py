@@ -18,47 +18,68 @@ ROOT = PACKAGE.parent
 # A module may import only minidiff modules of a strictly lower level (data flows one way).
 LEVEL = {
     "backend": 0,
-    "tensor": 1, "schedule": 1, "data": 1, "images": 1, "parallel": 1,
+    "tensor": 1, "schedule": 1, "data": 1, "images": 1,
+    # the kernels layer sits below the math ops it speeds up: each op imports its kernel, never the reverse
+    "kernels.memory": 1, "kernels.pool": 1,
+    "kernels.elementwise": 1.5, "kernels.conv": 1.5, "kernels.dense": 1.5, "kernels.optim": 1.5,
+    "kernels.norm": 1.6, "kernels": 1.7,
     "ops": 2,
     "conv": 3, "testing": 3, "losses": 3, "optim": 3, "distributed": 3,
-    "functional": 4, "diffusion": 4, "explainer": 2,
-    "nn": 5,
+    "functional": 4, "diffusion": 4,
+    "nn": 5, "explainer": 5,
     "unet": 6, "classifier": 6,
-    "checkpoint": 7,
-    "train": 8, "metrics": 8, "pretrained": 8,
-    "cli": 9,
+    "checkpoint": 7, "config": 7,
+    "metrics": 8, "pretrained": 8,
+    "sampling": 9,
+    "train": 10,
+    "cli": 11,
 }
 EXEMPT = {"__init__", "__main__"}  # the public API re-exports; `python -m minidiff`
 
 
-def imported_names(path):
-    """(top-level module name, minidiff submodule or None) for every import in `path`."""
+def imported_names(path, module=""):
+    """(top-level module name, minidiff module or None) for every import in `path`, the file of `module`
+    ("ops", "kernels.conv", "kernels" for kernels/__init__.py): minidiff modules by dotted name."""
     tree = ast.parse(path.read_text(), filename=str(path))
+    package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".") if module else []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
-                yield parts[0], parts[1] if parts[0] == "minidiff" and len(parts) > 1 else None
+                yield parts[0], ".".join(parts[1:]) or None if parts[0] == "minidiff" else None
         elif isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if node.level:  # relative: `from . import ops` or `from .ops import x`
-                if mod:
-                    yield "minidiff", mod.split(".")[0]
-                else:
-                    for alias in node.names:
-                        yield "minidiff", alias.name
+            if node.level:  # relative: `from . import ops`, `from .ops import x`, `from ..tensor import x`
+                base = package[:len(package) - (node.level - 1)] + (mod.split(".") if mod else [])
+                for alias in node.names:
+                    sub = ".".join(base + [alias.name])
+                    yield "minidiff", sub if sub in LEVEL or not base else ".".join(base)
             else:
                 parts = mod.split(".")
-                yield parts[0], parts[1] if parts[0] == "minidiff" and len(parts) > 1 else None
+                yield parts[0], ".".join(parts[1:]) or None if parts[0] == "minidiff" else None
 
 
 def package_modules():
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in EXEMPT)
+    """Every module of the package by dotted name, subpackages included ("kernels.conv", "kernels")."""
+    names = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = list(p.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        if name and name not in EXEMPT:
+            names.append(name)
+    return names
+
+
+def module_path(module):
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 @pytest.mark.parametrize("module", package_modules())
 def test_only_backend_imports_numpy_or_cupy(module):
-    for top, _ in imported_names(PACKAGE / f"{module}.py"):
+    for top, _ in imported_names(module_path(module), module):
         if top in {"numpy", "cupy", "cupyx"}:
             assert module == "backend", f"minidiff/{module}.py imports {top}; ask minidiff.backend instead"
 
@@ -66,7 +87,7 @@ def test_only_backend_imports_numpy_or_cupy(module):
 @pytest.mark.parametrize("module", package_modules())
 def test_imports_flow_one_way(module):
     assert module in LEVEL, f"minidiff/{module}.py has no import level: add it to LEVEL in this test"
-    for top, sub in imported_names(PACKAGE / f"{module}.py"):
+    for top, sub in imported_names(module_path(module), module):
         if top == "minidiff" and sub is not None and sub in LEVEL:
             assert LEVEL[sub] < LEVEL[module], (
                 f"minidiff/{module}.py (level {LEVEL[module]}) must not import minidiff.{sub} (level {LEVEL[sub]})")
@@ -78,6 +99,12 @@ def test_import_rule_catches_a_violation(tmp_path):
     bad.write_text("import numpy as np\nfrom .unet import UNet\nfrom . import cli\n")
     names = list(imported_names(bad))
     assert ("numpy", None) in names and ("minidiff", "unet") in names and ("minidiff", "cli") in names
+    # a kernel that reached up into the math layer it speeds up, and a math op importing its kernel
+    kernel = tmp_path / "kernel.py"
+    kernel.write_text("from .. import functional\nfrom ..conv import im2col\nfrom . import pool\n")
+    assert list(imported_names(kernel, "kernels.conv")) == [
+        ("minidiff", "functional"), ("minidiff", "conv"), ("minidiff", "kernels.pool")]
+    assert LEVEL["conv"] > LEVEL["kernels.conv"] and LEVEL["functional"] > LEVEL["kernels.conv"]
 
 
 def test_xp_follows_a_switch_after_import(monkeypatch):
@@ -209,7 +236,7 @@ def test_an_unusable_minidiff_backend_fails_at_first_use_not_at_import():
 
 def test_minidiff_backend_is_the_default_of_every_command_and_of_train_config(monkeypatch):
     from minidiff import cli
-    from minidiff.train import TrainConfig
+    from minidiff.config import TrainConfig
     monkeypatch.setenv("MINIDIFF_BACKEND", "cupy")
     assert TrainConfig().backend == "cupy"
     parser = cli.build_parser()
@@ -242,30 +269,3 @@ def test_keep_mask_is_the_same_on_both_backends_and_has_the_right_rate(standin):
     assert abs((a == c).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.005
     assert g_host.keep_mask((4,), 0.0, like=np.zeros(1)).all()
     assert not backend.Generator(1).keep_mask((1000,), 1.0, like=np.zeros(1)).any()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
-def test_freed_arrays_are_reused_without_page_faults():
-    """backend.keep_freed_memory: ten 4 MB arrays allocated and freed together, as a step's activations
-    are, come back from the process's own memory; with glibc's defaults the freed 40 MB are returned to
-    the OS and the next burst faults them in again (25,000 faults over these five bursts)."""
-    import resource
-    assert backend.MALLOC_TUNED
-
-    def burst():
-        arrays = [np.ones(1 << 20, np.float32) for _ in range(10)]
-        del arrays
-
-    for _ in range(3):
-        burst()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        burst()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000
-
-
-def test_malloc_tuning_can_be_switched_off():
-    code = "import minidiff.backend as b; print(b.MALLOC_TUNED)"
-    env = dict(os.environ, MINIDIFF_MALLOC_TUNING="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

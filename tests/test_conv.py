@@ -1,31 +1,18 @@
-"""conv2d against a nested-loop reference; its gradients by finite differences; im2col/col2im adjointness."""
+"""conv2d, the math op and its kernel alike: against float64 nested loops, gradients by finite
+differences, im2col/col2im adjointness. The kernel's own paths (Winograd, image blocks) are held to
+the math op in tests/test_kernels_conv.py."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
+from references import conv_reference
 
-from minidiff import Tensor, backend, conv, functional as F
-from minidiff.conv import col2im, im2col, normalize_padding
+from minidiff import Tensor, backend, functional as F
+from minidiff.conv import col2im, im2col
 from minidiff.testing import check_backward, check_gradients
 
+pytestmark = pytest.mark.usefixtures("kernels_mode")   # every test on the kernel and on the plain math
+
 PADDINGS = [0, 1, 2, (1, 0), (0, 2), (0, 1, 0, 1), (2, 0, 1, 3)]   # int, (ph, pw), (top, bottom, left, right)
-
-
-def conv_reference(x, w, b, stride, padding):
-    """Direct float64 cross-correlation: one dot product per output pixel and output channel."""
-    pt, pb, pl, pr = normalize_padding(padding)
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    xpad = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    n, _, hp, wp = xpad.shape
-    o, _, kh, kw = w.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    out = np.zeros((n, o, ho, wo))
-    for i_n in range(n):
-        for i_o in range(o):
-            for i in range(ho):
-                for j in range(wo):
-                    patch = xpad[i_n, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
-                    out[i_n, i_o, i, j] = (patch * w[i_o]).sum() + (0 if b is None else b[i_o])
-    return out
 
 
 def _conv(x, w, b, stride, padding):
@@ -53,8 +40,7 @@ def test_forward_matches_nested_loops(backend_name, kernel, stride, padding, siz
        st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
        st.tuples(*[st.integers(0, 2)] * 4), st.booleans())
 def test_forward_matches_nested_loops_on_random_shapes(n, c, o, h, w, kh, kw, sh, sw, pads, with_bias):
-    if h + pads[0] + pads[1] < kh or w + pads[2] + pads[3] < kw:
-        return
+    assume(h + pads[0] + pads[1] >= kh and w + pads[2] + pads[3] >= kw)
     rng = np.random.default_rng(0)
     x, weight, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((o, c, kh, kw)), rng.standard_normal(o)
     b = b if with_bias else None
@@ -126,9 +112,10 @@ def test_im2col_and_col2im_are_adjoint(n, c, h, w, kh, kw, stride, pads):
 
 def test_im2col_rows_are_the_windows():
     x = np.arange(2 * 2 * 4 * 4, dtype=np.float64).reshape(2, 2, 4, 4)
-    cols = im2col(x, 3, 3, 1, 1)                           # (N*Ho*Wo, kh*kw*C), columns ordered (i, j, c)
+    cols = im2col(x, 3, 3, 1, 1)                           # (N*Ho*Wo, C*kh*kw), columns ordered (c, i, j)
     xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    np.testing.assert_array_equal(cols[4 * 1 + 2].reshape(3, 3, 2), xpad[0, :, 1:4, 2:5].transpose(1, 2, 0))
+    np.testing.assert_array_equal(cols[4 * 1 + 2].reshape(2, 3, 3), xpad[0, :, 1:4, 2:5])      # image 0, pixel (1, 2)
+    np.testing.assert_array_equal(cols[16 + 4 * 3 + 0].reshape(2, 3, 3), xpad[1, :, 3:6, 0:3])  # image 1, pixel (3, 0)
 
 
 def test_invalid_arguments_raise():
@@ -141,107 +128,3 @@ def test_invalid_arguments_raise():
         F.conv2d(x, Tensor(np.zeros((2, 3, 3, 3))), padding=(1, 2, 3))
     with pytest.raises(ValueError, match="non-negative"):
         F.conv2d(x, Tensor(np.zeros((2, 3, 3, 3))), padding=-1)
-
-
-# ---------------------------------------------------------------- the Winograd F(2x2, 3x3) fast path
-
-
-@pytest.fixture
-def winograd_everywhere(monkeypatch):
-    """The fast path on every stride-1 3x3 conv, whatever its size (the production rule skips small ones)."""
-    monkeypatch.setattr(conv, "USE_WINOGRAD", True)
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
-
-
-def _conv_and_grads(x, w, b, padding, cot, fast, monkeypatch):
-    monkeypatch.setattr(conv, "USE_WINOGRAD", fast)
-    xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
-    out = F.conv2d(xt, wt, bt, padding=padding)
-    out.backward(cot)
-    return out.numpy(), xt.grad, wt.grad, bt.grad
-
-
-# float32 tolerance of the fast path against the plain im2col + GEMM convolution: |fast - plain| at most
-# 2e-6 times the largest sum |x| |w| over a window (the scale of the outputs' rounding). Not per output:
-# Winograd's transforms add and subtract whole 4x4 tiles, so an output that is small by cancellation
-# carries the rounding of its tile's larger terms. Worst seen over 2000 hypothesis examples: 3e-7.
-WINOGRAD_F32_TOL = 2e-6
-
-
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9),
-       st.tuples(*[st.integers(0, 2)] * 4), st.integers(0, 2**31))
-def test_winograd_matches_the_plain_convolution_in_float32(winograd_everywhere, monkeypatch, n, c, o, h, w, pads,
-                                                           seed):
-    if h + pads[0] + pads[1] < 3 or w + pads[2] + pads[3] < 3:
-        return
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    weight = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(o).astype(np.float32)
-    ho, wo = h + pads[0] + pads[1] - 2, w + pads[2] + pads[3] - 2
-    cot = rng.standard_normal((n, o, ho, wo)).astype(np.float32)
-    plain = _conv_and_grads(x, weight, b, pads, cot, False, monkeypatch)
-    fast = _conv_and_grads(x, weight, b, pads, cot, True, monkeypatch)
-    scale_out = conv_reference(np.abs(x), np.abs(weight), None, 1, pads)          # sum |x| |w| per output
-    assert np.abs(fast[0] - plain[0]).max() <= WINOGRAD_F32_TOL * scale_out.max()
-    # dL/dx is the transposed convolution of the cotangent: sum |cot| |w| per input pixel
-    monkeypatch.setattr(conv, "USE_WINOGRAD", False)
-    full_grad = conv_reference(np.abs(cot), np.abs(weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), None, 1,
-                               tuple(2 - p for p in pads))
-    assert np.abs(fast[1] - plain[1]).max() <= WINOGRAD_F32_TOL * full_grad.max()
-    # dL/dW sums x times the cotangent over the batch and the positions: sum |x| |cot| per weight
-    _, _, scale_w, _ = _conv_and_grads(np.abs(x), np.abs(weight), b, pads, np.abs(cot), False, monkeypatch)
-    assert np.abs(fast[2] - plain[2]).max() <= WINOGRAD_F32_TOL * scale_w.max()
-    np.testing.assert_array_equal(fast[3], plain[3])   # the bias gradient is the same sum on both paths
-
-
-@pytest.mark.parametrize("size", [(4, 4), (5, 7), (8, 6), (1, 3)])
-@pytest.mark.parametrize("padding", [1, 0, (2, 0, 1, 2)])
-def test_winograd_matches_nested_loops_in_float64(winograd_everywhere, size, padding):
-    """Even and odd output sizes (odd ones get one extra zero row/column); float64 to 1e-12."""
-    if size[0] + 2 * (padding if isinstance(padding, int) else 0) < 3 and padding != (2, 0, 1, 2):
-        return
-    rng = np.random.default_rng(7)
-    x, w, b = rng.standard_normal((3, 2, *size)), rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
-    out = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=padding)
-    np.testing.assert_allclose(out.numpy(), conv_reference(x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
-
-
-def test_winograd_gradients_by_finite_differences(winograd_everywhere):
-    rng = np.random.default_rng(8)
-    x, w, b = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
-    check_gradients(lambda x, w, b: F.conv2d(x, w, b, padding=1), [x, w, b])
-    check_gradients(lambda x, w: F.conv2d(x, w, padding=0), [x, w])
-
-
-def test_the_production_rule_takes_the_fast_path_on_large_convs(monkeypatch):
-    """A 64-channel 16x16 conv goes through Winograd (and the rule's thresholds are what they say)."""
-    calls = []
-    original = conv._winograd_input
-    monkeypatch.setattr(conv, "_winograd_input", lambda *a: (calls.append(a[0].shape), original(*a))[1])
-    rng = np.random.default_rng(9)
-    x = Tensor(rng.standard_normal((1, 64, 16, 16)).astype(np.float32), requires_grad=True)
-    w = Tensor(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), requires_grad=True)
-    F.conv2d(x, w, padding=1).sum().backward()
-    assert len(calls) == 3                                # forward, the weight gradient and the input gradient
-    F.conv2d(Tensor(x.numpy()[:, :32]), Tensor(w.numpy()[:, :32]), padding=1)
-    F.conv2d(Tensor(x.numpy()[:, :, :8, :8]), w, padding=1)
-    assert len(calls) == 3                                # 32 channels, 8x8: the plain path
-
-
-@pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("padding", [1, (2, 0, 1, 2)])
-def test_one_image_per_block_gives_the_same_convolution(monkeypatch, fast, padding):
-    """A chunk's images go through im2col (or Winograd's transforms) in blocks of at most BLOCK_BYTES of
-    scratch; with one image per block the output and every gradient are still the nested loops' (float64)."""
-    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
-    monkeypatch.setattr(conv, "USE_WINOGRAD", fast)
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
-    assert conv.image_blocks(3, 10, np) == [(0, 1), (1, 2), (2, 3)]
-    rng = np.random.default_rng(11)
-    x, w, b = rng.standard_normal((3, 2, 5, 6)), rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
-    out = F.conv2d(Tensor(x), Tensor(w), Tensor(b), padding=padding)
-    np.testing.assert_allclose(out.numpy(), conv_reference(x, w, b, 1, padding), rtol=1e-12, atol=1e-12)
-    check_gradients(lambda x, w, b: F.conv2d(x, w, b, padding=padding), [x, w, b])

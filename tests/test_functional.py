@@ -1,13 +1,17 @@
-"""The functional ops: fused backwards equal autograd of their composites and finite differences."""
+"""The functional ops, the math layer and its kernels alike: hand-written backwards equal autograd of the
+ops' definitions (silu_reference, group_norm_reference, attention_reference) and finite differences."""
 import math
 
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from references import group_norm_reference
 
 from minidiff import Generator, Tensor, backend, functional as F, ops
 from minidiff.tensor import no_grad
 from minidiff.testing import check_backward, check_gradients
+
+pytestmark = pytest.mark.usefixtures("kernels_mode")   # every test on the kernels and on the plain math
 
 
 def _on_backend(*arrays, requires_grad=False):
@@ -31,14 +35,6 @@ def _grads_of(fn, arrays, cotangent):
 # ---------------------------------------------------------------- group norm
 
 
-def group_norm_numpy(x, num_groups, weight, bias, eps):
-    n, c = x.shape[:2]
-    g = x.reshape(n, num_groups, -1)
-    xhat = ((g - g.mean(2, keepdims=True)) / np.sqrt(g.var(2, keepdims=True) + eps)).reshape(x.shape)
-    pshape = (1, c) + (1,) * (x.ndim - 2)
-    return xhat * weight.reshape(pshape) + bias.reshape(pshape)
-
-
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
        st.booleans(), st.sampled_from([1e-5, 1e-6]), st.booleans())
 def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, per_group, h, w, channels_last, eps,
@@ -55,7 +51,7 @@ def test_group_norm_forward_and_fused_backward_match_the_composite(n, groups, pe
     out, grads = _grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, eps, silu=silu), [x, weight, bias], cot)
     ref_out, ref_grads = _grads_of(lambda x, w, b: act(F.group_norm_reference(x, groups, w, b, eps)),
                                    [x, weight, bias], cot)
-    expected = group_norm_numpy(x, groups, weight, bias, eps)
+    expected = group_norm_reference(x, groups, weight, bias, eps)
     if silu:
         expected = expected / (1 + np.exp(-expected))
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
@@ -300,22 +296,3 @@ def test_dropout_draws_its_mask_on_the_device_and_matches_numpy(standin):
     on_device = F.dropout(Tensor(dev), 0.1, True, generator=Generator(4)).data
     assert standin.counts["h2d_bytes"] == 0 and isinstance(on_device, standin.ndarray)
     np.testing.assert_array_equal(backend.to_numpy(on_device), on_host)
-
-
-def test_silu_inplace_writes_into_x_only_when_no_gradient_needs_it():
-    rng = np.random.default_rng(11)
-    a = rng.standard_normal((3, 4, 5)).astype(np.float32)
-    expected = F.silu(Tensor(a)).numpy()
-    x = Tensor(a.copy())
-    with no_grad():
-        y = F.silu(x, inplace=True)
-    assert np.shares_memory(y.data, x.data)
-    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6, atol=1e-7)
-    x = Tensor(a.copy(), requires_grad=True)                 # training: x is saved for backward, so no aliasing
-    y = F.silu(x, inplace=True)
-    assert not np.shares_memory(y.data, x.data)
-    np.testing.assert_array_equal(x.numpy(), a)
-    y.sum().backward()
-    plain = Tensor(a.copy(), requires_grad=True)
-    F.silu(plain).sum().backward()
-    np.testing.assert_array_equal(x.grad, plain.grad)

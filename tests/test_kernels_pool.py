@@ -1,4 +1,4 @@
-"""The intra-op thread pool: chunking, ordering, errors, and 1 vs n threads giving the same ops' results."""
+"""The thread pool (kernels/pool.py): chunking, ordering, errors, `split`, and 1 vs n threads giving the same results."""
 import os
 import subprocess
 import sys
@@ -8,22 +8,23 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minidiff import Tensor, backend, functional as F, parallel
+from minidiff import Tensor, backend, functional as F
+from minidiff.kernels import pool
 from minidiff.unet import UNet
 
 
 @pytest.fixture
 def threads(monkeypatch):
     """set(n) switches the pool to n threads with no size threshold; the old count is restored after."""
-    old = parallel.get_num_threads()
-    monkeypatch.setattr(parallel, "MIN_PARALLEL_SIZE", 0)  # tests' arrays are small: chunk them anyway
-    yield parallel.set_num_threads
-    parallel.set_num_threads(old)
+    old = pool.get_num_threads()
+    monkeypatch.setattr(pool, "MIN_PARALLEL_SIZE", 0)  # tests' arrays are small: chunk them anyway
+    yield pool.set_num_threads
+    pool.set_num_threads(old)
 
 
 @given(st.integers(0, 200), st.integers(1, 9))
 def test_chunks_cover_the_range_in_order(n, parts):
-    bounds = parallel.chunks(n, parts)
+    bounds = pool.chunks(n, parts)
     if n == 0:
         assert bounds == [(0, 0)]
         return
@@ -37,14 +38,14 @@ def test_chunks_cover_the_range_in_order(n, parts):
 def test_parallel_for_returns_chunk_results_in_order_and_uses_other_threads(threads):
     threads(3)
     seen = []
-    out = parallel.parallel_for(10, lambda a, b: (seen.append(threading.get_ident()), (a, b))[1])
+    out = pool.parallel_for(10, lambda a, b: (seen.append(threading.get_ident()), (a, b))[1])
     assert out == [(0, 4), (4, 7), (7, 10)]
     assert len(set(seen)) == 3 and threading.get_ident() in seen      # the caller runs the first chunk
 
 
 def test_one_thread_is_one_plain_call(threads):
     threads(1)
-    assert parallel.parallel_for(10, lambda a, b: (a, b, threading.get_ident())) == [(0, 10, threading.get_ident())]
+    assert pool.parallel_for(10, lambda a, b: (a, b, threading.get_ident())) == [(0, 10, threading.get_ident())]
 
 
 def test_an_error_in_a_chunk_is_raised_after_every_chunk_finished(threads):
@@ -58,9 +59,9 @@ def test_an_error_in_a_chunk_is_raised_after_every_chunk_finished(threads):
         return a
 
     with pytest.raises(KeyError, match="chunk two failed"):
-        parallel.parallel_for(4, fn)
+        pool.parallel_for(4, fn)
     assert done == [0]
-    assert parallel.parallel_for(4, lambda a, b: b - a) == [2, 2]       # the pool still works afterwards
+    assert pool.parallel_for(4, lambda a, b: b - a) == [2, 2]       # the pool still works afterwards
 
 
 def test_nested_calls_run_their_chunks_serially_in_the_calling_thread(threads):
@@ -69,16 +70,16 @@ def test_nested_calls_run_their_chunks_serially_in_the_calling_thread(threads):
 
     def outer(a, b):
         me = threading.get_ident()
-        return parallel.parallel_for(6, lambda c, d: (c, d, threading.get_ident() == me))
+        return pool.parallel_for(6, lambda c, d: (c, d, threading.get_ident() == me))
 
-    assert parallel.parallel_for(4, outer) == [[(0, 3, True), (3, 6, True)]] * 2
+    assert pool.parallel_for(4, outer) == [[(0, 3, True), (3, 6, True)]] * 2
 
 
 def test_bad_thread_counts_are_refused():
     with pytest.raises(ValueError, match="positive"):
-        parallel.set_num_threads(0)
+        pool.set_num_threads(0)
     env = dict(os.environ, MINIDIFF_NUM_THREADS="two")
-    proc = subprocess.run([sys.executable, "-c", "from minidiff import parallel; parallel.get_num_threads()"],
+    proc = subprocess.run([sys.executable, "-c", "from minidiff.kernels import pool; pool.get_num_threads()"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "MINIDIFF_NUM_THREADS must be a positive integer" in proc.stderr
 
@@ -165,6 +166,8 @@ def test_unet_training_gradients_agree_between_one_and_two_threads(threads):
 def test_adam_and_ema_updates_are_bitwise_the_same_on_one_and_three_threads(threads):
     """The flat-buffer updates are elementwise: chunking them changes no bit."""
     from minidiff.optim import EMA, Adam
+    from minidiff import kernels
+    assert kernels.enabled()
 
     def run():
         backend.manual_seed(0)
@@ -197,14 +200,42 @@ def test_blas_is_single_threaded_inside_a_multi_thread_pool_and_restored_with_on
 
 
 def test_threads_for_splits_only_work_worth_a_hand_off():
-    old = parallel.get_num_threads()
-    parallel.set_num_threads(3)
+    old = pool.get_num_threads()
+    pool.set_num_threads(3)
     try:
-        small = np.zeros(parallel.MIN_PARALLEL_SIZE // 2, np.float32)
-        assert parallel.threads_for(small) == 1                                   # a cheap elementwise pass
-        assert parallel.threads_for(small, size=parallel.MIN_PARALLEL_SIZE) == 3  # its declared work is large
-        assert parallel.threads_for(small, macs=parallel.MIN_PARALLEL_MACS) == 3  # a matrix product's is
-        assert parallel.threads_for(small, macs=parallel.MIN_PARALLEL_MACS - 1) == 1
-        assert parallel.threads_for(np.zeros(parallel.MIN_PARALLEL_SIZE, np.float32)) == 3
+        small = np.zeros(pool.MIN_PARALLEL_SIZE // 2, np.float32)
+        assert pool.threads_for(small) == 1                                   # a cheap elementwise pass
+        assert pool.threads_for(small, size=pool.MIN_PARALLEL_SIZE) == 3  # its declared work is large
+        assert pool.threads_for(small, macs=pool.MIN_PARALLEL_MACS) == 3  # a matrix product's is
+        assert pool.threads_for(small, macs=pool.MIN_PARALLEL_MACS - 1) == 1
+        assert pool.threads_for(np.zeros(pool.MIN_PARALLEL_SIZE, np.float32)) == 3
     finally:
-        parallel.set_num_threads(old)
+        pool.set_num_threads(old)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_split_writes_rows_into_one_output_and_adds_the_partial_sums_in_order(n_threads, threads):
+    """pool.split: row results land in their rows (copied when a chunk returns a new array, not its
+    view), sums add up over the chunks, None outputs stay None, and one chunk returns its own arrays."""
+    threads(n_threads)
+    x = np.arange(12.0).reshape(6, 2)
+    seen = []
+
+    def chunk(a, b, doubled, unused, tripled_rows):
+        seen.append((a, b))
+        d = np.multiply(x[a:b], 2, out=doubled)                # written into its view when there is one
+        tripled = x[a:b].repeat(2, axis=0) * 3                  # a fresh array: split copies it into place
+        return d, None, tripled, x[a:b].sum(axis=0), None
+
+    doubled, unused, tripled, total, nothing = pool.split(
+        np, 6, chunk, n_threads, rows=[((6, 2), np.float64), None, ((12, 2), np.float64)], sums=2)
+    np.testing.assert_array_equal(doubled, 2 * x)
+    np.testing.assert_array_equal(tripled, 3 * x.repeat(2, axis=0))
+    np.testing.assert_array_equal(total, x.sum(axis=0))
+    assert unused is None and nothing is None
+    assert sorted(seen) == pool.chunks(6, n_threads)
+
+
+def test_split_checks_the_chunk_returns_what_it_declared():
+    with pytest.raises(AssertionError, match="returned 1 results, not 1 \\+ 1"):
+        pool.split(np, 4, lambda a, b, out: np.zeros(b - a), 1, rows=[((4,), np.float64)], sums=1)

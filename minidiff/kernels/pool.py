@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 
-from . import backend
+from .. import backend
 
 _state = threading.local()  # .inside: this thread is running a chunk (nested calls run serially)
 _lock = threading.Lock()    # one parallel region at a time; other callers run serially
@@ -193,3 +193,44 @@ def parallel_for(n, fn, threads=None):
     finally:
         _state.inside = False
         _lock.release()
+
+
+def split(xp, n, chunk, threads, rows=(), sums=0):
+    """The chunking idiom, stated once: run chunk(a, b, *views) on contiguous chunks [a, b) of range(n).
+
+    Every kernel gives its per-chunk math as one plain function of (a, b) and the views of its
+    outputs it may write into, and returns (*row_results, *partial_sums):
+    - `rows`: one spec per output whose first axis follows the chunks, `(shape, dtype)` or an
+      array to imitate (`empty_like`, which keeps its memory layout), or None (not computed).
+      An output of shape[0] = k n gives chunk [a, b) the rows [k a, k b). With one chunk the
+      views are None, so the chunk's own `out=None` ops allocate the result: the plain code
+      path, no extra allocation. A row result that is not its view is copied into it.
+    - `sums`: how many trailing results are partial sums over the chunk's items (a weight
+      gradient, a bias gradient); they are added up in chunk order (None stays None).
+    Returns the whole outputs followed by the sums: a tuple, or the single array when there is one.
+    """
+    if threads <= 1:
+        results = chunk(0, n, *(None,) * len(rows))
+    else:
+        outs = [None if spec is None else (xp.empty_like(spec) if not isinstance(spec, tuple)
+                                             else xp.empty(spec[0], dtype=spec[1])) for spec in rows]
+
+        def run(a, b):
+            views = [None if o is None else o[len(o) // n * a:len(o) // n * b] for o in outs]
+            res = chunk(a, b, *views)
+            res = res if isinstance(res, tuple) else (res,)
+            for view, value in zip(views, res):
+                if view is not None and value is not view:
+                    view[...] = value
+            return res[len(rows):]
+
+        parts = parallel_for(n, run, threads)
+        total = list(parts[0])
+        for part_sums in parts[1:]:
+            for i, value in enumerate(part_sums):
+                if value is not None:
+                    total[i] += value
+        results = tuple(outs) + tuple(total)
+    results = results if isinstance(results, tuple) else (results,)
+    assert len(results) == len(rows) + sums, f"a chunk returned {len(results)} results, not {len(rows)} + {sums}"
+    return results[0] if len(results) == 1 else results
