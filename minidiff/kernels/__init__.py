@@ -28,6 +28,12 @@ import os
 from . import memory
 
 MODES = ("fast", "reference")
+
+
+class KernelsError(ValueError):
+    """An unknown kernels mode (in MINIDIFF_KERNELS or use_kernels)."""
+
+
 _fast = True
 _pending_error = None  # an unknown MINIDIFF_KERNELS, raised at first use (so `minidiff --help` still works)
 
@@ -36,7 +42,7 @@ def use_kernels(name):
     """"fast": the kernels layer (default); "reference": the math layer alone. Returns the previous mode."""
     global _fast, _pending_error
     if name not in MODES:
-        raise ValueError(f"unknown kernels mode {name!r}: use \"fast\" (the kernels, the default) or "
+        raise KernelsError(f"unknown kernels mode {name!r}: use \"fast\" (the kernels, the default) or "
                          f"\"reference\" (the plain math layer only)")
     previous = "fast" if _fast else "reference"
     _fast, _pending_error = name == "fast", None
@@ -66,6 +72,6 @@ def default_mode():
 
 try:
     use_kernels(default_mode())
-except ValueError:
-    _pending_error = ValueError(f"MINIDIFF_KERNELS={default_mode()!r} is not a kernels mode: use \"fast\" "
+except KernelsError:
+    _pending_error = KernelsError(f"MINIDIFF_KERNELS={default_mode()!r} is not a kernels mode: use \"fast\" "
                                 f"(the default) or \"reference\" (the plain math layer only), or unset it")
