@@ -100,12 +100,12 @@ def main(argv=None):
 
     bpd = None
     if args.bpd:
-        from minidiff import cli, data
+        from minidiff import data
         with trainer.ema.swapped(trainer.model):
             trainer.model.eval()
             held, _ = data.load_dataset(dataset, "heldout")
             bpd_diffusion = training.build_diffusion(trainer.config, num_bins=data.grey_levels(dataset))
-            bpd = cli.eval_likelihood(trainer.model, bpd_diffusion, held, 256, args.seed)
+            bpd = metrics.eval_likelihood(trainer.model, bpd_diffusion, held, 256, args.seed, progress=True)
 
     # --- the Markdown table
     title = f"# Sample quality of the `{args.preset}` preset"

@@ -23,7 +23,6 @@ from . import __version__, backend, checkpoint, data, distributed, explainer, im
 from . import train as training
 from .checkpoint import CheckpointError
 from .data import DataError
-from .diffusion import GaussianDiffusion
 from .schedule import get_named_beta_schedule
 
 EXIT_USAGE = 2         # bad arguments, missing or corrupt inputs (argparse's own code)
@@ -665,27 +664,11 @@ def _forward_picture(cfg):
     return data.load_path(name, image_size=cfg.image_size)[0][0].astype(host.float64)   # (C, H, W)
 
 
-def _forward_chain(x, betas, keep, seed):
-    """x_0, then the x_t of the Markov chain of Eq. 2 (`GaussianDiffusion.q_step`) at the paper's steps in `keep`.
-
-    Frames are clipped to [-1, 1] for display only; the chain itself runs unclipped in float64.
-    """
-    diffusion = GaussianDiffusion(betas)
-    rng = backend.host.random.default_rng([seed, 1])   # the same noise for every beta scale
-    frames, steps = ([x], [0]) if 0 in keep else ([], [])
-    for t in range(len(betas)):                       # code t is the paper's step t + 1
-        x = diffusion.q_step(x, t, rng.standard_normal(x.shape))
-        if t + 1 in keep:
-            frames.append(x.clip(-1, 1))
-            steps.append(t + 1)
-    return frames, steps
-
-
 def _forward_frames(cfg):
     """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
     betas = get_named_beta_schedule("linear", 1000) * cfg.beta_scale
-    keep = set(round(k * len(betas) / cfg.steps) for k in range(cfg.steps + 1))   # steps 0 (x_0) .. T
-    frames, steps = _forward_chain(_forward_picture(cfg), betas, keep, cfg.seed)
+    keep = set(explainer.frame_steps(len(betas), cfg.steps))   # steps 0 (x_0) .. T
+    frames, steps = explainer.forward_chain(_forward_picture(cfg), betas, keep, cfg.seed)
     return frames, [f"t={t}" for t in steps]
 
 
@@ -705,7 +688,9 @@ def _write_explainer(cfg):
         model, diffusion, _, info = _load_model(cfg.checkpoint, cfg.ema)
         if info["channels"] is None:
             raise UsageError("the checkpoint models 2-D points: a page of pictures needs an image model")
-        frames, steps = _reverse_chain(cfg, model, diffusion, info, set(explainer.shown_steps(diffusion.num_timesteps)))
+        frames, steps = explainer.reverse_chain(model, diffusion, _reverse_shape(cfg, info),
+                                                set(explainer.shown_steps(diffusion.num_timesteps)), cfg.seed,
+                                                progress=True)
         chains.append(explainer.chain_entry("reverse", 1.0, steps, frames, diffusion.betas))
         x, base = frames[steps.index(0)], diffusion.betas          # forward from the model's own samples
         title = f"The diffusion process of the model in {cfg.checkpoint}"
@@ -713,7 +698,8 @@ def _write_explainer(cfg):
     from tqdm.auto import tqdm
     for scale in tqdm(explainer.SCALE_CHOICES, desc="forward chains", unit="scale", file=sys.stderr):
         betas = backend.host.minimum(base * scale, 0.999)   # a scaled cosine schedule could reach 1
-        frames, steps = _forward_chain(backend.host.asarray(x, dtype=backend.host.float64), betas, keep, cfg.seed)
+        frames, steps = explainer.forward_chain(backend.host.asarray(x, dtype=backend.host.float64), betas, keep,
+                                                cfg.seed)
         chains.append(explainer.chain_entry("forward", scale, steps, frames, betas))
     with checkpoint.atomic_path(cfg.out) as tmp:
         explainer.write_page(tmp, chains, len(base), title=title, default_steps=cfg.steps,
@@ -730,22 +716,15 @@ def _reverse_frames(cfg):
     if cfg.beta_scale != 1.0:
         raise UsageError("--beta-scale applies to the forward process; a checkpoint's schedule is fixed")
     T = diffusion.num_timesteps
-    keep = set(T - round(k * T / cfg.steps) for k in range(cfg.steps + 1))   # the paper's t of each frame
-    frames, steps = _reverse_chain(cfg, model, diffusion, info, keep)
+    keep = {T - t for t in explainer.frame_steps(T, cfg.steps)}   # the paper's t of each frame, from x_T
+    frames, steps = explainer.reverse_chain(model, diffusion, _reverse_shape(cfg, info), keep, cfg.seed,
+                                            progress=True)
     return frames, [f"t={t}" for t in steps]
 
 
-def _reverse_chain(cfg, model, diffusion, info, keep):
-    """x_T, ..., x_0 of Algorithm 2 at the paper's steps t in `keep` (T = pure noise, 0 = the sample)."""
-    T = diffusion.num_timesteps
-    shape = (cfg.num, info["channels"], info["image_size"], info["image_size"])
-    noise = backend.Generator([cfg.seed, 1]).normal(shape)
-    frames, steps = ([backend.to_numpy(noise)], [T]) if T in keep else ([], [])
-    for out in diffusion.p_sample_loop_progressive(model, shape, noise=noise, seed=[cfg.seed, 2], progress=True):
-        if out["t"] in keep:      # the step at code t = the paper's t + 1 lands on the paper's x_t
-            frames.append(backend.to_numpy(out["sample"]).clip(-1, 1))
-            steps.append(out["t"])
-    return frames, steps
+def _reverse_shape(cfg, info):
+    """(--num, C, H, W): the batch of reverse chains of --checkpoint's model."""
+    return (cfg.num, info["channels"], info["image_size"], info["image_size"])
 
 
 # ---------------------------------------------------------------- interpolate
@@ -785,26 +764,7 @@ def cmd_interpolate(args):
 # ---------------------------------------------------------------- eval
 
 
-def eval_likelihood(model, diffusion, images_, batch_size, seed):
-    """Bits/dim of the variational bound (Eq. 5, Table 2) over `images_`.
-
-    `diffusion.num_bins` must be the data's own grey levels: the decoder L_0 (Eq. 13) discretises into them.
-    """
-    totals, priors, decoders = [], [], []
-    for i, start in enumerate(range(0, len(images_), batch_size)):
-        x = backend.to_active(images_[start:start + batch_size])
-        out = diffusion.calc_bpd_loop(model, x, seed=[seed, i], progress=True)
-        totals.append(backend.to_numpy(out["total_bpd"]))
-        priors.append(backend.to_numpy(out["prior_bpd"]))
-        decoders.append(backend.to_numpy(out["vb"][:, 0]))
-    host = backend.host
-    total, prior, decoder = host.concatenate(totals), host.concatenate(priors), host.concatenate(decoders)
-    return {"bits_per_dim": float(total.mean()), "bits_per_dim_stderr": float(total.std() / math.sqrt(len(total))),
-            "prior_bpd": float(prior.mean()), "decoder_bpd": float(decoder.mean()),
-            "num_images": int(len(total)), "grey_levels": diffusion.num_bins}
-
-
-DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size issue 6's targets are stated at
+DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size BENCHMARKS.md's quality targets are stated at
 MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/recall
 
 
@@ -939,8 +899,8 @@ def cmd_eval(args):
         if cfg.bpd_num:
             images_ = images_[:cfg.bpd_num]
         bpd_diffusion = training.build_diffusion(config, num_bins=data_info["grey_levels"])
-        report["likelihood"] = {"split": cfg.split, **eval_likelihood(
-            model, bpd_diffusion, images_, cfg.batch_size, cfg.seed)}
+        report["likelihood"] = {"split": cfg.split, **metrics.eval_likelihood(
+            model, bpd_diffusion, images_, cfg.batch_size, cfg.seed, progress=True)}
     _print_report(report)
     if cfg.out is not None:
         with checkpoint.atomic_path(cfg.out) as tmp, open(tmp, "w") as f:

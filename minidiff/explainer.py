@@ -1,12 +1,13 @@
-"""The forward and reverse process as one self-contained HTML page with sliders.
+"""The forward and reverse process as chains of real frames, and as one self-contained HTML page with sliders.
 
-`minidiff forward IMAGE --out page.html` computes the frames (cli.py: the real Markov chain of
-Eq. 2 for every noise multiplier, and with --checkpoint the real reverse process of Algorithm 2);
-this module only lays them out. The page needs no network: every frame is inlined as a PNG sprite
-sheet (one per chain, frames stacked top to bottom) and the script is a few dozen lines of plain
-JavaScript. Beside the picture it shows the current step's beta_t, alpha_bar_t and signal-to-noise
-ratio alpha_bar_t / (1 - alpha_bar_t), all computed here in float64 from the schedule.
-May import: images.
+The frames are the real processes: `forward_chain` runs the Markov chain of Eq. 2 step by step
+(for every noise multiplier of the page), `reverse_chain` the reverse process of Algorithm 2 of
+a trained model. `minidiff forward` shows them as a filmstrip, a GIF or the page. The page needs
+no network: every frame is inlined as a PNG sprite sheet (one per chain, frames stacked top to
+bottom) and the script is a few dozen lines of plain JavaScript. Beside the picture it shows the
+current step's beta_t, alpha_bar_t and signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t),
+all computed here in float64 from the schedule.
+May import: backend, diffusion, images.
 """
 import base64
 import html
@@ -14,7 +15,8 @@ import io
 import json
 import math
 
-from . import images
+from . import backend, images
+from .diffusion import GaussianDiffusion
 
 STEPS_CHOICES = tuple(range(10, 51, 5))     # the "number of steps" slider: frames shown between x_0 and x_T
 SCALE_CHOICES = tuple(round(0.3 + 0.1 * i, 1) for i in range(13))   # the beta multiplier slider, 0.3 .. 1.5
@@ -42,6 +44,45 @@ def step_readouts(betas):
         alpha_bar = math.exp(log_alpha_bar)
         rows.append({"beta": float(beta), "alpha_bar": alpha_bar, "snr": alpha_bar / -math.expm1(log_alpha_bar)})
     return rows
+
+
+# ---------------------------------------------------------------- the chains
+
+
+def forward_chain(x, betas, keep, seed):
+    """x_0, then the x_t of the Markov chain of Eq. 2 (`GaussianDiffusion.q_step`) at the paper's steps in `keep`.
+
+    Returns (frames, steps): frames[i] is x at the paper's step steps[i] (0 = x_0 itself, if kept).
+    Frames are clipped to [-1, 1] for display only; the chain itself runs unclipped, on the host, in
+    the dtype of `x` (float64 for the demo: one picture through 1000 tiny steps).
+    """
+    diffusion = GaussianDiffusion(betas)
+    rng = backend.host.random.default_rng([seed, 1])   # the same noise for every beta scale
+    frames, steps = ([x], [0]) if 0 in keep else ([], [])
+    for t in range(len(betas)):                       # code t is the paper's step t + 1
+        x = diffusion.q_step(x, t, rng.standard_normal(x.shape))
+        if t + 1 in keep:
+            frames.append(x.clip(-1, 1))
+            steps.append(t + 1)
+    return frames, steps
+
+
+def reverse_chain(model, diffusion, shape, keep, seed, progress=False):
+    """x_T, ..., x_0 of Algorithm 2 at the paper's steps t in `keep` (T = pure noise, 0 = the sample).
+
+    Returns (frames, steps) as forward_chain does, frames as host (N, C, H, W) batches of `shape`.
+    """
+    T = diffusion.num_timesteps
+    noise = backend.Generator([seed, 1]).normal(shape)
+    frames, steps = ([backend.to_numpy(noise)], [T]) if T in keep else ([], [])
+    for out in diffusion.p_sample_loop_progressive(model, shape, noise=noise, seed=[seed, 2], progress=progress):
+        if out["t"] in keep:      # the step at code t = the paper's t + 1 lands on the paper's x_t
+            frames.append(backend.to_numpy(out["sample"]).clip(-1, 1))
+            steps.append(out["t"])
+    return frames, steps
+
+
+# ---------------------------------------------------------------- the page
 
 
 def _sprite(frames):
