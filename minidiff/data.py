@@ -648,11 +648,29 @@ class Batches:
                 "n": len(self.data), "batch_size": self.batch_size}
 
     def load_state_dict(self, state):
-        """Continue exactly where `state_dict()` was taken."""
-        if int(state["n"]) != len(self.data) or int(state["batch_size"]) != self.batch_size:
-            raise DataError(f"saved batch state is for {state['n']} images in batches of "
-                            f"{state['batch_size']}, but this data set has {len(self.data)} images in "
+        """Continue exactly where `state_dict()` was taken.
+
+        Every entry must be a non-negative integer. A position past the end of an epoch is
+        reduced arithmetically (position p of epoch e is position p mod n of epoch e + p // n),
+        so any saved state costs O(1); the stream never loops to catch up.
+        """
+        keys = ("seed", "epoch", "position", "count", "n", "batch_size")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise DataError(f"saved batch state must hold {', '.join(keys)}; the checkpoint is corrupt")
+        values = {}
+        for k in keys:
+            v = state[k]
+            if isinstance(v, host.ndarray) and v.ndim == 0:
+                v = v[()]
+            if isinstance(v, (bool, host.bool_)) or not isinstance(v, (int, host.integer)) or v < 0:
+                raise DataError(f"saved batch state has {k} = {v!r}, not a non-negative integer; "
+                                f"the checkpoint is corrupt")
+            values[k] = int(v)
+        if values["n"] != len(self.data) or values["batch_size"] != self.batch_size:
+            raise DataError(f"saved batch state is for {values['n']} images in batches of "
+                            f"{values['batch_size']}, but this data set has {len(self.data)} images in "
                             f"batches of {self.batch_size}; resume with the same data and batch size")
-        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self.position, self.count = int(state["position"]), int(state["count"])
+        self.seed, self.count = values["seed"], values["count"]
+        self.epoch = values["epoch"] + values["position"] // len(self.data)
+        self.position = values["position"] % len(self.data)
         self._order = None

@@ -336,3 +336,22 @@ def test_folder_with_one_subfolder_per_class_is_labelled(tmp_path):
 def test_num_classes_in_info():
     assert data.load_images("digits", "heldout")[2]["num_classes"] == 10
     assert data.num_classes(None) is None and data.num_classes(np.array([0, 4, 2])) == 5
+
+
+def test_resumed_stream_positions_are_reduced_not_replayed():
+    x = np.arange(7, dtype=np.float32)[:, None]
+    batches = data.Batches(x, 3, rng=0)
+    state = {**batches.state_dict(), "position": 10 ** 9 * 7 + 5, "epoch": 2}
+    batches.load_state_dict(state)                        # O(1): no loop over 10^9 epochs
+    assert (batches.epoch, batches.position) == (2 + 10 ** 9, 5)
+    same = data.Batches(x, 3, rng=0)
+    same.load_state_dict({**state, "position": 5, "epoch": 2 + 10 ** 9})
+    np.testing.assert_array_equal(next(batches), next(same))
+    for key, value in [("position", -1), ("epoch", 2.5), ("count", "3"), ("seed", None), ("position", True)]:
+        with pytest.raises(DataError, match=f"saved batch state has {key} = .*not a non-negative integer"):
+            data.Batches(x, 3, rng=0).load_state_dict({**state, key: value})
+    with pytest.raises(DataError, match="saved batch state must hold seed, epoch, position"):
+        data.Batches(x, 3, rng=0).load_state_dict({"seed": 1})
+    restored = data.Batches(x, 3, rng=0)
+    restored.load_state_dict({k: np.int64(v) if k != "seed" else np.array(v) for k, v in batches.state_dict().items()})
+    assert restored.state_dict() == batches.state_dict()
