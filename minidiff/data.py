@@ -10,13 +10,18 @@ Three kinds of data, one convention:
 Everything here stays on the host; the trainer moves each batch to the active backend.
 Bad input raises one `DataError` naming the file, the problem and what to do.
 """
+import codecs
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 
+from numpy.lib import format as npy_format
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import backend
@@ -34,6 +39,12 @@ SPLITS = ("train", "heldout", "all")
 SPLIT_SEED = 20200619     # the DDPM arXiv date; changing it changes which images are held out
 HELDOUT_FRACTION = 0.1    # held-out = floor(n / 10): 179 of 1,797 digits, 500 of 5,000 MNIST
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Limits on what a file may make minidiff allocate (docs/DATA.md, "Limits"):
+MEMORY_FRACTION = 4       # loaded images (float32) may take a quarter of the memory this process can have
+MAX_CLASSES = 10_000      # labels 0 .. 9,999: each class costs the model an embedding row
+MAX_IDX_DIMS = 4          # IDX images have 3 dimensions (N, H, W), labels 1
+DEFLATE_MAX_RATIO = 1032  # no deflate stream (gzip, zip) expands more than 1032-fold
+READ_CHUNK = 1 << 24      # compressed streams are read 16 MiB at a time
 
 
 class DataError(ValueError):
@@ -52,6 +63,118 @@ def _host_rng(rng):
     if isinstance(rng, host.random.Generator):
         return rng
     return host.random.default_rng(rng)
+
+
+# ---------------------------------------------------------------- limits
+
+def _size(n):
+    """A byte count for people: '12,544 bytes', '290.8 MiB', '2.0 GiB'."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} bytes"
+
+
+def _address_space_left():
+    """Bytes left under `ulimit -v` (RLIMIT_AS), or None when there is no such limit."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/statm") as f:            # the first field: pages of address space in use
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        used = 0
+    return max(soft - used, 0)
+
+
+def memory_limit():
+    """(bytes, why): how much memory one loaded data set may take, and where that figure comes from.
+
+    A quarter (MEMORY_FRACTION) of the least of: this machine's physical memory, a cgroup
+    (container) memory limit, and the address space left under `ulimit -v`; the rest leaves room for
+    the copies made while converting, the model and the training step. Files are checked against
+    it before anything is allocated, so a header that declares a huge array fails with this figure.
+    """
+    candidates = []
+    try:
+        candidates.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of this machine's memory"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            candidates.append((int(text), "of this container's memory limit"))
+    except OSError:
+        pass
+    left = _address_space_left()
+    if left is not None:
+        candidates.append((left, "of the address space left under ulimit -v"))
+    total, where = min(candidates) if candidates else (16 << 30, "of an assumed 16 GiB of memory")
+    return total // MEMORY_FRACTION, f"1/{MEMORY_FRACTION} of the {_size(total)} {where}"
+
+
+def _check_fits(nbytes, source, what):
+    """DataError unless `nbytes` (what `what` would take in memory) is within memory_limit()."""
+    limit, why = memory_limit()
+    if nbytes > limit:
+        raise DataError(f"{source}: {what} would take {_size(nbytes)} in memory, more than the "
+                        f"{_size(limit)} minidiff allows for data ({why}); use fewer or smaller images")
+
+
+def _check_shape(shape, source):
+    """A declared shape as a tuple of Python ints (no overflow), each non-negative."""
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DataError(f"{source}: invalid array shape {shape!r} in the file's header; the file is corrupt")
+    return tuple(shape), math.prod(shape)
+
+
+def _read_exact(stream, nbytes, source, check_end=True):
+    """Exactly `nbytes` from `stream` as a uint8 array, read in chunks (memory grows only with what arrives).
+
+    Fewer bytes: the file is truncated. With `check_end`, a byte beyond them is an error too: a
+    compressed stream that expands past what its header declares is corrupt (or a decompression bomb).
+    """
+    out = host.empty(nbytes, dtype=host.uint8)
+    view, got = memoryview(out), 0
+    try:
+        while got < nbytes:
+            n = stream.readinto(view[got:got + min(nbytes - got, READ_CHUNK)])
+            if not n:
+                break
+            got += n
+        extra = stream.read(1) if check_end and got == nbytes else b""
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{source}: cannot read its data ({e}); the file is corrupt, download or save it again") from None
+    if got < nbytes:
+        raise DataError(f"{source}: the header declares {_size(nbytes)} of data but the file holds only "
+                        f"{_size(got)}; the file is truncated, download or save it again")
+    if extra:
+        raise DataError(f"{source}: the data goes on past the {_size(nbytes)} its header declares "
+                        f"(a corrupt file or a decompression bomb); minidiff stopped reading it")
+    return out
+
+
+def check_labels(labels, n, source):
+    """`labels` as int64 (n,), or DataError naming what is wrong: one integer class 0 .. MAX_CLASSES-1 per image."""
+    labels = host.asarray(labels)
+    fix = "fix or remove the labels (one integer class 0, 1, 2, ... per image)"
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{source}: labels have dtype {labels.dtype}, not integers; {fix}")
+    if labels.ndim != 1:
+        raise DataError(f"{source}: labels have shape {labels.shape}, not ({n},); {fix}")
+    if len(labels) != n:
+        raise DataError(f"{source}: {len(labels)} labels for {n} images; {fix}")
+    if n and labels.min() < 0:
+        raise DataError(f"{source}: label {labels.min()} is negative; {fix}")
+    if n and labels.max() >= MAX_CLASSES:
+        raise DataError(f"{source}: label {labels.max()} would make {int(labels.max()) + 1:,} classes, more "
+                        f"than minidiff's limit of {MAX_CLASSES:,} (labels 0 .. {MAX_CLASSES - 1}); {fix}")
+    return labels.astype(host.int64)
 
 
 # ---------------------------------------------------------------- bundled digits
@@ -282,14 +405,16 @@ def load_path(path, image_size=None, channels=None):
     elif path.suffix.lower() == ".npz":
         images, labels = _load_npz(path)
     elif path.suffix.lower() == ".npy":
-        images = _array_to_nchw(_np_load(path), path)
+        images = _array_to_nchw(_load_npy(path), path)
     elif _is_cifar_name(path.name):
         images, labels = _load_cifar([path])
     else:
         images, labels = _load_idx_images(path)     # checks the IDX magic number itself
-    if labels is not None and (len(labels) != len(images) or (len(labels) and labels.min() < 0)):
-        labels = None                                 # labels that do not line up (or are negative) are no labels
-    images = _to_channels(images, channels, path) if channels else images
+    # Each loader has checked its labels (check_labels): integers, one per image, 0 .. MAX_CLASSES-1.
+    if channels and channels != images.shape[1]:
+        _check_fits(images.size // images.shape[1] * channels * images.itemsize, path,
+                    f"its images with {channels} channels")
+        images = _to_channels(images, channels, path)
     return _fit_array(images, image_size, path), labels
 
 
@@ -335,6 +460,9 @@ def folder_labels(folder, files):
     names = class_folders(folder, files)
     if names is None:
         return None
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{folder}: {len(names):,} class subfolders, more than minidiff's limit of "
+                        f"{MAX_CLASSES:,} classes; group the images into fewer subfolders")
     index = {name: k for k, name in enumerate(names)}
     return host.asarray([index[f.relative_to(folder).parts[0]] for f in files], dtype=host.int64)
 
@@ -391,24 +519,86 @@ def _resize_crop(image, size):
 
 # --- arrays
 
-def _np_load(path):
+NPY_ERRORS = (ValueError, SyntaxError, TypeError, OSError, EOFError, zlib.error, zipfile.BadZipFile)
+
+
+def _read_npy(stream, source, total, check_end):
+    """One array in the .npy format from `stream`, never unpickled, its header checked before reading.
+
+    `total` is the most bytes the stream can hold (the file's size, or what a zip member's
+    compressed bytes can expand to): a header declaring more is a truncated or corrupt file,
+    refused before anything is allocated; then the declared array must fit in memory_limit().
+    """
     try:
-        return host.load(path, allow_pickle=False)   # no pickle: an .npy/.npz never runs code
-    except (ValueError, OSError, EOFError) as e:
-        raise _unsupported(path, f"cannot read it as a NumPy array ({e})") from None
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+        else:                                  # 3.0 (a UTF-8 header): no public reader
+            shape, fortran, dtype = npy_format._read_array_header(stream, version)
+        header = stream.tell()
+    except NPY_ERRORS as e:
+        raise _unsupported(source, f"cannot read it as a NumPy array ({e})") from None
+    if dtype.hasobject:
+        raise _unsupported(source, "cannot read it as a NumPy array (it is an object array: Python objects, "
+                                   "which minidiff never unpickles; save plain numbers)")
+    if dtype.itemsize == 0 or dtype.subdtype is not None:
+        raise _unsupported(source, f"dtype {dtype} is not pixels (use uint8 or float)")
+    shape, count = _check_shape(shape, source)
+    nbytes = count * dtype.itemsize
+    if nbytes > total - header:
+        raise DataError(f"{source}: its header declares a {shape} {dtype} array ({_size(nbytes)}) but the "
+                        f"file holds at most {_size(max(total - header, 0))} of data; it is truncated or "
+                        f"corrupt, save it again")
+    _check_fits(count * max(4, dtype.itemsize), source, f"its {shape} {dtype} array (as float32)")
+    raw = _read_exact(stream, nbytes, source, check_end)
+    try:
+        array = raw.view(dtype)
+        return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
+    except (ValueError, TypeError) as e:
+        raise _unsupported(source, f"cannot read it as a NumPy array ({e})") from None
+
+
+def _load_npy(path):
+    """A .npy file's array (allow_pickle=False in effect: an .npy never runs code)."""
+    with _open_file(path) as f:
+        return _read_npy(f, path, os.fstat(f.fileno()).st_size, check_end=False)
+
+
+def _read_npz_member(archive, info, source):
+    """One member of an .npz (zip) archive, read lazily with a bound derived from its header."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        total = min(info.file_size, info.compress_size)
+    elif info.compress_type == zipfile.ZIP_DEFLATED:   # np.savez_compressed
+        total = min(info.file_size, DEFLATE_MAX_RATIO * info.compress_size + 4096)
+    else:                                              # bzip2, lzma: the stated size, then the memory limit
+        total = info.file_size
+    try:
+        stream = archive.open(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as e:
+        raise _unsupported(source, f"cannot read it as a NumPy array ({e})") from None
+    with stream:
+        return _read_npy(stream, source, total, check_end=True)
 
 
 def _load_npz(path):
-    """The `images` array (else `arr_0`, else the first) and `labels` if present."""
-    with _np_load(path) as f:
-        keys = list(f.keys())
-        if not keys:
+    """The `images` array (else `arr_0`, else the first) and `labels` if present (checked: check_labels)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise _unsupported(path, f"cannot read it as a NumPy .npz archive ({e})") from None
+    with archive:
+        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+        if not members:
             raise _unsupported(path, "the .npz archive holds no arrays")
-        key = "images" if "images" in keys else "arr_0" if "arr_0" in keys else keys[0]
-        images = _array_to_nchw(f[key], f"{path} (array {key!r})")
-        labels = f["labels"] if "labels" in keys and key != "labels" else None
-    if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
+        key = "images" if "images" in members else "arr_0" if "arr_0" in members else next(iter(members))
+        source = f"{path} (array {key!r})"
+        images = _array_to_nchw(_read_npz_member(archive, members[key], source), source)
         labels = None
+        if "labels" in members and key != "labels":
+            source = f"{path} (array 'labels')"
+            labels = check_labels(_read_npz_member(archive, members["labels"], source), len(images), source)
     return images, labels
 
 
@@ -474,6 +664,8 @@ def _fit_array(images, image_size, source):
         image_size = min(h, w)
     if (h, w) == (image_size, image_size):
         return images
+    _check_fits(n * c * image_size * image_size * 4, source,
+                f"{n:,} images of {c}x{image_size}x{image_size} as float32")
     out = host.empty((n, c, image_size, image_size), dtype=backend.DTYPE)
     for i in range(n):
         for j in range(c):
@@ -487,33 +679,64 @@ def _fit_array(images, image_size, source):
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _read_maybe_gzip(path):
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":                  # the gzip magic number, whatever the file is called
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: corrupt gzip file ({e}); download it again") from None
-    return raw
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _open_file(path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _is_gzip(f):
+    """True if the open file starts with the gzip magic number, whatever it is called (rewinds it)."""
+    magic = f.read(2)
+    f.seek(0)
+    return magic == b"\x1f\x8b"
 
 
 def read_idx(path):
-    """An IDX file (the MNIST format, gzipped or not) as a numpy array; checks magic and size."""
+    """An IDX file (the MNIST format, gzipped or not) as a numpy array; checks magic and size.
+
+    The header is checked before the data is read: at most MAX_IDX_DIMS dimensions, a size the file
+    can hold (exactly its size, or at most DEFLATE_MAX_RATIO times it when gzipped) and that fits in
+    memory_limit(); a gzip stream is decompressed in chunks and refused once it goes past that size.
+    """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_DTYPES or raw[3] == 0:
+    with _open_file(path) as f:
+        size, gzipped = os.fstat(f.fileno()).st_size, _is_gzip(f)
+        with (gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f) as stream:
+            return _read_idx_stream(stream, path, size, gzipped)
+
+
+def _read_idx_stream(stream, path, size, gzipped):
+    try:
+        magic = stream.read(4)
+        ndim = magic[3] if len(magic) == 4 else 0
+        dims = stream.read(4 * ndim) if magic[:2] == b"\x00\x00" and ndim <= MAX_IDX_DIMS else b""
+    except GZIP_ERRORS as e:
+        raise DataError(f"{path}: corrupt gzip file ({e}); download it again") from None
+    if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] not in IDX_DTYPES or ndim == 0:
         raise _unsupported(path, "not a recognised format (no IDX magic number 0x0000tt0d)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    if ndim > MAX_IDX_DIMS:
+        raise DataError(f"{path}: IDX header declares {ndim} dimensions; MNIST images have 3 and labels 1 "
+                        f"(minidiff reads at most {MAX_IDX_DIMS}); the file is corrupt, download it again")
+    if len(dims) < 4 * ndim:
         raise DataError(f"{path}: IDX header is truncated; download the file again")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = host.dtype(IDX_DTYPES[raw[2]])
-    expected = int(host.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file "
-                        f"holds {len(raw) - header}; the file is truncated or corrupt")
-    return host.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    header = 4 + 4 * ndim
+    shape, count = _check_shape(struct.unpack(f">{ndim}I", dims), path)   # Python ints: no overflow
+    dtype = host.dtype(IDX_DTYPES[magic[2]])
+    expected = count * dtype.itemsize
+    if not gzipped and size - header != expected:
+        raise DataError(f"{path}: IDX header says shape {shape} ({expected:,} bytes) but the file "
+                        f"holds {size - header:,}; the file is truncated or corrupt")
+    if gzipped and expected > DEFLATE_MAX_RATIO * size:
+        raise DataError(f"{path}: IDX header says shape {shape} ({_size(expected)}) but a gzip file of "
+                        f"{_size(size)} expands to at most {_size(DEFLATE_MAX_RATIO * size)}; the file is "
+                        f"truncated or corrupt, download it again")
+    _check_fits(count * max(4, dtype.itemsize), path, f"its IDX array of shape {shape} (as float32)")
+    return _read_exact(stream, expected, path, check_end=gzipped).view(dtype).reshape(shape)
 
 
 def _load_idx_images(path):
@@ -525,7 +748,7 @@ def _load_idx_images(path):
     labels = None
     sibling = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     if sibling != path and sibling.exists():
-        labels = read_idx(sibling).astype(host.int64)
+        labels = check_labels(read_idx(sibling), len(images), sibling)
     return _array_to_nchw(images, path), labels
 
 
@@ -544,38 +767,160 @@ def _cifar_batches_in(folder):
     return []
 
 
-class _CifarUnpickler(pickle.Unpickler):
+_RECONSTRUCT = host.ndarray.__reduce__(host.zeros(0))[0]   # numpy's own (numpy.core or numpy._core)
+
+
+class _PickledArray(host.ndarray):
+    """An ndarray being rebuilt by _CifarUnpickler: its state is checked before numpy allocates it.
+
+    numpy's __setstate__ allocates the declared shape before comparing it with the data for
+    object arrays, and reports an overflowing shape as MemoryError; here the data must be plain
+    bytes of exactly the declared size, which the pickle (so the file) really holds.
+    """
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        shape, dtype, _, raw = state[-4:]
+        if not isinstance(dtype, host.dtype) or dtype.hasobject:
+            raise pickle.UnpicklingError("refusing a numpy object array")
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}")
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != math.prod(shape) * dtype.itemsize:
+            raise pickle.UnpicklingError(f"a numpy array declares shape {shape} ({dtype}) but its data "
+                                         f"is {len(raw) if isinstance(raw, (bytes, bytearray)) else 'not'} bytes")
+        super().__setstate__(state)
+
+
+class _NdarrayName:
+    """What `numpy.ndarray` means inside a CIFAR pickle: the subtype argument of _reconstruct, nothing more."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray (a batch never does)")
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _CifarUnpickler(getattr(pickle, "_Unpickler", pickle.Unpickler)):
     """CIFAR-10's python batches are pickles: that is the format the dataset ships in.
 
     Unpickling can run arbitrary code, so this one only resolves the few globals a
     batch needs (numpy array reconstruction, bytes from Python 2) and refuses the rest.
+    Each of them is a checked stand-in: no array larger than the pickle itself (whose size
+    the file bounds), no object arrays, no codec but latin-1 (hex or base64 could double the
+    data at each step). It is pickle's pure-Python unpickler: the C one allocates whatever
+    length an opcode declares (8 bytes of a pickle can ask for exabytes) before reading it.
     """
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
+               ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
+               ("numpy", "ndarray"): "_ndarray", ("numpy", "dtype"): "_dtype", ("_codecs", "encode"): "_encode",
+               ("numpy.core.numeric", "_frombuffer"): "_frombuffer",
+               ("numpy._core.numeric", "_frombuffer"): "_frombuffer"}
+
+    def __init__(self, raw):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.limit = len(raw)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        return _NDARRAY if self.ALLOWED[module, name] == "_ndarray" else getattr(self, self.ALLOWED[module, name])
+
+    def _check(self, shape, dtype):
+        dtype = self._dtype(dtype)
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"malformed numpy array shape {shape!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.limit:
+            raise pickle.UnpicklingError(f"a numpy array declares shape {shape} ({dtype}, {_size(nbytes)}) "
+                                         f"but the whole pickle is {_size(self.limit)}")
+        return dtype
+
+    def _reconstruct(self, subtype, shape, dtype):
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("refusing to rebuild anything but a plain numpy array")
+        return _RECONSTRUCT(_PickledArray, shape, self._check(shape, dtype))
+
+    @staticmethod
+    def _dtype(*args):
+        dtype = host.dtype(*args)
+        if dtype.hasobject:
+            raise pickle.UnpicklingError("refusing a numpy object array")
+        return dtype
+
+    @staticmethod
+    def _encode(obj, encoding="utf-8", errors="strict"):
+        if not isinstance(obj, str) or codecs.lookup(encoding).name != "iso8859-1":
+            raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r} (a batch uses latin-1)")
+        return codecs.encode(obj, encoding, errors)
+
+    def _frombuffer(self, buf, dtype, shape, order):
+        return host.frombuffer(buf, dtype=self._check(shape, dtype)).reshape(shape, order=order)
+
+
+PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError, AttributeError,
+                 struct.error, RecursionError, OverflowError)
+
+
+def _read_cifar_file(file):
+    """A batch file's bytes (gunzipped if gzipped), refused if its images would not fit in memory_limit()."""
+    with _open_file(file) as f:
+        size, gzipped = os.fstat(f.fileno()).st_size, _is_gzip(f)
+        if not gzipped:
+            _check_fits(4 * size, file, "its images (as float32)")
+            return f.read()
+        bound = min(DEFLATE_MAX_RATIO * size, memory_limit()[0] // 4)
+        chunks, total = [], 0
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                while total <= bound:
+                    chunk = stream.read(min(READ_CHUNK, bound + 1 - total))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+        except GZIP_ERRORS as e:
+            raise DataError(f"{file}: corrupt gzip file ({e}); download it again") from None
+        if total > bound:
+            _check_fits(4 * total, file, "its decompressed images (as float32, at least)")
+            raise DataError(f"{file}: decompresses to more than {_size(bound)}, more than a gzip file of "
+                            f"{_size(size)} can hold; the file is corrupt, download it again")
+        return b"".join(chunks)
 
 
 def _load_cifar(files):
-    """CIFAR-10 batch files -> (N, 3, 32, 32) float32 and int64 labels."""
-    images, labels = [], []
+    """CIFAR-10 batch files -> (N, 3, 32, 32) float32 and int64 labels (checked: check_labels)."""
+    images, labels, rows = [], [], 0
+    fix = "use the files from cifar-10-python.tar.gz"
     for file in files:
         try:
-            batch = _CifarUnpickler(io.BytesIO(_read_maybe_gzip(file)), encoding="bytes").load()
-            data = host.asarray(batch[b"data"])
-            batch_labels = host.asarray(batch[b"labels"], dtype=host.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{file}: not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
-                            f"use the files from cifar-10-python.tar.gz") from None
+            batch = _CifarUnpickler(_read_cifar_file(file)).load()
+            data, batch_labels = batch[b"data"], batch[b"labels"]
+        except PICKLE_ERRORS as e:
+            detail = str(e) or ("the pickle ends early" if isinstance(e, EOFError) else "malformed")
+            raise DataError(f"{file}: not a CIFAR-10 python batch ({type(e).__name__}: {detail}); {fix}") from None
+        if not isinstance(data, host.ndarray):
+            raise DataError(f"{file}: CIFAR-10 data is a {type(data).__name__}, not a numpy array; {fix}")
+        data = host.asarray(data)                          # the plain ndarray of a _PickledArray
         if data.dtype != host.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"{file}: CIFAR-10 data has shape {data.shape} and dtype {data.dtype}, "
                             f"expected (N, 3072) uint8")
+        if isinstance(batch_labels, (list, tuple)):
+            odd = next((x for x in batch_labels if type(x) is not int), None)
+            if odd is not None:
+                raise DataError(f"{file}: labels hold a {type(odd).__name__}, not only integers; fix or "
+                                f"remove the labels (one integer class 0, 1, 2, ... per image)")
+        elif not isinstance(batch_labels, host.ndarray):
+            raise DataError(f"{file}: labels are a {type(batch_labels).__name__}, not a list of integers; {fix}")
+        try:
+            batch_labels = host.asarray(batch_labels)
+        except (OverflowError, ValueError) as e:
+            raise DataError(f"{file}: labels are not integers ({e}); {fix}") from None
+        rows += len(data)
+        _check_fits(rows * 3 * 32 * 32 * 4, file, f"{rows:,} CIFAR-10 images (as float32)")
         images.append(data.reshape(-1, 3, 32, 32))       # rows are R, G, B planes of 32x32
-        labels.append(batch_labels)
+        labels.append(check_labels(batch_labels, len(data), file))
     images = host.concatenate(images)
     return images.astype(backend.DTYPE) / 127.5 - 1, host.concatenate(labels)
 

@@ -1,5 +1,6 @@
 """minidiff.data: bundled sets and their split, toys, loaders for users' files, errors, batches."""
 import gzip
+import io
 import pickle
 import struct
 
@@ -336,6 +337,229 @@ def test_folder_with_one_subfolder_per_class_is_labelled(tmp_path):
 def test_num_classes_in_info():
     assert data.load_images("digits", "heldout")[2]["num_classes"] == 10
     assert data.num_classes(None) is None and data.num_classes(np.array([0, 4, 2])) == 5
+
+
+# ---------------------------------------------------------------- hostile input: one DataError, bounded memory
+# Each hostile file is a few bytes to a few MB made here; the ones that would need gigabytes if
+# believed are loaded in a subprocess under a 1.5 GB address-space limit (ulimit -v), where a
+# loader that allocated what a header claims would die of MemoryError instead of a DataError.
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+
+AS_LIMIT = 1536 << 20
+_LIMITED = r"""
+import json, resource, sys
+from minidiff import data
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+for path in sys.argv[1:]:
+    try:
+        data.load_path(path, image_size={image_size})
+        print(json.dumps(["loaded", ""]))
+    except BaseException as e:
+        print(json.dumps([type(e).__name__, str(e)]))
+"""
+
+
+def _load_limited(paths, image_size=None, limit=AS_LIMIT):
+    """[(exception name, message)] of data.load_path on each path, in a process limited to `limit` bytes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _LIMITED.format(limit=limit, image_size=image_size),
+                             *map(str, paths)], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [tuple(json.loads(line)) for line in result.stdout.splitlines()]
+
+
+def _zeros_deflate(prefix, mib):
+    """A raw deflate stream of `prefix` then `mib` MiB of zeros, about 1 KB per MiB: each fully flushed
+    block of zeros is self-contained, so one is compressed and repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    piece = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    return head + piece * mib + c.flush()
+
+
+def _npy_header(shape, descr="|u1"):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _write_zip(path, members):
+    """A zip archive of (name, raw deflate bytes or None, stored bytes, stated size[, CRC]) members; no zip64.
+
+    The CRC defaults to 0: a bomb is refused before its end, where the CRC is checked."""
+    out, central = bytearray(), bytearray()
+    for name, deflated, stored, size, *crc in members:
+        (body, method), size = (deflated, 8) if deflated is not None else (stored, 0), min(size, 2 ** 32 - 1)
+        crc = crc[0] if crc else 0
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(body), size,
+                               len(name), 0, 0, 0, 0, 0, len(out)) + name.encode()
+        out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(body), size,
+                           len(name), 0) + name.encode() + body
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central + end))
+    return path
+
+
+def _gzip_of(raw_deflate):
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + raw_deflate + bytes(8)   # CRC and size 0: never reached
+
+
+def test_zip_bomb_npz_members_are_refused_before_they_expand(tmp_path):
+    header = _npy_header((2 << 30,))                      # 2 GiB of uint8 declared, 8 GiB as float32
+    bomb = _write_zip(tmp_path / "bomb.npz", [("images.npy", _zeros_deflate(header, 2048), None,
+                                               len(header) + (2 << 30))])
+    assert bomb.stat().st_size < 3 << 20
+    small = _npy_header((4, 4, 4))                         # declares 64 bytes, then 2 GiB more follow
+    overflow = _write_zip(tmp_path / "overflow.npz", [("images.npy", _zeros_deflate(small + bytes(64), 2048), None,
+                                                       len(small) + 64 + (2 << 30))])
+    claim = _npy_header((28 << 30,))                       # 28 GiB declared in a 200-byte archive
+    liar = _write_zip(tmp_path / "liar.npz", [("images.npy", _zeros_deflate(claim, 0), None, len(claim) + (28 << 30),
+                                               zlib.crc32(claim))])
+    results = _load_limited([bomb, overflow, liar])
+    assert [r[0] for r in results] == ["DataError"] * 3, results
+    assert "bomb.npz (array 'images'): its (2147483648,) uint8 array (as float32) would take 8.0 GiB in memory, " \
+           "more than the" in results[0][1] and "address space left under ulimit -v" in results[0][1]
+    assert "overflow.npz (array 'images'): the data goes on past the 64 bytes its header declares" in results[1][1]
+    assert "liar.npz (array 'images'): its header declares a (30064771072,) uint8 array (28.0 GiB) but the " \
+           "file holds at most" in results[2][1]
+
+
+def test_huge_declared_npy_cifar_and_idx_fail_in_bounded_memory(tmp_path):
+    (tmp_path / "huge.npy").write_bytes(_npy_header((10 ** 7, 32, 32, 3)) + bytes(100))
+    R = np.ndarray.__reduce__(np.zeros(0))[0]
+
+    class Direct:                                          # numpy.ndarray((10^7, 3072), uint8): 181 bytes
+        def __reduce__(self):
+            return np.ndarray, ((10 ** 7, 3072), np.dtype("u1"))
+
+    class Reconstruct:                                     # _reconstruct(ndarray, (10^7, 3072), uint8)
+        def __reduce__(self):
+            return R, (np.ndarray, (10 ** 7, 3072), np.dtype("u1"))
+
+    class State:                                           # an empty array whose state declares the shape
+        def __init__(self, shape, dtype, raw):
+            self.state = (1, shape, dtype, False, raw)
+
+        def __reduce__(self):
+            return R, (np.ndarray, (0,), b"b"), self.state
+
+    pickles = {"data_batch_1": Direct(), "data_batch_2": Reconstruct(),
+               "data_batch_3": State((10 ** 7, 3072), np.dtype("O"), [0]),
+               "data_batch_4": State((2 ** 62, 2 ** 62), np.dtype("u1"), b"x")}
+    for name, obj in pickles.items():
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": obj, b"labels": [0]}, protocol=2))
+    assert (tmp_path / "data_batch_1").stat().st_size == 181
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 60) + b"abc")  # BINBYTES8 of 1 EiB
+    idx = struct.pack(">BBBB3I", 0, 0, 8, 3, 16, 28, 28)   # declares 16 digits, then 2 GiB of zeros follow
+    (tmp_path / "bomb-images-idx3-ubyte.gz").write_bytes(_gzip_of(_zeros_deflate(idx + bytes(16 * 784), 2048)))
+    (tmp_path / "liar-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">BBBB3I", 0, 0, 8, 3, 10 ** 7, 28, 28)))
+    names = ["huge.npy", *pickles, "test_batch", "bomb-images-idx3-ubyte.gz", "liar-images-idx3-ubyte.gz"]
+    results = dict(zip(names, _load_limited([tmp_path / n for n in names])))
+    assert {r[0] for r in results.values()} == {"DataError"}, results
+    assert "huge.npy: its header declares a (10000000, 32, 32, 3) uint8 array (28.6 GiB) but the file holds at " \
+           "most 100 bytes" in results["huge.npy"][1]
+    assert "refusing to call numpy.ndarray" in results["data_batch_1"][1]
+    assert "declares shape (10000000, 3072) (uint8, 28.6 GiB) but the whole pickle is" in results["data_batch_2"][1]
+    assert "refusing a numpy object array" in results["data_batch_3"][1]
+    assert "(4611686018427387904, 4611686018427387904) (uint8) but its data is 1 bytes" in results["data_batch_4"][1]
+    assert "test_batch: not a CIFAR-10 python batch" in results["test_batch"][1]
+    assert "the data goes on past the 12,544 bytes its header declares" in results["bomb-images-idx3-ubyte.gz"][1]
+    assert "shape (10000000, 28, 28) (7.3 GiB) but a gzip file of" in results["liar-images-idx3-ubyte.gz"][1]
+
+
+def test_idx_headers_that_overflow_or_have_too_many_dimensions(tmp_path):
+    (tmp_path / "wide-idx3-ubyte").write_bytes(struct.pack(">BBBB3I", 0, 0, 8, 3, *[2 ** 32 - 1] * 3) + bytes(5))
+    with pytest.raises(DataError, match=r"wide-idx3-ubyte: IDX header says shape \(4294967295, 4294967295, "
+                                        r"4294967295\) \(79,228,162,458,924,105,385,300,197,375 bytes\) but the file holds 5;"):
+        data.load_path(tmp_path / "wide-idx3-ubyte")
+    (tmp_path / "deep-idx3-ubyte").write_bytes(struct.pack(">BBBB", 0, 0, 8, 255) + struct.pack(">255I", *[2] * 255))
+    with pytest.raises(DataError, match="deep-idx3-ubyte: IDX header declares 255 dimensions"):
+        data.load_path(tmp_path / "deep-idx3-ubyte")
+    (tmp_path / "cut-idx3-ubyte").write_bytes(struct.pack(">BBBB", 0, 0, 8, 3) + b"\x00\x00")
+    with pytest.raises(DataError, match="cut-idx3-ubyte: IDX header is truncated"):
+        data.load_path(tmp_path / "cut-idx3-ubyte")
+    (tmp_path / "bad-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros((2, 4, 4), np.uint8)))[:-12])
+    with pytest.raises(DataError, match="bad-idx3-ubyte.gz: .*(corrupt|truncated)"):
+        data.load_path(tmp_path / "bad-idx3-ubyte.gz")
+
+
+def test_idx_labels_must_be_one_integer_per_image(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((3, 4, 4), np.uint8)))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros((3, 2), np.uint8)))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: labels have shape \(3, 2\), not \(3,\)"):
+        data.load_path(tmp_path / "train-images-idx3-ubyte")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(5, np.uint8)))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: 5 labels for 3 images"):
+        data.load_path(tmp_path / "train-images-idx3-ubyte")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0, -1, 2, 1]), "label -1 is negative"),
+    (np.array([0.0, 1.0, 2.0, 1.0]), "labels have dtype float64, not integers"),
+    (np.zeros((4, 2), np.int64), r"labels have shape \(4, 2\), not \(4,\)"),
+    (np.arange(3), "3 labels for 4 images"),
+    (np.array([0, 1, 10 ** 6, 2]), "label 1000000 would make 1,000,001 classes, more than minidiff's limit of 10,000"),
+    (np.array([0, 1, 10 ** 9, 2]), "label 1000000000 would make 1,000,000,001 classes"),
+    (np.array([{"a": 1}] * 4, dtype=object), r"cannot read it as a NumPy array \(it is an object array"),
+])
+def test_npz_labels_are_checked_not_dropped(tmp_path, labels, message):
+    np.savez(tmp_path / "a.npz", images=np.zeros((4, 5, 5), np.uint8), labels=labels)
+    with pytest.raises(DataError, match=rf"a.npz \(array 'labels'\): {message}"):
+        data.load_path(tmp_path / "a.npz")
+
+
+def test_cifar_labels_are_checked(tmp_path):
+    for labels, message in [([0, 1, 10 ** 6], "label 1000000 would make"), ([0, 1.5, 2], "labels hold a float"),
+                            ([0, 1], "2 labels for 3 images"), ([[0], [1], [2]], "labels hold a list"),
+                            (7, "labels are a int")]:
+        with open(tmp_path / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": np.zeros((3, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+        with pytest.raises(DataError, match=f"data_batch_1: {message}"):
+            data.load_path(tmp_path / "data_batch_1")
+
+
+def test_folder_class_count_is_bounded(tmp_path, monkeypatch):
+    for name in ("a", "b", "c"):
+        _write_pngs(tmp_path / "pets" / name if (tmp_path / "pets").exists() else
+                    (tmp_path / "pets").mkdir() or tmp_path / "pets" / name, [(4, 4)])
+    monkeypatch.setattr(data, "MAX_CLASSES", 2)
+    with pytest.raises(DataError, match="pets: 3 class subfolders, more than minidiff's limit of 2 classes"):
+        data.load_path(tmp_path / "pets")
+
+
+@pytest.mark.parametrize("member", ["object", "truncated", "cut"])
+def test_bad_npz_members_are_one_data_error(tmp_path, member):
+    path = tmp_path / "x.npz"
+    if member == "object":
+        np.savez(path, images=np.array([None, 1], dtype=object))
+        message = r"x.npz \(array 'images'\): cannot read it as a NumPy array \(it is an object array"
+    elif member == "truncated":                            # the archive is whole, its member's data is short
+        header = _npy_header((100, 10, 10))
+        _write_zip(path, [("images.npy", None, header + bytes(10), len(header) + 10, zlib.crc32(header + bytes(10)))])
+        message = r"x.npz \(array 'images'\): its header declares a \(100, 10, 10\) uint8 array .* holds at most 10 bytes"
+    else:                                                  # the archive itself is cut short
+        np.savez(path, images=np.zeros((4, 5, 5), np.uint8))
+        path.write_bytes(path.read_bytes()[:-30])
+        message = "x.npz: cannot read it as a NumPy .npz archive"
+    with pytest.raises(DataError, match=message):
+        data.load_path(path)
+
+
+def test_the_memory_limit_is_stated_and_checked_before_allocating(tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", np.zeros((10, 8, 8), np.uint8))
+    monkeypatch.setattr(data, "memory_limit", lambda: (1000, "a test's limit"))
+    with pytest.raises(DataError, match=r"x.npy: its \(10, 8, 8\) uint8 array \(as float32\) would take 2,560 bytes "
+                                        r"in memory, more than the 1,000 bytes minidiff allows for data \(a test's limit\)"):
+        data.load_path(tmp_path / "x.npy")
+    monkeypatch.undo()
+    limit, why = data.memory_limit()
+    assert 0 < limit and why.startswith("1/4 of the ")
 
 
 def test_resumed_stream_positions_are_reduced_not_replayed():
