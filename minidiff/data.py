@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -470,34 +471,81 @@ def folder_labels(folder, files):
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def _image_error(file, e):
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        limit = Image.MAX_IMAGE_PIXELS
+        return DataError(f"{file}: refusing to decode it: {e.args[0] if e.args else e} (Pillow's limit is "
+                         f"{limit:,} pixels for one image, PIL.Image.MAX_IMAGE_PIXELS); shrink the image")
+    return DataError(f"{file}: cannot read this image ({e}); delete or re-save it")
+
+
 def _open_image(file):
-    try:
-        image = Image.open(file)
-        image.load()                        # decode now, so a truncated file fails here, with its name
-        image = ImageOps.exif_transpose(image)   # phone photos are stored sideways plus an EXIF rotation
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{file}: cannot read this image ({e}); delete or re-save it") from None
-    return image
+    """An image file opened lazily (its header read, its pixels not yet decoded).
+
+    Pillow refuses images of more than MAX_IMAGE_PIXELS pixels (a decompression bomb: a small
+    file that decodes to gigabytes) and warns above half of that; both become a DataError.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(file)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) + IMAGE_ERRORS as e:
+            raise _image_error(file, e) from None
+
+
+def _decode_image(file, size=None):
+    """One image file decoded, turned upright by its EXIF orientation.
+
+    With `size`, a JPEG is decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps both
+    sides at least `size` (Pillow's draft mode): a 12-megapixel photo for 32x32 images decodes
+    to 0.2 megapixels instead of 36 MB.
+    """
+    image = _open_image(file)
+    with warnings.catch_warnings(), image:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            if size is not None and image.format == "JPEG":
+                image.draft(None, (size, size))
+            image.load()                    # decode now, so a truncated file fails here, with its name
+            return ImageOps.exif_transpose(image)   # phone photos are stored sideways plus an EXIF rotation
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) + IMAGE_ERRORS as e:
+            raise _image_error(file, e) from None
 
 
 def _load_image_files(files, source, image_size, channels):
-    """Decode, convert, resize and crop image files into one (N, C, S, S) float32 array."""
-    images = [_open_image(f) for f in files]
-    if channels is None:                    # grey only if every image is grey
-        channels = 1 if all(im.mode in GREY_MODES for im in images) else 3
-    if image_size is None:
-        sizes = {im.size for im in images}
-        if len(sizes) > 1:
-            (w0, h0), (w1, h1) = sorted(sizes)[:2]
-            first = next(f for f, im in zip(files, images) if im.size == (w0, h0))
-            other = next(f for f, im in zip(files, images) if im.size == (w1, h1))
-            raise DataError(f"{source}: images have different sizes ({first.name} is {w0}x{h0}, "
-                            f"{other.name} is {w1}x{h1}); pass --image-size to resize and crop them all")
-        image_size = min(sizes.pop())       # non-square images are centre-cropped to a square
-    out = host.empty((len(images), channels, image_size, image_size), dtype=backend.DTYPE)
-    for i, image in enumerate(images):
+    """Decode, convert, resize and crop image files into one (N, C, S, S) float32 array.
+
+    One image at a time: each is decoded, resized into its row of the output and dropped, so
+    memory is the output plus one decoded image (at most Pillow's MAX_IMAGE_PIXELS pixels).
+    """
+    if channels is None:                    # grey only if every image is grey (the mode is in the header)
+        modes = []
+        for f in files:
+            with _open_image(f) as im:
+                modes.append(im.mode)
+        channels = 1 if all(mode in GREY_MODES for mode in modes) else 3
+    size_given, out, first = image_size is not None, None, None
+    if size_given:                          # known before decoding anything
+        _check_fits(len(files) * channels * image_size * image_size * 4, source,
+                    f"{len(files):,} images of {channels}x{image_size}x{image_size} as float32")
+    for i, file in enumerate(files):
+        image = _decode_image(file, image_size)
+        if out is None:                     # the first image: the size is known, allocate the output
+            first = (file, image.size)
+            if not size_given:
+                image_size = min(image.size)   # non-square images are centre-cropped to a square
+                _check_fits(len(files) * channels * image_size * image_size * 4, source,
+                            f"{len(files):,} images of {channels}x{image_size}x{image_size} as float32")
+            out = host.empty((len(files), channels, image_size, image_size), dtype=backend.DTYPE)
+        elif not size_given and image.size != first[1]:
+            (w0, h0), (w1, h1) = first[1], image.size
+            raise DataError(f"{source}: images have different sizes ({first[0].name} is {w0}x{h0}, "
+                            f"{file.name} is {w1}x{h1}); pass --image-size to resize and crop them all")
         if image.mode.startswith("I"):     # 16-bit grey: keep the top 8 bits (convert('L') would clip)
-            image = Image.fromarray((host.asarray(image, dtype=host.float64) / 256).clip(0, 255).astype(host.uint8))
+            image = Image.fromarray((host.asarray(image) // 256).clip(0, 255).astype(host.uint8))
         image = _resize_crop(image.convert("L" if channels == 1 else "RGB"), image_size)
         pixels = host.asarray(image, dtype=backend.DTYPE).reshape(image_size, image_size, channels)
         out[i] = pixels.transpose(2, 0, 1) / 127.5 - 1
@@ -505,11 +553,20 @@ def _load_image_files(files, source, image_size, channels):
 
 
 def _resize_crop(image, size):
-    """Resize so the shorter side is `size` (bicubic; box-filter when shrinking a lot), then centre-crop."""
+    """Resize so the shorter side is `size` (bicubic; box-filter when shrinking a lot), then centre-crop.
+
+    An image more than 4:1 is resized straight from the source region that the crop keeps, so
+    that a 1 x 10^7 strip never becomes a 32 x 3.2 * 10^8 intermediate.
+    """
     w, h = image.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if new_w * new_h > 4 * size * size:
+            side = min(w, h)
+            left, top = (w - side) / 2, (h - side) / 2
+            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side),
+                                reducing_gap=2.0)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=2.0)
         left, top = (new_w - size) // 2, (new_h - size) // 2

@@ -350,6 +350,7 @@ import subprocess
 import sys
 import zlib
 
+from minidiff import cli
 
 AS_LIMIT = 1536 << 20
 _LIMITED = r"""
@@ -562,6 +563,75 @@ def test_the_memory_limit_is_stated_and_checked_before_allocating(tmp_path, monk
     assert 0 < limit and why.startswith("1/4 of the ")
 
 
+def test_an_image_folder_is_checked_against_the_limit_before_decoding(tmp_path, monkeypatch):
+    folder = _write_pngs(tmp_path / "photos", [(8, 8)])
+    with pytest.raises(DataError, match=r"photos: 1 images of 3x1000000x1000000 as float32 would take"):
+        data.load_path(folder, image_size=10 ** 6)
+    monkeypatch.setattr(data, "_decode_image", None)      # nothing is decoded before the check
+    with pytest.raises(DataError, match="would take"):
+        data.load_path(folder, image_size=10 ** 6, channels=3)
+
+
+def _png_declaring(width, height):
+    """A PNG of a few bytes whose header declares width x height pixels."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_one_data_error(tmp_path, monkeypatch):
+    (tmp_path / "bomb.png").write_bytes(_png_declaring(100_000, 100_000))
+    with pytest.raises(DataError, match=r"bomb.png: refusing to decode it: .*10000000000 pixels.*MAX_IMAGE_PIXELS"):
+        data.load_path(tmp_path / "bomb.png")
+    with pytest.raises(DataError, match="bomb.png: refusing to decode it"):
+        data.load_image(tmp_path / "bomb.png")
+    folder = _write_pngs(tmp_path / "photos", [(40, 40), (64, 64)])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 40x40 warns (> 1000), 64x64 fails (> 2000)
+    for name in ("im0.png", "im1.png"):
+        with pytest.raises(DataError, match=f"{name}: refusing to decode it.*Pillow's limit is 1,000 pixels"):
+            data.load_path(folder / name, image_size=8)
+    with pytest.raises(DataError, match="im0.png: refusing to decode it"):
+        data.load_path(folder, image_size=8, channels=3)  # also when the modes are not read first
+
+
+def test_photos_are_resized_as_they_are_decoded(tmp_path):
+    """12 photos of 1600x1200 are 69 MB decoded; loading them at 32x32 holds one at a time.
+
+    PNGs: a JPEG is decoded at 1/8 scale for 32x32 (draft mode), which would hide the retention."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (1600, 1200), (200, 40, 90)).save(folder / "p00.png", compress_level=1)
+    for i in range(1, 12):
+        (folder / f"p{i:02}.png").write_bytes((folder / "p00.png").read_bytes())
+    script = ("import resource, sys\nfrom minidiff import data\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "images, _ = data.load_path(sys.argv[1], image_size=32)\n"
+              "print(images.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=60)
+    shape, grown_kib = result.stdout.rsplit(" ", 1)
+    assert shape == "(12, 3, 32, 32)", result.stderr
+    assert int(grown_kib) < 32 << 10          # one decoded photo (5.8 MB) and its copies, not all 12 (the
+    # loader before this test kept every decode: 16 photos of 2000x1500 grew its peak by 211 MB)
+
+
+def test_jpeg_photos_decode_at_reduced_scale(tmp_path, monkeypatch):
+    Image.new("RGB", (2000, 1500), (200, 40, 90)).save(tmp_path / "photo.jpg", quality=90)
+    decoded = []
+    real = data._decode_image
+    monkeypatch.setattr(data, "_decode_image", lambda f, size=None: decoded.append(real(f, size).size) or real(f, size))
+    image = data.load_image(tmp_path / "photo.jpg", image_size=32)
+    assert decoded == [(250, 188)]                  # 1/8 scale: still at least 32 on both sides
+    np.testing.assert_allclose((image[:, 16, 16] + 1) * 127.5, [200, 40, 90], atol=3)
+
+
+def test_very_elongated_images_are_resized_without_a_huge_intermediate(tmp_path):
+    Image.new("L", (2, 20_000), 128).save(tmp_path / "strip.png")    # resize-then-crop would make 32 x 320,000
+    image = data.load_image(tmp_path / "strip.png", image_size=32, channels=1)
+    assert image.shape == (1, 32, 32)
+    np.testing.assert_allclose(image, 128 / 127.5 - 1, atol=1e-6)
+
+
 def test_resumed_stream_positions_are_reduced_not_replayed():
     x = np.arange(7, dtype=np.float32)[:, None]
     batches = data.Batches(x, 3, rng=0)
@@ -579,3 +649,28 @@ def test_resumed_stream_positions_are_reduced_not_replayed():
     restored = data.Batches(x, 3, rng=0)
     restored.load_state_dict({k: np.int64(v) if k != "seed" else np.array(v) for k, v in batches.state_dict().items()})
     assert restored.state_dict() == batches.state_dict()
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("minidiff")
+    return err[0]
+
+
+def test_cli_reports_hostile_data_in_one_line(tmp_path, capsys):
+    (tmp_path / "bomb.png").write_bytes(_png_declaring(100_000, 100_000))
+    assert cli.main(["forward", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "f.png")]) == 2
+    assert "bomb.png: refusing to decode it" in _one_error_line(capsys)
+    assert not (tmp_path / "f.png").exists()
+    np.savez(tmp_path / "labels.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.full(20, 10 ** 9))
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "labels.npz"),
+                     "--conditional", "--steps", "1", "--no-progress"]) == 2
+    assert "labels.npz (array 'labels'): label 1000000000 would make 1,000,000,001 classes" in _one_error_line(capsys)
+    header = _npy_header((28 << 30,))
+    _write_zip(tmp_path / "bomb.npz", [("images.npy", _zeros_deflate(header, 0), None, len(header) + (28 << 30),
+                                         zlib.crc32(header))])
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "bomb.npz"),
+                     "--steps", "1", "--no-progress"]) == 2
+    assert "bomb.npz (array 'images'): its header declares" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
