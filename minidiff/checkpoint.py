@@ -641,7 +641,7 @@ def _check_shapes(bad, expected, tensors, source):
 
 
 def _check_rng(bad, rng):
-    """rng["train"], rng["default"]: numpy PCG64 states that backend.Generator.set_state accepts; rng["batches"]: whole numbers."""
+    """rng["train"] and rng["default"] must be states backend.Generator.set_state accepts; rng["batches"] whole numbers."""
     for key in ("train", "default"):
         try:
             backend.Generator(0).set_state(rng[key])

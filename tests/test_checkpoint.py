@@ -228,6 +228,12 @@ def sparse(path, size):
     return path
 
 
+def one_tensor_header(n):
+    """A checkpoint header whose state is one float32 tensor "w" of n elements."""
+    return minidiff_header(json.dumps({"w": {"__array__": "w", "shape": [n]}}),
+                           {"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}})
+
+
 def run_limited(code, limit=1536 << 20):
     """Run `code` in a fresh Python whose address space is limited to `limit` bytes (RLIMIT_AS); its stdout."""
     import subprocess
@@ -263,11 +269,9 @@ def test_files_declaring_more_than_memory_holds_are_refused_under_an_address_spa
     padded = tmp_path / "padded.safetensors"
     checkpoint.save(padded, {"step": 1, "w": np.ones(4, np.float32)})
     sparse(padded, 512 << 30)
-    huge = write_raw(tmp_path / "huge.safetensors", minidiff_header(
-        json.dumps({"w": {"__array__": "w", "shape": [128 << 30]}}), {"w": {"dtype": "F32", "shape": [128 << 30], "data_offsets": [0, 512 << 30]}}))
+    huge = write_raw(tmp_path / "huge.safetensors", one_tensor_header(128 << 30))
     sparse(huge, huge.stat().st_size + (512 << 30))
-    two_gb = write_raw(tmp_path / "2gb.safetensors", minidiff_header(
-        json.dumps({"w": {"__array__": "w", "shape": [512 << 20]}}), {"w": {"dtype": "F32", "shape": [512 << 20], "data_offsets": [0, 2 << 30]}}))
+    two_gb = write_raw(tmp_path / "2gb.safetensors", one_tensor_header(512 << 20))
     sparse(two_gb, two_gb.stat().st_size + (2 << 30))
     paths = [str(p) for p in (padded, huge, two_gb)]
     lines = run_limited(f"PATHS = {paths!r}\n" + LIMITED_LOADS).splitlines()
