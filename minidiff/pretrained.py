@@ -16,12 +16,19 @@ a field diffusers does not know is ignored, again as diffusers does.
 
 Safety: weights are read only from .safetensors files (a table of raw tensors). A .bin or
 .pt file is a Python pickle, which can run code when opened; it is never opened.
+Nothing in a folder is trusted or allocated before it is checked: the JSON files are bounded
+(MAX_CONFIG_BYTES); every config number is checked for its type and range, and the parameter
+count the config implies (computed arithmetically, checkpoint.model_shapes) against
+checkpoint.parameter_limit() (a cap, or less where memory is short); T against
+checkpoint.MAX_TIMESTEPS and the image size against checkpoint.MAX_IMAGE_SIZE. The weights
+file's header (checkpoint.read_header) must then list exactly the tensors, shapes and float
+dtypes the config implies and account for the file's every byte, before the U-Net is built and
+any tensor is read. Each refusal is one PretrainedError naming the file and the field.
 May import: backend, schedule, diffusion, unet, checkpoint (besides json, os, safetensors).
 """
 import json
+import math
 import os
-
-from safetensors import safe_open
 
 from . import backend, checkpoint
 from .checkpoint import CheckpointError
@@ -31,9 +38,12 @@ from .unet import UNet
 
 host = backend.host
 
+MAX_CONFIG_BYTES = 16 << 20  # config.json is a kilobyte; trained_betas of T = 100,000 are ~2 MB
+WEIGHT_DTYPES = ("F16", "F32", "F64")  # the floating-point dtypes read (and cast to float32)
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.pt", "pytorch_model.bin")
-FORMAT = "minidiff-model"  # the "format" of a converted checkpoint (see save_converted)
+FORMAT = checkpoint.MODEL_FORMAT  # the "format" of a converted checkpoint (see save_converted)
 
 # UNet2DModel.__init__'s defaults (diffusers 0.42): what diffusers assumes for a field a config.json omits.
 UNET_DEFAULTS = {
@@ -112,10 +122,18 @@ def _weights_file(folder):
 
 def _read_json(path):
     try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise PretrainedError(f"{path}: {size:,} bytes; a diffusers config is kilobytes (minidiff reads at most "
+                                  f"{MAX_CONFIG_BYTES:,})")
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PretrainedError(f"{path}: not readable JSON ({err})") from None
+    except OSError as err:
+        raise PretrainedError(f"{path}: not readable ({err.strerror or err})") from None
+    except RecursionError:
+        raise PretrainedError(f"{path}: not readable JSON (nested too deeply)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, a number of over 4300 digits
+        raise PretrainedError(f"{path}: not readable JSON ({str(err).splitlines()[0][:200]})") from None
     if not isinstance(value, dict):
         raise PretrainedError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -124,16 +142,35 @@ def _read_json(path):
 def _check_model_index(path, index):
     unet, scheduler = index.get("unet"), index.get("scheduler")
     if not isinstance(unet, list) or unet[-1:] != ["UNet2DModel"]:
-        raise PretrainedError(f"{path}: unet is {unet!r}; minidiff loads a UNet2DModel (DDPM pipelines)")
-    if isinstance(scheduler, list) and scheduler[-1] not in SCHEDULERS:
-        raise PretrainedError(f"{path}: scheduler is {scheduler!r}; minidiff reads {' or '.join(SCHEDULERS)}")
+        raise PretrainedError(f"{path}: unet is {_show(unet)}; minidiff loads a UNet2DModel (DDPM pipelines)")
+    if isinstance(scheduler, list) and scheduler[-1:] != [] and scheduler[-1] not in SCHEDULERS:
+        raise PretrainedError(f"{path}: scheduler is {_show(scheduler)}; minidiff reads {' or '.join(SCHEDULERS)}")
 
 
 # ---------------------------------------------------------------- configs
 
 
+def _show(value, limit=80):
+    """The JSON of a config value, cut to `limit` characters (a hostile one can be megabytes)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(value))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _refuse(where, field, value, why):
-    raise PretrainedError(f"{where}: {field}={json.dumps(value)} is not supported: {why}")
+    raise PretrainedError(f"{where}: {field}={_show(value)} is not supported: {why}")
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(where, c, field, low, high, why=""):
+    """c[field] must be an integer in [low, high]: the check of every size before anything is allocated."""
+    if not isinstance(c[field], int) or isinstance(c[field], bool) or not low <= c[field] <= high:
+        _refuse(where, field, c[field], f"expected a whole number from {low} to {high:,}{why}")
 
 
 def unet_kwargs(config, where="config.json"):
@@ -157,13 +194,37 @@ def unet_kwargs(config, where="config.json"):
         _refuse(where, "act_fn", c["act_fn"], "minidiff's U-Net uses swish (silu)")
     if c["mid_block_scale_factor"] != 1:
         _refuse(where, "mid_block_scale_factor", c["mid_block_scale_factor"], "minidiff's residuals are unscaled")
-    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
-        _refuse(where, "attn_norm_num_groups", c["attn_norm_num_groups"],
-                f"minidiff's attention normalises with norm_num_groups={c['norm_num_groups']} groups")
-
+    # Every number, by type and range, before any of them sizes anything
     widths = c["block_out_channels"]
     if not isinstance(widths, (list, tuple)) or not widths or not all(_pos_int(w) for w in widths):
         _refuse(where, "block_out_channels", widths, "expected a list of positive integers")
+    if len(widths) > checkpoint.MAX_LEVELS or max(widths) > checkpoint.MAX_WIDTH:
+        _refuse(where, "block_out_channels", widths, f"minidiff takes at most {checkpoint.MAX_LEVELS} levels of at "
+                                                     f"most {checkpoint.MAX_WIDTH:,} channels")
+    if widths[0] < 4:
+        _refuse(where, "block_out_channels", widths, "the timestep embedding needs a first width of at least 4")
+    _whole(where, c, "layers_per_block", 1, checkpoint.MAX_RES_BLOCKS)
+    _whole(where, c, "in_channels", 1, checkpoint.MAX_WIDTH)
+    _whole(where, c, "out_channels", 1, checkpoint.MAX_WIDTH)
+    _whole(where, c, "norm_num_groups", 1, widths[0], f" (a divisor of the first width, {widths[0]})")
+    if widths[0] % c["norm_num_groups"]:
+        _refuse(where, "norm_num_groups", c["norm_num_groups"], f"GroupNorm needs a divisor of every width {widths}")
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+        _refuse(where, "attn_norm_num_groups", c["attn_norm_num_groups"],
+                f"minidiff's attention normalises with norm_num_groups={c['norm_num_groups']} groups")
+    if not _number(c["norm_eps"]) or not c["norm_eps"] > 0:
+        _refuse(where, "norm_eps", c["norm_eps"], "expected a positive number")
+    if not _number(c["dropout"]) or not 0 <= c["dropout"] < 1:
+        _refuse(where, "dropout", c["dropout"], "expected a number in [0, 1)")
+    if not _number(c["freq_shift"]):
+        _refuse(where, "freq_shift", c["freq_shift"], "expected a number")
+    if not isinstance(c["flip_sin_to_cos"], bool):
+        _refuse(where, "flip_sin_to_cos", c["flip_sin_to_cos"], "expected true or false")
+    if c["num_train_timesteps"] is not None:   # unused by a positional embedding; still a number
+        _whole(where, c, "num_train_timesteps", 1, checkpoint.MAX_TIMESTEPS)
+    for field in ("down_block_types", "up_block_types"):
+        if not isinstance(c[field], (list, tuple)) or not all(isinstance(b, str) for b in c[field]):
+            _refuse(where, field, c[field], "expected a list of block type names")
     ch = widths[0]
     if any(w % ch for w in widths):
         _refuse(where, "block_out_channels", widths, f"minidiff's widths are multiples of the first one ({ch})")
@@ -182,6 +243,12 @@ def unet_kwargs(config, where="config.json"):
         size = size[0]
     if not _pos_int(size):
         _refuse(where, "sample_size", c["sample_size"], "minidiff needs the (square) image size")
+    if size > checkpoint.MAX_IMAGE_SIZE:
+        _refuse(where, "sample_size", c["sample_size"], f"minidiff samples images of at most "
+                                                        f"{checkpoint.MAX_IMAGE_SIZE} pixels a side")
+    if size % 2 ** (len(widths) - 1):
+        _refuse(where, "sample_size", c["sample_size"], f"the {len(widths)} levels of block_out_channels halve it "
+                                                        f"{len(widths) - 1} times")
     resolutions = [size // 2 ** i for i in range(len(widths))]
     attn_down = [r for r, block in zip(resolutions, down) if block == "AttnDownBlock2D"]
     attn_up = [r for r, block in zip(reversed(resolutions), up) if block == "AttnUpBlock2D"]
@@ -201,6 +268,12 @@ def unet_kwargs(config, where="config.json"):
                   dropout=float(c["dropout"]), out_channels=c["out_channels"], num_groups=c["norm_num_groups"],
                   norm_eps=float(c["norm_eps"]), downsample_padding=padding,
                   flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=c["freq_shift"], attn_head_dim=head_dim)
+    count = sum(math.prod(shape) for shape in checkpoint.model_shapes(kwargs).values())
+    limit, why = checkpoint.parameter_limit()
+    if count > limit:
+        _refuse(where, "block_out_channels", widths,
+                f"with layers_per_block={c['layers_per_block']} the U-Net has {count:,} parameters "
+                f"({count * 4 / 2 ** 30:.1f} GiB of float32), more than minidiff loads (at most {limit:,}: {why})")
     return kwargs
 
 
@@ -214,6 +287,8 @@ def scheduler_settings(config, where="scheduler_config.json"):
         _refuse(where, "thresholding", c["thresholding"], "minidiff clips x_0 to [-1, 1] (clip_sample) only")
     if c["rescale_betas_zero_snr"]:
         _refuse(where, "rescale_betas_zero_snr", c["rescale_betas_zero_snr"], "minidiff uses the betas as given")
+    if not isinstance(c["clip_sample"], bool):
+        _refuse(where, "clip_sample", c["clip_sample"], "expected true or false")
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         _refuse(where, "clip_sample_range", c["clip_sample_range"], "minidiff clips x_0 to the data range [-1, 1]")
     if c["variance_type"] not in VARIANCE_TYPES:
@@ -222,13 +297,18 @@ def scheduler_settings(config, where="scheduler_config.json"):
     if c["prediction_type"] not in PREDICTION_TYPES:
         _refuse(where, "prediction_type", c["prediction_type"], f"use one of {', '.join(PREDICTION_TYPES)}")
     T = c["num_train_timesteps"]
-    if not _pos_int(T) or T < 2:
-        _refuse(where, "num_train_timesteps", T, "needs an integer of at least 2")
+    if not _pos_int(T) or not 2 <= T <= checkpoint.MAX_TIMESTEPS:
+        _refuse(where, "num_train_timesteps", T, f"needs an integer from 2 to {checkpoint.MAX_TIMESTEPS:,}")
     if c["trained_betas"] is not None:
-        betas = host.asarray(c["trained_betas"], dtype=host.float64)
-        if betas.shape != (T,):
-            _refuse(where, "trained_betas", f"<{betas.size} values>", f"needs num_train_timesteps={T} values")
+        trained = c["trained_betas"]
+        if not isinstance(trained, list) or len(trained) != T or not all(_number(b) for b in trained):
+            what = f"<{len(trained)} values>" if isinstance(trained, list) else trained
+            _refuse(where, "trained_betas", what, f"needs num_train_timesteps={T} numbers")
+        betas = host.asarray(trained, dtype=host.float64)
     else:
+        for field in ("beta_start", "beta_end"):
+            if not _number(c[field]):
+                _refuse(where, field, c[field], "expected a number")
         start, end = float(c["beta_start"]), float(c["beta_end"])
         schedule = c["beta_schedule"]
         if schedule == "linear":  # Ho et al. 2020, Sec. 4
@@ -294,43 +374,72 @@ def diffusers_names(name, num_levels):
 def read_weights(path, model):
     """minidiff state dict for `model` from a UNet2DModel .safetensors file, float32 host arrays.
 
-    Every tensor is matched by name (current or older attention names) and shape; a missing
-    tensor, a shape mismatch, a left-over tensor or a damaged file is one PretrainedError naming it.
+    `model` is a minidiff.UNet, or its parameter shapes {name: shape} (checkpoint.model_shapes).
+    Every tensor is matched by name (current or older attention names), shape and dtype from
+    the file's header before any tensor data is read (plan_weights); a missing tensor, a shape
+    mismatch, a left-over tensor or a damaged file is one PretrainedError naming it.
     """
+    shapes = _shapes_of(model)
+    plan = plan_weights(path, shapes)
+    return read_planned(path, plan)
+
+
+def _shapes_of(model):
+    if isinstance(model, dict):
+        return model
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def plan_weights(path, shapes):
+    """[(minidiff name, diffusers name, header entry, shape)] for the parameters `shapes` ({name: shape}), from
+    the file's header alone: no tensor data is read, so a header declaring gigabytes costs nothing."""
+    num_levels = len({name.split(".")[1] for name in shapes if name.startswith("down.")})
     try:
-        handle = safe_open(path, framework="numpy")
-    except Exception as err:  # SafetensorError: truncated file, bad header
-        raise PretrainedError(f"{path}: not a readable safetensors file ({err}); download it again") from None
-    with handle as f:
-        available = set(f.keys())
-        num_levels = len(model.down)
-        state, used = {}, set()
-        for name, param in model.named_parameters():
-            candidates = diffusers_names(name, num_levels)
-            key = next((k for k in candidates if k in available), None)
-            if key is None:
-                raise PretrainedError(f"{path}: tensor {candidates[0]} is missing (it holds minidiff's {name}); "
-                                      f"the file does not match its config.json")
-            try:
-                value = f.get_tensor(key)
-            except Exception as err:  # e.g. bfloat16, which numpy lacks, or data cut off
-                raise PretrainedError(f"{path}: cannot read tensor {key} ({err})") from None
-            if value.shape != param.shape and value.shape == (*param.shape, 1, 1):
-                value = value.reshape(param.shape)  # attention projections saved as 1x1 convolutions
-            if value.shape != param.shape:
-                raise PretrainedError(f"{path}: tensor {key} has shape {tuple(value.shape)} but the config "
-                                      f"needs {param.shape} (minidiff's {name})")
-            if value.dtype.kind != "f":
-                raise PretrainedError(f"{path}: tensor {key} has dtype {value.dtype}; expected floating point")
-            if not host.isfinite(value).all():
-                raise PretrainedError(f"{path}: tensor {key} holds NaN or infinite values")
-            state[name] = value.astype(backend.DTYPE)
-            used.add(key)
-    left = sorted(available - used)
+        with open(path, "rb") as f:
+            _, entries, _ = checkpoint.read_header(path, f, error=PretrainedError, advice="; download it again")
+    except OSError as err:
+        raise PretrainedError(f"{path}: cannot read the weights ({err.strerror or err})") from None
+    plan, used = [], set()
+    for name, shape in shapes.items():
+        candidates = diffusers_names(name, num_levels)
+        key = next((k for k in candidates if k in entries), None)
+        if key is None:
+            raise PretrainedError(f"{path}: tensor {candidates[0]} is missing (it holds minidiff's {name}); "
+                                  f"the file does not match its config.json")
+        dtype, stored, _, _ = entries[key]
+        # attention projections saved as 1x1 convolutions: (C, C, 1, 1) for (C, C)
+        if stored != tuple(shape) and stored != (*shape, 1, 1):
+            raise PretrainedError(f"{path}: tensor {key} has shape {stored} but the config "
+                                  f"needs {tuple(shape)} (minidiff's {name})")
+        if dtype.kind != "f":
+            raise PretrainedError(f"{path}: tensor {key} has dtype {dtype}; expected floating point "
+                                  f"({', '.join(WEIGHT_DTYPES)})")
+        plan.append((name, key, entries[key], tuple(shape)))
+        used.add(key)
+    left = sorted(set(entries) - used)
     if left:
         more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-        raise PretrainedError(f"{path}: tensors {', '.join(left[:3])}{more} have no place in the U-Net its "
-                              f"config.json describes")
+        raise PretrainedError(f"{path}: tensors {', '.join(_show(k) for k in left[:3])}{more} have no place in the "
+                              f"U-Net its config.json describes")
+    return plan
+
+
+def read_planned(path, plan):
+    """The float32 state dict of a plan_weights plan: each tensor read from its offsets, checked finite."""
+    state = {}
+    try:
+        with open(path, "rb") as f:
+            _, entries, data_start = checkpoint.read_header(path, f, error=PretrainedError,
+                                                            advice="; download it again")
+            for name, key, entry, shape in plan:
+                if entries.get(key) != entry:
+                    raise PretrainedError(f"{path}: the file changed while it was read")
+                value = checkpoint.read_tensor(f, entry, data_start)
+                if not host.isfinite(value).all():
+                    raise PretrainedError(f"{path}: tensor {key} holds NaN or infinite values")
+                state[name] = value.reshape(shape).astype(backend.DTYPE, copy=False)
+    except OSError as err:
+        raise PretrainedError(f"{path}: cannot read the weights ({err.strerror or err})") from None
     return state
 
 
@@ -350,13 +459,14 @@ def load_with_info(path):
     while sampling (True for the DDPM models).
     """
     files = find_files(path)
-    kwargs = _parse(unet_kwargs, files["unet_config"])
+    kwargs = _parse(unet_kwargs, files["unet_config"])  # every number checked, the size affordable
     betas, diffusion_kwargs, clip = _parse(scheduler_settings, files["scheduler_config"])
+    plan = plan_weights(files["weights"], checkpoint.model_shapes(kwargs))  # the header matches, data unread
     try:
         model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
     except ValueError as err:
         raise PretrainedError(f"{files['unet_config']}: {err}") from None
-    model.load_state_dict(read_weights(files["weights"], model))
+    model.load_state_dict(read_planned(files["weights"], plan))
     model.eval()
     info = {"source": os.path.abspath(os.fspath(path)), "image_size": kwargs["image_size"],
             "channels": kwargs["in_channels"], "clip_denoised": clip}
@@ -369,8 +479,9 @@ def _parse(reader, path):
         return reader(_read_json(path), path)
     except PretrainedError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
-        raise PretrainedError(f"{path}: malformed config ({type(err).__name__}: {err})") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as err:
+        raise PretrainedError(f"{path}: malformed config ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
 
 
 def save_converted(path, model, diffusion, info):

@@ -10,6 +10,7 @@ The refusals and file checks need neither and always run.
 """
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 from conftest import compat_import
 from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save as save_safetensors
 
-from minidiff import backend, pretrained
+from minidiff import backend, checkpoint, pretrained
 from minidiff.cli import main
 from minidiff.diffusion import GaussianDiffusion
 from minidiff.pretrained import PretrainedError
@@ -398,9 +400,34 @@ def write_folder(path, unet=None, scheduler=None, weights=b"\0" * 8, weights_nam
     ({}, {"beta_schedule": "exponential"}, 'beta_schedule="exponential"'),
     ({}, {"_class_name": "PNDMScheduler"}, '_class_name="PNDMScheduler"'),
     ({}, {"prediction_type": "flow"}, 'prediction_type="flow"'),
-    ({"freq_shift": "one"}, {}, "malformed config"),
+    ({"freq_shift": "one"}, {}, 'freq_shift="one"'),
+    ({}, {"variance_type": ["fixed_small"]}, "malformed config"),
     ({"block_out_channels": 128}, {}, "block_out_channels=128"),
     ({}, {"num_train_timesteps": "1000"}, 'num_train_timesteps="1000"'),
+    # numbers that would size an allocation: refused by field and limit before anything is built
+    ({"layers_per_block": 10 ** 6}, {}, "layers_per_block=1000000 is not supported: expected a whole number from 1 "
+                                        "to 64"),
+    ({"block_out_channels": [10 ** 6], "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"]}, {},
+     "block_out_channels=[1000000] is not supported: minidiff takes at most 11 levels of at most 65,536 channels"),
+    ({"block_out_channels": [4096, 8192], "norm_num_groups": 32, "down_block_types": ["DownBlock2D"] * 2,
+      "up_block_types": ["UpBlock2D"] * 2}, {},
+     "block_out_channels=[4096, 8192] is not supported: with layers_per_block=2 the U-Net has 14,932,705,283 "
+     "parameters (55.6 GiB of float32), more than minidiff loads (at most"),
+    ({"block_out_channels": [32] * 12}, {}, "at most 11 levels"),
+    ({"sample_size": 2 ** 30}, {}, "sample_size=1073741824 is not supported: minidiff samples images of at most 1024"),
+    ({"sample_size": 36}, {}, "sample_size=36 is not supported: the 4 levels"),
+    ({"in_channels": 10 ** 9}, {}, "in_channels=1000000000 is not supported"),
+    ({"norm_eps": -1}, {}, "norm_eps=-1"),
+    ({"dropout": 1.5}, {}, "dropout=1.5"),
+    ({"flip_sin_to_cos": "yes"}, {}, 'flip_sin_to_cos="yes"'),
+    ({"down_block_types": "DownBlock2D"}, {}, 'down_block_types="DownBlock2D"'),
+    ({"layers_per_block": True}, {}, "layers_per_block=true"),
+    ({}, {"num_train_timesteps": 10 ** 9}, "num_train_timesteps=1000000000 is not supported: needs an integer from "
+                                           "2 to 100,000"),
+    ({}, {"trained_betas": [0.1] * 999}, "trained_betas=\"<999 values>\""),
+    ({}, {"trained_betas": ["0.1"] * 1000}, "trained_betas="),
+    ({}, {"beta_start": "0.0001"}, 'beta_start="0.0001"'),
+    ({}, {"clip_sample": "true"}, 'clip_sample="true"'),
 ])
 def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, scheduler, field):
     folder = write_folder(tmp_path / "model", unet, scheduler)
@@ -473,3 +500,207 @@ def test_the_readme_pretrained_example_runs(diffusers, tmp_path, monkeypatch):
     os.symlink(folder, tmp_path / "ddpm-cifar10-32")
     exec(compile(code[0], "README.md", "exec"), {})
     assert (tmp_path / "cifar.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- hostile files, checked before anything is read
+
+# the smallest U-Net with every kind of tensor: two levels, attention on the second, 1 channel in and out
+TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], norm_num_groups=2,
+            layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+            up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+
+
+def tiny_tensors(config=TINY):
+    """{diffusers name: shape} of the U-Net `config` describes (what its weights file must hold)."""
+    kwargs = pretrained.unet_kwargs({**CIFAR10_NARROW, **config})
+    levels = len(kwargs["ch_mult"])
+    return {pretrained.diffusers_names(name, levels)[0]: shape
+            for name, shape in checkpoint.model_shapes(kwargs).items()}
+
+
+def weights_file(shapes, dtype="F32", extra=b"", overrides=None, length=None):
+    """A safetensors file written by hand: `shapes` {name: shape} filled with 0.001 * (index + 1).
+
+    A file declaring over 64 MiB gets its header only (the hostile cases cut or extend it anyway)."""
+    size = {"F16": 2, "F32": 4, "F64": 8, "BF16": 2, "I64": 8}[dtype]
+    header, chunks, offset = {}, [], 0
+    np_dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64}.get(dtype, np.uint8)
+    small = sum(int(np.prod(shape)) for shape in shapes.values()) * size <= 64 << 20
+    for i, (name, shape) in enumerate(shapes.items()):
+        n = int(np.prod(shape)) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        if small:
+            chunks.append(np.full(int(np.prod(shape)), 0.001 * (i + 1), np_dtype).tobytes()
+                          if np_dtype is not np.uint8 else bytes(n))
+        offset += n
+    data = b"".join(chunks)
+    header.update(overrides or {})
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob) if length is None else length) + blob + data + extra
+
+
+def tiny_folder(path, weights=None, **kwargs):
+    return write_folder(path, TINY, weights=weights if weights is not None else weights_file(tiny_tensors(), **kwargs))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "F64"])
+def test_a_handwritten_weights_file_loads_every_tensor_in_place(tmp_path, dtype):
+    model, _ = pretrained.load(tiny_folder(tmp_path / "tiny", dtype=dtype))
+    names = list(tiny_tensors())
+    state = model.state_dict()
+    for i, key in enumerate(("conv_in.weight", "mid_block.attentions.0.to_q.weight", "conv_out.bias")):
+        ours = {"conv_in.weight": "conv_in.weight", "conv_out.bias": "conv_out.bias",
+                "mid_block.attentions.0.to_q.weight": "mid.attn_1.q.weight"}[key]
+        expected = np.float32(np.dtype({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).type(
+            0.001 * (names.index(key) + 1)))
+        np.testing.assert_array_equal(backend.to_numpy(state[ours]), np.full(state[ours].shape, expected))
+
+
+def hostile_weights():
+    shapes = tiny_tensors()
+    big = dict(shapes, **{"conv_in.weight": (750_000_000,)})  # 3 GB of float32 declared for an 8x1x3x3 tensor
+    return {
+        # header only: the data stops where the header ends
+        "3 GB tensor, file truncated": (weights_file(big), "truncated"),
+        "100 GB tensor": (weights_file(dict(shapes, **{"conv_in.weight": (25 * 2 ** 30,)})),
+                          "the header accounts for 107,374,"),
+        "header of 2^40 bytes": (struct.pack("<Q", 1 << 40) + b"{}", "declares a header of 1,099,511,627,776 bytes"),
+        "header nested 100k deep": (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000,
+                                    "the header is JSON nested too deeply"),
+        "padded by a byte": (weights_file(shapes, extra=b"\0"), "padded"),
+        "bfloat16": (weights_file(shapes, dtype="BF16"), 'dtype "BF16"'),
+        "integers": (weights_file(shapes, dtype="I64"), "dtype int64; expected floating point"),
+        "wrong shape": (weights_file(dict(shapes, **{"conv_in.weight": (8, 1, 5, 5)})),
+                        r"tensor conv_in.weight has shape (8, 1, 5, 5) but the config needs (8, 1, 3, 3)"),
+        "missing": (weights_file({k: v for k, v in shapes.items() if k != "conv_out.bias"}),
+                    "tensor conv_out.bias is missing"),
+        "extra": (weights_file(dict(shapes, **{"class_embedding.weight": (10, 32)})),
+                  'tensors "class_embedding.weight" have no place'),
+        "overlapping": (weights_file(shapes, overrides={"conv_out.bias": {"dtype": "F32", "shape": [1],
+                                                                          "data_offsets": [0, 4]}}),
+                        "not at"),
+    }
+
+
+HOSTILE_WEIGHTS = hostile_weights()
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_WEIGHTS))
+def test_hostile_weight_headers_are_one_error_before_any_data_is_read(tmp_path, monkeypatch, case):
+    weights, expected = HOSTILE_WEIGHTS[case]
+    folder = tiny_folder(tmp_path / "model", weights=weights)
+    reads = []
+    monkeypatch.setattr(checkpoint, "read_tensor", lambda *a: reads.append(a) or pytest.fail("data was read"))
+    with pytest.raises(PretrainedError) as err:
+        pretrained.load(folder)
+    message = str(err.value)
+    assert expected in message and "\n" not in message and pretrained.WEIGHTS in message, message
+    assert not reads
+
+
+def test_nan_weights_are_refused(tmp_path):
+    shapes = tiny_tensors()
+    data = bytearray(weights_file(shapes))
+    data[-4:] = np.float32(np.nan).tobytes()   # the last tensor's last value
+    with pytest.raises(PretrainedError, match="holds NaN or infinite values"):
+        pretrained.load(tiny_folder(tmp_path / "nan", weights=bytes(data)))
+
+
+def test_configs_too_big_or_too_deep_are_one_error(tmp_path):
+    folder = tiny_folder(tmp_path / "deep")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PretrainedError, match="not readable JSON \\(nested too deeply\\)"):
+        pretrained.load(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write('{"sample_size": 1' + "0" * 5000 + "}")   # an integer of 5001 digits
+    with pytest.raises(PretrainedError, match="not readable JSON"):
+        pretrained.load(folder)
+    os.truncate(os.path.join(folder, "config.json"), pretrained.MAX_CONFIG_BYTES + 1)
+    with pytest.raises(PretrainedError, match="16,777,217 bytes; a diffusers config is kilobytes"):
+        pretrained.load(folder)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        f.write("{" * 10 + "[" * 100_000)
+    with pytest.raises(PretrainedError, match="model_index.json: not readable JSON"):
+        pretrained.load(folder)
+
+
+LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+from minidiff import pretrained
+for folder in {folders!r}:
+    try:
+        pretrained.load(folder)
+        print("loaded")
+    except pretrained.PretrainedError as err:
+        print("PretrainedError", err)
+    except MemoryError:
+        print("MemoryError")
+"""
+
+
+def test_configs_and_headers_asking_for_gigabytes_are_refused_under_an_address_space_limit(tmp_path):
+    """Under RLIMIT_AS 1.5 GB, in one fresh Python: each hostile folder is one PretrainedError, never a
+    MemoryError. [512, 1024] passes the fixed caps (254M parameters) but not this process's memory."""
+    shapes = tiny_tensors()
+    sparse = tiny_folder(tmp_path / "sparse", weights=weights_file(dict(shapes, **{"conv_in.weight": (750_000_000,)})))
+    weights = os.path.join(sparse, pretrained.WEIGHTS)
+    with open(weights, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+    os.truncate(weights, 8 + length + 4 * (sum(int(np.prod(s)) for s in shapes.values()) - 72 + 750_000_000))
+    cases = {
+        write_folder(tmp_path / "layers", {"layers_per_block": 10 ** 6}): "layers_per_block=1000000",
+        write_folder(tmp_path / "wide", {"block_out_channels": [10 ** 6], "down_block_types": ["DownBlock2D"],
+                                         "up_block_types": ["UpBlock2D"]}): "block_out_channels=[1000000]",
+        write_folder(tmp_path / "widths", {"block_out_channels": [4096, 8192], "down_block_types": ["DownBlock2D"] * 2,
+                                           "up_block_types": ["UpBlock2D"] * 2}): "block_out_channels=[4096, 8192]",
+        write_folder(tmp_path / "memory", {"block_out_channels": [512, 1024], "down_block_types": ["DownBlock2D"] * 2,
+                                           "up_block_types": ["UpBlock2D"] * 2}): "of memory this process can use",
+        write_folder(tmp_path / "steps", scheduler={"num_train_timesteps": 10 ** 9}): "num_train_timesteps=1000000000",
+        write_folder(tmp_path / "size", {"sample_size": 2 ** 30}): "sample_size=1073741824",
+        sparse: "tensor conv_in.weight has shape (750000000,) but the config needs (8, 1, 3, 3)",
+    }
+    assert os.path.getsize(weights) > 3 * 10 ** 9   # a sparse file: the header accounts for every byte
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", LIMITED.format(limit=1536 << 20, folders=list(cases))],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(cases), lines
+    for line, expected in zip(lines, cases.values()):
+        assert line.startswith("PretrainedError") and expected in line, line
+
+
+def test_cli_refuses_hostile_pretrained_folders_with_one_line(tmp_path, capsys):
+    folder = write_folder(tmp_path / "layers", {"layers_per_block": 10 ** 6})
+    assert run("sample", "--pretrained", folder, "--out", tmp_path / "s.png") == 2
+    assert "layers_per_block=1000000" in one_error_line(capsys)
+    folder = tiny_folder(tmp_path / "huge", weights=HOSTILE_WEIGHTS["100 GB tensor"][0])
+    assert run("sample", "--pretrained", folder, "--out", tmp_path / "s.png") == 2
+    assert "truncated" in one_error_line(capsys)
+    assert run("convert", "--pretrained", folder, "--out", tmp_path / "c.safetensors") == 2
+    assert "truncated" in one_error_line(capsys)
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def test_converted_models_are_checked_like_training_checkpoints(tmp_path, capsys):
+    model, diffusion, info = pretrained.load_with_info(tiny_folder(tmp_path / "tiny"))
+    good = tmp_path / "tiny.safetensors"
+    pretrained.save_converted(good, model, diffusion, info)
+    assert pretrained.load_converted(good)[2]["image_size"] == 8
+    for change, expected in [
+            (lambda s: s["model_config"].update(ch=10 ** 6), "ch=1000000 must be a whole number from 1 to 65,536"),
+            (lambda s: s["model_config"].update(ch=16), "its model_config implies temb.dense0.weight of shape"),
+            (lambda s: s["model"]["conv_in.weight"].fill(np.nan), "model tensor conv_in.weight holds NaN"),
+            (lambda s: s["info"].update(image_size=16), "info must give the model's image_size")]:
+        state = checkpoint.load(good)
+        change(state)
+        tensors = {}
+        tree = checkpoint._split(state, "", tensors)
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(save_safetensors(tensors, metadata={"format": checkpoint.FORMAT, "version": "1",
+                                                            "state": json.dumps(tree)}))
+        assert run("sample", "--checkpoint", bad, "--out", tmp_path / "s.png") == 2
+        assert expected in one_error_line(capsys)
+    assert not (tmp_path / "s.png").exists()
