@@ -20,8 +20,9 @@ import platform
 import sys
 import time
 
-from minidiff import backend, images, metrics
+from minidiff import backend, images, metrics, sampling
 from minidiff import train as training
+from minidiff.config import make_config
 
 host = backend.host
 TRAIN_MINUTES = 7.0   # issue 14: the conditional digits preset trains within 7 minutes on 2 cores
@@ -68,7 +69,7 @@ def main(argv=None):
         overrides = {"seed": args.seed, "backend": args.backend, "conditional": True}
         if args.steps:
             overrides["steps"] = args.steps
-        config = training.make_config("digits", **overrides)
+        config = make_config("digits", **overrides)
         trainer = training.Trainer(config)
         t0 = time.perf_counter()
         for _ in range(config.steps):
@@ -83,7 +84,7 @@ def main(argv=None):
         ckpt = args.checkpoint
     load_after_training = load_average()
     backend.use_backend(args.backend)
-    model, diffusion, config, info = training.load_model(ckpt)
+    model, diffusion, config, info = sampling.load_model(ckpt)
     if model.num_classes is None:
         raise SystemExit(f"{ckpt}: an unconditional model; train with --conditional")
     k = model.num_classes
@@ -96,9 +97,9 @@ def main(argv=None):
     if sweep != args.per_class:   # the sweep compares equal sample sizes (the Frechet distance depends on it)
         jobs.append((2.0, args.per_class))
     for w, per_class in jobs:
-        labels = training.every_class(k, k * per_class)
+        labels = sampling.every_class(k, k * per_class)
         t1 = time.perf_counter()
-        x = training.draw_samples(diffusion, model, shape, len(labels), args.seed + 1, steps=args.ddim_steps,
+        x = sampling.draw_samples(diffusion, model, shape, len(labels), args.seed + 1, steps=args.ddim_steps,
                                   batch_size=args.batch_size,
                                   labels=None if w is None else labels, guidance=w or 0.0, progress=True)
         seconds = time.perf_counter() - t1
@@ -184,7 +185,7 @@ def step_ratio(args, warmup=2, block=5, rounds=3):
     """Seconds per training step of the digits preset with and without --conditional, measured in
     alternating blocks (A B A B) on the same machine at the same time; the best block of each is kept."""
     times = {False: [], True: []}
-    trainers = {c: training.Trainer(training.make_config("digits", seed=args.seed, conditional=c))
+    trainers = {c: training.Trainer(make_config("digits", seed=args.seed, conditional=c))
                 for c in (False, True)}
     for trainer in trainers.values():
         for _ in range(warmup):

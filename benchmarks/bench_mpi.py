@@ -72,6 +72,7 @@ def worker_train(steps, warmup, overrides):
     """Steps/s of Trainer.train_step (the loop of `minidiff train`, without writing files)."""
     from minidiff import distributed
     from minidiff import train as training
+    from minidiff.config import make_config
     world = distributed.world()
     reduce_time = [0.0]
     real = world.allreduce_mean_
@@ -83,7 +84,7 @@ def worker_train(steps, warmup, overrides):
         return flat
 
     world.allreduce_mean_ = timed
-    config = training.make_config(**overrides, steps=warmup + steps, sample_every=0)
+    config = make_config(**overrides, steps=warmup + steps, sample_every=0)
     trainer = training.Trainer(config)
     for _ in range(warmup):
         trainer.train_step()

@@ -21,6 +21,7 @@ import time
 
 from minidiff import backend, images, metrics
 from minidiff import train as training
+from minidiff.config import PRESETS, build_diffusion, make_config
 
 host = backend.host
 
@@ -45,7 +46,7 @@ def check_targets(report):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=sorted(training.PRESETS))
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--num", type=int, default=1000, help="samples per sampler (issue 6: at least 1000)")
     p.add_argument("--ddim-steps", type=int, default=50)
@@ -66,7 +67,7 @@ def main(argv=None):
     overrides = {"seed": args.seed, "backend": args.backend}
     if args.steps:
         overrides["steps"] = args.steps
-    config = training.make_config(args.preset, **overrides)
+    config = make_config(args.preset, **overrides)
     os.makedirs(args.out_dir, exist_ok=True)
 
     # --- train (the same Trainer as `minidiff train`, without the periodic grids)
@@ -104,7 +105,7 @@ def main(argv=None):
         with trainer.ema.swapped(trainer.model):
             trainer.model.eval()
             held, _ = data.load_dataset(dataset, "heldout")
-            bpd_diffusion = training.build_diffusion(trainer.config, num_bins=data.grey_levels(dataset))
+            bpd_diffusion = build_diffusion(trainer.config, num_bins=data.grey_levels(dataset))
             bpd = metrics.eval_likelihood(trainer.model, bpd_diffusion, held, 256, args.seed, progress=True)
 
     # --- the Markdown table

@@ -22,12 +22,13 @@ strict_cupy.install()
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 from minidiff import train as training  # noqa: E402
+from minidiff.config import make_config  # noqa: E402
 
 
 def count_step(dropout=0.1, batch_size=64, warmup=2, steps=3, sites=False, **overrides):
     """{"ops", "h2d_bytes", "d2h_bytes", "syncs", "batch_bytes", "by_name"} averaged over `steps` steps."""
-    config = training.make_config(preset="digits", dropout=dropout, batch_size=batch_size, backend="cupy",
-                                  **overrides)
+    config = make_config(preset="digits", dropout=dropout, batch_size=batch_size, backend="cupy",
+                         **overrides)
     trainer = training.Trainer(config)
     for _ in range(warmup):
         trainer.train_step()

@@ -19,6 +19,7 @@ import time
 
 from minidiff import images, metrics
 from minidiff import train as training
+from minidiff.config import PRESETS, TrainConfig, make_config
 
 
 def parse_override(text, fields):
@@ -39,7 +40,7 @@ def parse_override(text, fields):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=sorted(training.PRESETS))
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a training option")
     p.add_argument("--steps", type=int, required=True, help="training steps of the run")
     p.add_argument("--eval-at", type=int, nargs="+", required=True, help="steps at which to score the EMA weights")
@@ -49,9 +50,9 @@ def main(argv=None):
     p.add_argument("--jsonl", default=None, help="append each row as JSON to this file")
     args = p.parse_args(argv)
 
-    fields = {f.name: f for f in dataclasses.fields(training.TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     overrides = dict(parse_override(s, fields) for s in args.set)
-    config = training.make_config(args.preset, seed=args.seed, steps=args.steps, **overrides)
+    config = make_config(args.preset, seed=args.seed, steps=args.steps, **overrides)
     label = " ".join(args.set) or "preset"
     evals = sorted(set(k for k in args.eval_at if 0 < k <= args.steps))
     if not evals:

@@ -10,7 +10,9 @@ import os
 from tqdm.auto import tqdm
 
 from minidiff import backend, checkpoint
-from minidiff.train import load_model, make_config, train
+from minidiff.config import make_config
+from minidiff.sampling import load_model
+from minidiff.train import train
 
 
 def run(main):

@@ -8,7 +8,9 @@ held-out digits) and digits_loss.png.
 import time
 
 from minidiff import backend, data, images
-from minidiff.train import load_model, make_config, train
+from minidiff.config import make_config
+from minidiff.sampling import load_model
+from minidiff.train import train
 
 host = backend.host
 

@@ -10,7 +10,9 @@ import os
 from common import train_with_progress
 
 from minidiff import backend, checkpoint, images
-from minidiff.train import load_model, make_config, train
+from minidiff.config import make_config
+from minidiff.sampling import load_model
+from minidiff.train import train
 
 
 def main(steps=0, run_dir="runs/mnist", num=36, sampler_steps=0, seed=0, backend_name=backend.default_name(), out="mnist.png"):

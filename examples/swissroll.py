@@ -6,7 +6,8 @@ smooth paths show the flow that the noisy ancestral chain follows on average.
 One to two minutes on a CPU. Writes swissroll.png.
 """
 from minidiff import backend, data, images
-from minidiff.train import Trainer, make_config
+from minidiff.config import make_config
+from minidiff.train import Trainer
 
 host = backend.host
 

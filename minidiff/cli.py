@@ -1,7 +1,7 @@
 """The `minidiff` command line: train, sample, forward, interpolate, eval, convert.
 
-Each subcommand's options come from a dataclass (TrainConfig in train.py, the others
-below): one field, one option, its help text in the field's metadata. Bad arguments
+Each subcommand's options come from a dataclass (config.TrainConfig, the others below):
+one field made by config.option, one option, its help text in the field's metadata. Bad arguments
 print one line on stderr and exit with code 2 before anything is written.
 May import: every minidiff module.
 """
@@ -17,11 +17,12 @@ import sys
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from . import __version__, backend, checkpoint, data, distributed, explainer, images, metrics, pretrained
+from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
 from . import train as training
 from .checkpoint import CheckpointError
+from .config import TrainConfig, backend_option, build_diffusion, config_from_dict, make_config, option, validate
 from .data import DataError
 from .schedule import get_named_beta_schedule
 
@@ -31,18 +32,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, after the checkpoint was saved (128 + SIGINT)
 
 class UsageError(Exception):
     """A bad argument or input: reported as one line on stderr with exit code 2."""
-
-
-def _opt(default, help, **extra):
-    """A dataclass field whose metadata carries the option's help (see _add_options)."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-def _backend_opt():
-    """--backend, whose default is MINIDIFF_BACKEND (read when the parser is built), else numpy."""
-    return field(default_factory=backend.default_name,
-                 metadata={"help": "array backend: numpy (CPU) or cupy (NVIDIA GPU); default $MINIDIFF_BACKEND "
-                                   "or numpy", "choices": backend.NAMES})
 
 
 # ---------------------------------------------------------------- the subcommands' configs
@@ -61,102 +50,102 @@ PRETRAINED_HELP = ("a diffusers DDPM folder instead of --checkpoint, e.g. one of
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)")
-    pretrained: str = _opt(None, PRETRAINED_HELP)
-    num: int = _opt(64, "number of samples (with --label all: num // K of each of the K classes)")
-    out: str = _opt("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools, "
-                                   "and with --label the labels as arr_1")
-    label: str = _opt(None, LABEL_HELP)
-    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
-    sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
-                              "with all T steps, ddim when --steps asks for fewer", choices=training.SAMPLERS)
-    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
-                         "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
-    eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
-    ema: bool = _opt(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
-    progressive: bool = _opt(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
-    frames: int = _opt(10, "columns of the --progressive strip")
-    batch_size: int = _opt(256, "images per sampling batch (memory)")
-    seed: int = _opt(0, "seed of the noise")
-    backend: str = _backend_opt()
+    checkpoint: str = option(None, "checkpoint file or run folder (DIR means DIR/checkpoint.safetensors)")
+    pretrained: str = option(None, PRETRAINED_HELP)
+    num: int = option(64, "number of samples (with --label all: num // K of each of the K classes)")
+    out: str = option("samples.png", ".png writes a grid; .npz writes arr_0, uint8 (N, H, W, C), for FID tools, "
+                                     "and with --label the labels as arr_1")
+    label: str = option(None, LABEL_HELP)
+    guidance: float = option(None, GUIDANCE_HELP, type=float)
+    sampler: str = option(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
+                                "with all T steps, ddim when --steps asks for fewer", choices=sampling.SAMPLERS)
+    steps: int = option(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
+                           "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
+    eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
+    ema: bool = option(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
+    progressive: bool = option(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
+    frames: int = option(10, "columns of the --progressive strip")
+    batch_size: int = option(256, "images per sampling batch (memory)")
+    seed: int = option(0, "seed of the noise")
+    backend: str = backend_option()
 
 
 @dataclass
 class ForwardConfig:
-    image: str = _opt(None, "an image file, or 'mondrian' for a procedural picture (default without --checkpoint)",
-                      positional=True)
-    steps: int = _opt(30, "frames after the first one, evenly spaced over the T = 1000 steps "
-                          "(.html: where its slider starts, 10 .. 50 in steps of 5)")
-    beta_scale: float = _opt(1.0, "multiply the paper's betas (1e-4 .. 0.02) by this: the noise strength "
-                                  "(.html: where its slider starts, 0.3 .. 1.5 in steps of 0.1)")
-    out: str = _opt("forward.png", ".png writes a filmstrip, .gif an animation, .html a page with sliders "
-                                   "(direction, steps, noise scale) that works offline")
-    checkpoint: str = _opt(None, "show the reverse process of this model instead: noise becoming images")
-    num: int = _opt(4, "images (rows) for --checkpoint")
-    image_size: int = _opt(0, "side of the picture for an IMAGE file or mondrian (default 64; 32 for .html, "
-                              "which holds every frame of 13 chains)")
-    ema: bool = _opt(True, "with --checkpoint: use the EMA weights")
-    seed: int = _opt(0, "seed of the noise (and of the mondrian picture)")
-    backend: str = _backend_opt()
+    image: str = option(None, "an image file, or 'mondrian' for a procedural picture (default without --checkpoint)",
+                        positional=True)
+    steps: int = option(30, "frames after the first one, evenly spaced over the T = 1000 steps "
+                            "(.html: where its slider starts, 10 .. 50 in steps of 5)")
+    beta_scale: float = option(1.0, "multiply the paper's betas (1e-4 .. 0.02) by this: the noise strength "
+                                    "(.html: where its slider starts, 0.3 .. 1.5 in steps of 0.1)")
+    out: str = option("forward.png", ".png writes a filmstrip, .gif an animation, .html a page with sliders "
+                                     "(direction, steps, noise scale) that works offline")
+    checkpoint: str = option(None, "show the reverse process of this model instead: noise becoming images")
+    num: int = option(4, "images (rows) for --checkpoint")
+    image_size: int = option(0, "side of the picture for an IMAGE file or mondrian (default 64; 32 for .html, "
+                                "which holds every frame of 13 chains)")
+    ema: bool = option(True, "with --checkpoint: use the EMA weights")
+    seed: int = option(0, "seed of the noise (and of the mondrian picture)")
+    backend: str = backend_option()
 
 
 @dataclass
 class InterpolateConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder")
-    pretrained: str = _opt(None, PRETRAINED_HELP + "; needs --data")
-    t: int = _opt(500, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation")
-    pairs: int = _opt(4, "pairs of held-out images (rows)")
-    lambdas: int = _opt(9, "mixing weights from 0 to 1 (columns between the two sources)")
-    data: str = _opt(None, "images to interpolate: default the checkpoint's data set (its held-out split); "
-                           "with --pretrained, a folder, .npz or CIFAR-10 batch (resized to the model's size)")
-    out: str = _opt("interpolate.png", ".png picture")
-    label: str = _opt(None, "class-conditional model: decode every pair as this class (0 .. K-1); without it the "
-                            "decoding is unconditional")
-    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
-    ema: bool = _opt(True, "use the EMA weights")
-    seed: int = _opt(0, "seed of the pairs and the noise")
-    backend: str = _backend_opt()
+    checkpoint: str = option(None, "checkpoint file or run folder")
+    pretrained: str = option(None, PRETRAINED_HELP + "; needs --data")
+    t: int = option(500, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation")
+    pairs: int = option(4, "pairs of held-out images (rows)")
+    lambdas: int = option(9, "mixing weights from 0 to 1 (columns between the two sources)")
+    data: str = option(None, "images to interpolate: default the checkpoint's data set (its held-out split); "
+                             "with --pretrained, a folder, .npz or CIFAR-10 batch (resized to the model's size)")
+    out: str = option("interpolate.png", ".png picture")
+    label: str = option(None, "class-conditional model: decode every pair as this class (0 .. K-1); without it the "
+                              "decoding is unconditional")
+    guidance: float = option(None, GUIDANCE_HELP, type=float)
+    ema: bool = option(True, "use the EMA weights")
+    seed: int = option(0, "seed of the pairs and the noise")
+    backend: str = backend_option()
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = _opt(None, "checkpoint file or run folder: draw --num samples from its model and score them")
-    samples: str = _opt(None, "score these samples instead of drawing them: a .npz whose arr_0 holds uint8 "
-                              "(N, H, W, C) images, as 'minidiff sample --out x.npz' writes, from any model "
-                              "((N, 2) points for 2-D data); its arr_1, if any, the labels they were drawn for")
-    data: str = _opt(None, "reference data set: digits, mnist or a 2-D toy set; default the checkpoint's, needed "
-                           "with --samples and no --checkpoint (with --bpd also an image PATH)")
-    num: int = _opt(None, "samples to draw (default 1000); with --samples, score the first N of the file "
-                          "(default all)", type=int)
-    sampler: str = _opt(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
-                              "with all T steps, ddim when --steps asks for fewer", choices=training.SAMPLERS)
-    steps: int = _opt(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
-                         "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
-    eta: float = _opt(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
-    label: str = _opt(None, LABEL_HELP + "; the report adds how often minidiff's classifier agrees with the label, "
-                                         "per class (--samples: read from the file's arr_1)")
-    guidance: float = _opt(None, GUIDANCE_HELP, type=float)
-    ema: bool = _opt(True, "use the EMA weights (the paper's choice) or, with --no-ema, the live ones")
-    metrics: bool = _opt(True, "sample-quality metrics (Frechet distance, precision/recall, class coverage, "
-                               "confidence, memorisation; 2-D: energy distance, sliced Wasserstein)")
-    bpd: bool = _opt(False, "also bits/dim of the variational bound on --split (Table 2; needs --checkpoint; slow: "
-                            "T network calls per batch); --bpd --no-metrics skips sampling")
-    split: str = _opt("heldout", "with --bpd: which split of the data: heldout (never trained on), train or all",
-                      choices=("heldout", "train", "all"))
-    bpd_num: int = _opt(0, "with --bpd: score at most this many images (0: the whole split)")
-    batch_size: int = _opt(256, "images per sampling or bits/dim batch (memory)")
-    out: str = _opt(None, "also write the report as JSON to this file")
-    seed: int = _opt(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
-                        "of the floor's draws and of the bound's Monte Carlo terms")
-    backend: str = _backend_opt()
+    checkpoint: str = option(None, "checkpoint file or run folder: draw --num samples from its model and score them")
+    samples: str = option(None, "score these samples instead of drawing them: a .npz whose arr_0 holds uint8 "
+                                "(N, H, W, C) images, as 'minidiff sample --out x.npz' writes, from any model "
+                                "((N, 2) points for 2-D data); its arr_1, if any, the labels they were drawn for")
+    data: str = option(None, "reference data set: digits, mnist or a 2-D toy set; default the checkpoint's, needed "
+                             "with --samples and no --checkpoint (with --bpd also an image PATH)")
+    num: int = option(None, "samples to draw (default 1000); with --samples, score the first N of the file "
+                            "(default all)", type=int)
+    sampler: str = option(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
+                                "with all T steps, ddim when --steps asks for fewer", choices=sampling.SAMPLERS)
+    steps: int = option(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
+                           "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
+    eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
+    label: str = option(None, LABEL_HELP + "; the report adds how often minidiff's classifier agrees with the label, "
+                                           "per class (--samples: read from the file's arr_1)")
+    guidance: float = option(None, GUIDANCE_HELP, type=float)
+    ema: bool = option(True, "use the EMA weights (the paper's choice) or, with --no-ema, the live ones")
+    metrics: bool = option(True, "sample-quality metrics (Frechet distance, precision/recall, class coverage, "
+                                 "confidence, memorisation; 2-D: energy distance, sliced Wasserstein)")
+    bpd: bool = option(False, "also bits/dim of the variational bound on --split (Table 2; needs --checkpoint; slow: "
+                              "T network calls per batch); --bpd --no-metrics skips sampling")
+    split: str = option("heldout", "with --bpd: which split of the data: heldout (never trained on), train or all",
+                        choices=("heldout", "train", "all"))
+    bpd_num: int = option(0, "with --bpd: score at most this many images (0: the whole split)")
+    batch_size: int = option(256, "images per sampling or bits/dim batch (memory)")
+    out: str = option(None, "also write the report as JSON to this file")
+    seed: int = option(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
+                          "of the floor's draws and of the bound's Monte Carlo terms")
+    backend: str = backend_option()
 
 
 @dataclass
 class ConvertConfig:
-    pretrained: str = _opt(None, "the diffusers DDPM folder to convert (flat, or model_index.json with unet/ and "
-                                 "scheduler/)", required=True)
-    out: str = _opt(None, "the minidiff checkpoint to write (.safetensors); sample from it with --checkpoint",
-                    required=True)
+    pretrained: str = option(None, "the diffusers DDPM folder to convert (flat, or model_index.json with unet/ and "
+                                   "scheduler/)", required=True)
+    out: str = option(None, "the minidiff checkpoint to write (.safetensors); sample from it with --checkpoint",
+                      required=True)
 
 
 # ---------------------------------------------------------------- building the parser
@@ -245,7 +234,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-    _add_options(p, training.TrainConfig, suppress=True)
+    _add_options(p, TrainConfig, suppress=True)
     p.set_defaults(run=cmd_train)
     for name, cls, fn, help in (
             ("sample", SampleConfig, cmd_sample, "draw samples from a trained model (Algorithm 2 or DDIM)"),
@@ -271,10 +260,11 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
+        kernels.mode()   # an unknown MINIDIFF_KERNELS is reported before any work starts
         return args.run(args) or 0
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0
-    except (UsageError, CheckpointError, DataError, backend.BackendError) as err:
+    except (UsageError, CheckpointError, DataError, backend.BackendError, kernels.KernelsError) as err:
         message = str(err)
         if not message.startswith("minidiff"):
             message = f"minidiff {getattr(args, 'command', '') or ''}: error: {message}".replace("  ", " ")
@@ -319,21 +309,6 @@ def _check_output(path, suffixes, option="--out"):
 
 def _use_backend(name):
     backend.use_backend(name)  # BackendError (no CuPy, no GPU) becomes a one-line usage error
-
-
-def _load_model(path, use_ema):
-    """(model, diffusion, config, info) of a training checkpoint, or of a converted model (config None)."""
-    if pretrained.is_converted(path):
-        if not use_ema:
-            raise UsageError(f"{path} holds one set of weights (a converted model): drop --no-ema")
-        model, diffusion, info = pretrained.load_converted(path)
-        return model, diffusion, None, info
-    try:
-        return training.load_model(path, use_ema=use_ema)
-    except (ValueError, KeyError, TypeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{checkpoint.resolve(path)}: cannot rebuild the model ({err})") from None
 
 
 def _model_images(config, info, name, split):
@@ -392,11 +367,11 @@ def _as_option(message):
 
 def train_config_from_args(args):
     """(TrainConfig, out_dir, start step) from the options, the preset and, on --resume, the checkpoint."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig) if hasattr(args, f.name)}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     preset = given.pop("preset", None)
     try:
-        base = training.make_config(preset, **({"data": given["data"]} if "data" in given else {}))
+        base = make_config(preset, **({"data": given["data"]} if "data" in given else {}))
     except ValueError as err:
         raise UsageError(str(err)) from None
     out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(given.get("data", base.data))))
@@ -424,8 +399,8 @@ def train_config_from_args(args):
         if preset is not None and preset != values["preset"]:
             raise UsageError(f"cannot resume with --preset {preset}: the run was trained with {values['preset']}")
         try:
-            config = training.config_from_dict(values)
-            training.validate(config)
+            config = config_from_dict(values)
+            validate(config)
             training.check_resumable(state, config)
         except ValueError as err:
             raise UsageError(str(err)) from None
@@ -434,7 +409,7 @@ def train_config_from_args(args):
         raise UsageError(f"{out} already holds a training run: pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out")
     try:
-        config = training.make_config(base.preset, **given)
+        config = make_config(base.preset, **given)
     except ValueError as err:
         raise UsageError(_as_option(str(err))) from None
     return config, out, 0
@@ -509,9 +484,9 @@ def cmd_train(args):
 
 
 def _sampling_plan(diffusion, sampler, steps):
-    """train.sampling_plan for --sampler/--steps, with its error as a usage error."""
+    """sampling.sampling_plan for --sampler/--steps, with its error as a usage error."""
     try:
-        return training.sampling_plan(diffusion, sampler, steps)
+        return sampling.sampling_plan(diffusion, sampler, steps)
     except ValueError as err:
         raise UsageError(f"--{err}") from None
 
@@ -522,7 +497,7 @@ def _load_source(cfg):
         raise UsageError("exactly one of --checkpoint (a minidiff run or converted model) and --pretrained "
                          "(a diffusers DDPM folder) is required")
     if cfg.checkpoint is not None:
-        return _load_model(cfg.checkpoint, cfg.ema)
+        return sampling.load_model(cfg.checkpoint, cfg.ema)
     if not cfg.ema:
         raise UsageError("--no-ema applies to minidiff training checkpoints; a diffusers folder holds one set of "
                          "weights (the ddpm-ema-* repositories hold EMA weights)")
@@ -536,7 +511,7 @@ def cmd_sample(args):
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
     _use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
-    sampling, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
+    chain, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)   # the diffusion to run (respaced?)
     labels, guidance, nrow = _requested_labels(cfg, model, cfg.num)
     num = cfg.num if labels is None else len(labels)
     points = info["channels"] is None
@@ -544,9 +519,9 @@ def cmd_sample(args):
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
-        return _sample_progressive(cfg, model, sampling, steps, ddim, shape, info.get("clip_denoised", True),
+        return _sample_progressive(cfg, model, chain, steps, ddim, shape, info.get("clip_denoised", True),
                                    labels, guidance)
-    samples = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
+    samples = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
                                     cfg.batch_size, clip_denoised=info.get("clip_denoised", True), progress=True,
                                     labels=labels, guidance=guidance)
     with checkpoint.atomic_path(cfg.out) as tmp:
@@ -584,7 +559,7 @@ def _requested_labels(cfg, model, num):
     if cfg.label == "all":
         if num < num_classes:
             raise UsageError(f"--label all needs --num of at least {num_classes} (one per class), got {num}")
-        return training.every_class(num_classes, num), guidance, num // num_classes
+        return sampling.every_class(num_classes, num), guidance, num // num_classes
     try:
         label = int(cfg.label)
     except ValueError:
@@ -685,7 +660,7 @@ def _write_explainer(cfg):
         x, base = _forward_picture(cfg), get_named_beta_schedule("linear", 1000)
         title = f"The diffusion process on {'a Mondrian' if (cfg.image or 'mondrian') == 'mondrian' else os.path.basename(cfg.image)}"
     else:
-        model, diffusion, _, info = _load_model(cfg.checkpoint, cfg.ema)
+        model, diffusion, _, info = sampling.load_model(cfg.checkpoint, cfg.ema)
         if info["channels"] is None:
             raise UsageError("the checkpoint models 2-D points: a page of pictures needs an image model")
         frames, steps = explainer.reverse_chain(model, diffusion, _reverse_shape(cfg, info),
@@ -710,7 +685,7 @@ def _write_explainer(cfg):
 
 def _reverse_frames(cfg):
     """x_T, ..., x_0 of the reverse process (Algorithm 2), `steps` + 1 frames."""
-    model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+    model, diffusion, config, info = sampling.load_model(cfg.checkpoint, cfg.ema)
     if info["channels"] is None:
         raise UsageError("the checkpoint models 2-D points: use 'minidiff sample' for a scatter plot")
     if cfg.beta_scale != 1.0:
@@ -852,7 +827,7 @@ def cmd_eval(args):
     _use_backend(cfg.backend)
     model = diffusion = config = info = None
     if cfg.checkpoint is not None:
-        model, diffusion, config, info = _load_model(cfg.checkpoint, cfg.ema)
+        model, diffusion, config, info = sampling.load_model(cfg.checkpoint, cfg.ema)
     dataset = cfg.data or (config.data if config is not None else None)
     if dataset is None:
         raise UsageError(f"--samples without --checkpoint needs --data, the reference data set: one of "
@@ -883,7 +858,7 @@ def cmd_eval(args):
             labels, guidance, _ = _requested_labels(cfg, model, num)
             num = num if labels is None else len(labels)
             began = time.perf_counter()
-            drawn = training.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
+            drawn = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
                                           cfg.batch_size, progress=True, labels=labels, guidance=guidance)
             report["sampling"] = {"sampler": "ddim" if ddim else "ddpm", "steps": steps,
                                   **({"eta": cfg.eta} if ddim else {}),
@@ -898,7 +873,7 @@ def cmd_eval(args):
         images_, _, data_info = bpd_images
         if cfg.bpd_num:
             images_ = images_[:cfg.bpd_num]
-        bpd_diffusion = training.build_diffusion(config, num_bins=data_info["grey_levels"])
+        bpd_diffusion = build_diffusion(config, num_bins=data_info["grey_levels"])
         report["likelihood"] = {"split": cfg.split, **metrics.eval_likelihood(
             model, bpd_diffusion, images_, cfg.batch_size, cfg.seed, progress=True)}
     _print_report(report)

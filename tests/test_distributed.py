@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from minidiff import backend, checkpoint, cli, distributed
+from minidiff import backend, checkpoint, cli, distributed, sampling
 from minidiff import train as training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_a_killed_rank_ends_the_job_within_seconds_and_the_checkpoint_loads(tmp_
             job.communicate()
     state = checkpoint.load(out)
     assert state["step"] >= 2 and state["step"] % 2 == 0
-    model, _, _, _ = training.load_model(out)
+    model, _, _, _ = sampling.load_model(out)
     assert model.config["ch"] == 8
 
 

@@ -8,8 +8,10 @@ import pytest
 
 from minidiff import backend, checkpoint, diffusion
 from minidiff import train as training
-from minidiff.train import (PRESETS, MLPDenoiser, TrainConfig, TrainingDiverged, Trainer, load_model, make_config,
-                            preset_for, train)
+from minidiff.config import PRESETS, TrainConfig, config_from_dict, make_config, preset_for
+from minidiff.sampling import load_model
+from minidiff.train import TrainingDiverged, Trainer, train
+from minidiff.unet import MLPDenoiser
 
 # A U-Net small enough that a step takes milliseconds; dropout and flips exercise every random stream.
 TINY = dict(ch=8, ch_mult=(1,), attn_resolutions=(), num_res_blocks=1, batch_size=8, num_timesteps=10,
@@ -149,17 +151,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(np.isfinite(v).all() for v in state["model"].values())
 
 
-def test_load_model_gives_the_ema_or_live_weights(tmp_path):
-    run_to_end(tiny(steps=3), tmp_path)
-    state = checkpoint.load(tmp_path)
-    ema_model, diff, config, info = load_model(tmp_path)
-    live_model, *_ = load_model(tmp_path / "checkpoint.safetensors", use_ema=False)
-    name = "conv_in.weight"
-    np.testing.assert_array_equal(backend.to_numpy(ema_model.state_dict()[name]), state["ema"][f"shadow.{name}"])
-    np.testing.assert_array_equal(backend.to_numpy(live_model.state_dict()[name]), state["model"][name])
-    assert diff.num_timesteps == 10 and info["image_size"] == 8 and config == tiny(steps=3)
-
-
 def test_mlp_denoiser_learns_a_swiss_roll_direction():
     """The 2-D preset runs end to end: shapes, records, and the loss goes down."""
     model = MLPDenoiser(hidden=16, layers=2)
@@ -170,37 +161,7 @@ def test_mlp_denoiser_learns_a_swiss_roll_direction():
     assert math.isfinite(losses[-1]) and np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
-def test_one_policy_for_sampling_with_fewer_steps():
-    """All T steps: Algorithm 2. Fewer: DDIM by default; ancestral only when asked, on a respaced chain."""
-    from minidiff.diffusion import GaussianDiffusion
-    from minidiff.schedule import get_named_beta_schedule
-    d = GaussianDiffusion(get_named_beta_schedule("linear", 100))
-    assert training.sampling_plan(d) == (d, 100, False)
-    assert training.sampling_plan(d, steps=100) == (d, 100, False)
-    assert training.sampling_plan(d, steps=10) == (d, 10, True)
-    assert training.sampling_plan(d, "ddim") == (d, 50, True)
-    spaced, steps, ddim = training.sampling_plan(d, "ddpm", 10)
-    assert (spaced.num_timesteps, steps, ddim) == (10, 10, False) and spaced.timestep_map is not None
-    with pytest.raises(ValueError, match="between 1 and T = 100"):
-        training.sampling_plan(d, steps=101)
-
-
-def test_draw_samples_batches_are_seeded_streams():
-    """The first batch is the same whatever the number drawn; a respaced draw keeps num_bins."""
-    from minidiff.diffusion import GaussianDiffusion
-    from minidiff.schedule import get_named_beta_schedule
-    d = GaussianDiffusion(get_named_beta_schedule("linear", 20), num_bins=17)
-    model = lambda x, t: x * 0.1  # noqa: E731
-    a = training.draw_samples(d, model, (1, 2, 2), num=3, seed=4, steps=5, batch_size=2)
-    b = training.draw_samples(d, model, (1, 2, 2), num=2, seed=4, steps=5, batch_size=2)
-    assert a.shape == (3, 1, 2, 2)
-    np.testing.assert_array_equal(a[:2], b)
-    assert d.respaced(5).num_bins == 17
-    with pytest.raises(ValueError, match="num_bins"):
-        GaussianDiffusion(get_named_beta_schedule("linear", 20), num_bins=1)
-
-
-# ---------------------------------------------------------------- class-conditional training (issue 14)
+# ---------------------------------------------------------------- class-conditional training (Ho & Salimans 2022)
 
 DATA_DIR = __import__("pathlib").Path(__file__).resolve().parent / "data"
 
@@ -274,24 +235,7 @@ def test_conditional_checkpoint_round_trips_resumes_and_samples_one_row_per_clas
     ema = {k[len("shadow."):]: v for k, v in state["ema"].items() if k.startswith("shadow.")}
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(np.asarray(value), ema[name])
-    labels = training.every_class(10, 20)
-    assert labels.tolist() == [c for c in range(10) for _ in range(2)]
-    a = training.draw_samples(d, model, (1, 8, 8), 20, seed=1, steps=5, labels=labels, guidance=2.0)
-    seen = []
-
-    def spy(x, t, y):
-        seen.append(np.asarray(y).tolist())
-        return model(x, t, y)
-
-    b = training.draw_samples(d, spy, (1, 8, 8), 20, seed=1, steps=5, labels=labels, guidance=2.0, batch_size=7)
-    np.testing.assert_allclose(a[:7], b[:7], atol=1e-6)   # batch 0 has the same stream [seed, 0]
-    starts = [0] * 5 + [7] * 5 + [14] * 5   # 5 DDIM steps per batch, each on [labels; no label]
-    assert seen == [labels[s:s + 7].tolist() + [-1] * len(labels[s:s + 7]) for s in starts]
-    assert not np.allclose(a, training.draw_samples(d, model, (1, 8, 8), 20, seed=1, steps=5))
-    with pytest.raises(ValueError, match="one label per sample"):
-        training.draw_samples(d, model, (1, 8, 8), 5, seed=1, steps=5, labels=labels)
-    with pytest.raises(ValueError, match="guidance needs labels"):
-        training.draw_samples(d, model, (1, 8, 8), 5, seed=1, steps=5, guidance=1.0)
+    # (drawing guided samples from such a checkpoint: tests/test_sampling.py)
     from PIL import Image
     with Image.open(tmp_path / "straight" / "samples.png") as grid:   # 10 rows of 2 (8x8 images, scaled)
         assert grid.size[1] > 4 * grid.size[0]
@@ -303,9 +247,9 @@ def test_resume_refuses_to_switch_conditioning(tmp_path):
         run_to_end(tiny(steps=4, conditional=True), tmp_path, resume=True)
 
 
-def test_a_checkpoint_written_before_issue_14_loads_samples_and_resumes_unchanged(tmp_path):
-    """tests/data holds a 2-step unconditional run saved by the code before classifier-free guidance,
-    with its model's eps and a 5-step DDIM draw as that code computed them."""
+def test_a_checkpoint_written_before_classifier_free_guidance_loads_samples_and_resumes_unchanged(tmp_path):
+    """tests/data holds a 2-step unconditional run saved by the code before classifier-free guidance
+    (hence the files' names), with its model's eps and a 5-step DDIM draw as that code computed them."""
     from minidiff import backend
     from minidiff.tensor import Tensor
     old = DATA_DIR / "unconditional_before_issue14.safetensors"
@@ -320,7 +264,7 @@ def test_a_checkpoint_written_before_issue_14_loads_samples_and_resumes_unchange
     run_dir.mkdir()
     (run_dir / "checkpoint.safetensors").write_bytes(old.read_bytes())
     saved = checkpoint.load(old)["config"]
-    resumed = run_to_end(training.config_from_dict({**saved, "steps": 3}), run_dir, resume=True)
+    resumed = run_to_end(config_from_dict({**saved, "steps": 3}), run_dir, resume=True)
     assert [r["step"] for r in resumed] == [3]
 
 
@@ -342,14 +286,15 @@ def test_conditional_training_on_an_npz_with_uint8_labels(tmp_path):
                        guidance=1.0)
 
 
-# ---------------------------------------------------------------- issue 10: a step shaped for a GPU
+# ---------------------------------------------------------------- a step shaped for a GPU
 
 
 def test_a_digits_training_step_fits_the_gpu_budget(standin):
     """digits preset, --dropout 0.1, batch 64, on the strict CuPy stand-in: per step at most 3000 array
     operations (kernel launches) and at most 4x the batch's own bytes copied host->device.
 
-    Before issue 10 (commit 0b8bd53): 7214 operations and 2,916,864 bytes (178x: the dropout masks).
+    Before the step was reshaped for a GPU (commit 0b8bd53): 7214 operations and 2,916,864 bytes (178x:
+    the dropout masks).
     benchmarks/count_step.py prints the same count with a breakdown.
     """
     config = make_config(preset="digits", dropout=0.1, batch_size=64, backend="cupy")
@@ -383,7 +328,7 @@ def test_a_seed_draws_the_same_streams_on_both_backends(standin):
 
 
 def test_conditional_training_and_guided_sampling_stay_on_the_device(standin):
-    """Issue 14 on the strict CuPy stand-in: labels, the p_uncond drop and the doubled guided batch
+    """Classifier-free guidance on the strict CuPy stand-in: labels, the p_uncond drop and the doubled guided batch
     never mix host and device arrays, and the model runs on the device."""
     trainer = Trainer(tiny(conditional=True, backend="cupy", p_uncond=0.5))
     for _ in range(2):

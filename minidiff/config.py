@@ -1,0 +1,197 @@
+"""What a training run is: every knob (`TrainConfig`), the presets, and the model and diffusion they build.
+
+Each knob is a dataclass field made by `option`: its default and its help text, which
+cli.py turns into a command-line option (the other commands' configs in cli.py use the
+same helper). `build_model` and `build_diffusion` turn a config into the denoiser and the
+GaussianDiffusion, for the Trainer and for loading a finished run alike (sampling.py).
+May import: backend, schedule, data, diffusion, unet.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from . import backend, data
+from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .schedule import NAMES as BETA_SCHEDULES
+from .schedule import get_named_beta_schedule
+from .unet import MLPDenoiser, UNet
+
+
+def option(default, help, **extra):
+    """A dataclass field that is also a command-line option (cli.py reads its metadata).
+
+    `extra` holds what argparse needs beyond the default's type: choices, nargs and type for
+    lists, positional, required. A list or tuple default becomes a fresh tuple per config; a
+    function as the default is called whenever a config is created (so an environment
+    variable is read then, not at import).
+    """
+    metadata = {"help": help, **extra}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def backend_option():
+    """--backend of every command: $MINIDIFF_BACKEND when set (read when the config is created), else numpy."""
+    return option(backend.default_name, "array backend: numpy (CPU) or cupy (NVIDIA GPU); default "
+                                        "$MINIDIFF_BACKEND or numpy", choices=backend.NAMES)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. The defaults are the "digits" preset (see PRESETS).
+
+    The paper's values (Ho et al. 2020, App. B) are noted where a preset differs: they are
+    tuned for 800k steps on a TPU, the presets for minutes on a laptop CPU.
+    """
+
+    preset: str = option("digits", "named bundle of defaults: digits (8x8, minutes on a CPU), mnist (32x32, "
+                                   "GPU recommended) or toy2d (2-D points, an MLP denoiser)",
+                     choices=("digits", "mnist", "toy2d"))
+    # --- data
+    data: str = option("digits", "bundled set (digits, mnist), 2-D toy (swissroll, 8gaussians, moons, "
+                                 "checkerboard) or a PATH (image folder, .npz/.npy, MNIST IDX, CIFAR-10 batches)")
+    image_size: int = option(0, "image side in pixels; 0 keeps the data's own (8 for digits, 32 for mnist)")
+    hflip: bool = option(False, "random horizontal flips (the paper's CIFAR-10 setting; wrong for digits)")
+    # --- model: the U-Net of Ho et al. App. B (or an MLP for 2-D points)
+    ch: int = option(32, "base channel count of the U-Net (paper: 128 for CIFAR-10)")
+    ch_mult: tuple = option((1, 2), "channel multiplier per resolution; len = number of levels (paper: 1 2 2 2)",
+                            nargs="+", type=int)
+    num_res_blocks: int = option(1, "residual blocks per resolution (paper: 2)")
+    attn_resolutions: tuple = option((4,), "feature-map sides that get self-attention (paper: 16)",
+                                     nargs="*", type=int)
+    dropout: float = option(0.0, "dropout in the residual blocks (paper: 0.1 on CIFAR-10)")
+    mlp_hidden: int = option(128, "hidden width of the MLP denoiser (2-D data only)")
+    mlp_layers: int = option(3, "residual layers of the MLP denoiser (2-D data only)")
+    conditional: bool = option(False, "class-conditional model on the data's labels, for classifier-free guidance "
+                                      "(Ho & Salimans 2022): 'minidiff sample --label 7'")
+    p_uncond: float = option(0.1, "with --conditional: probability of training a sample with 'no label' instead "
+                                  "of its own (Ho & Salimans: 0.1 or 0.2)")
+    guidance: float = option(2.0, "with --conditional: guidance weight w of the sample grids, drawn one row per class")
+    # --- diffusion
+    schedule: str = option("linear", "beta schedule: linear (paper), quad, cosine or sigmoid", choices=BETA_SCHEDULES)
+    num_timesteps: int = option(1000, "T, the number of diffusion steps (paper: 1000)")
+    mean_type: str = option("eps", "what the network predicts: eps (paper), x0 or v", choices=MEAN_TYPES)
+    var_type: str = option("fixed_large", "reverse variance sigma_t^2: fixed_large (beta_t, the paper's CIFAR-10 "
+                                          "setting) or fixed_small (beta_tilde_t)", choices=VAR_TYPES)
+    loss_type: str = option("mse", "mse (L_simple, Eq. 14) or kl (the variational bound, Eq. 5)", choices=LOSS_TYPES)
+    # --- optimisation: Adam, linear warmup, clipping, EMA (Algorithm 1, App. B)
+    batch_size: int = option(128, "images per step (paper: 128)")
+    steps: int = option(2600, "optimizer steps in total (paper: 800k on CIFAR-10)")
+    lr: float = option(1e-3, "peak learning rate of Adam (paper: 2e-4)")
+    warmup: int = option(100, "steps of linear learning-rate warmup from 0 (paper: 5000)")
+    grad_clip: float = option(1.0, "clip gradients to this global norm (paper: 1.0)")
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW); the paper uses none")
+    ema_decay: float = option(0.999, "decay of the EMA of the weights used for sampling (paper: 0.9999)")
+    ema_warmup: bool = option(True, "ramp the EMA decay as min(decay, (1 + n) / (10 + n)) so early weights fade fast")
+    # --- run
+    seed: int = option(0, "seed of the weights, the data order, t, the noise and dropout")
+    backend: str = backend_option()
+    log_every: int = option(1, "write one line of the metrics log every this many steps")
+    log_format: str = option("jsonl", "metrics log format: jsonl (metrics.jsonl) or csv (metrics.csv)",
+                             choices=("jsonl", "csv"))
+    checkpoint_every: int = option(500, "write DIR/checkpoint.safetensors every this many steps (and at the end)")
+    sample_every: int = option(500, "write an EMA sample grid DIR/samples/step_N.png every this many steps, "
+                                     "drawn with 50 DDIM steps to stay cheap (0: off)")
+    num_samples: int = option(64, "images in the final DIR/samples.png (and, up to 64, in the periodic grids)")
+    sample_steps: int = option(0, "reverse steps for the final DIR/samples.png: 0 = all T (DDPM, Algorithm 2); "
+                                  "K < T uses DDIM with K steps (faster)")
+
+
+# Presets: overrides of the defaults above (the "digits" preset is the defaults themselves).
+# How the digits values were chosen is written in docs/CLI.md ("The default preset").
+PRESETS = {
+    "digits": {},
+    "mnist": dict(data="mnist", ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                  dropout=0.1, batch_size=128, steps=30000, lr=2e-4, warmup=1000, ema_decay=0.9995,
+                  checkpoint_every=2000, sample_every=5000, num_samples=64),
+    "toy2d": dict(data="swissroll", batch_size=256, steps=8000, lr=3e-3, warmup=100, ema_decay=0.995,
+                  num_samples=2000, checkpoint_every=2000, sample_every=2000),
+}
+
+
+def preset_for(data_name):
+    """The preset that suits a data set: toy2d for 2-D points, mnist for MNIST, else digits."""
+    if data_name in data.TOY_DATASETS:
+        return "toy2d"
+    return "mnist" if data_name == "mnist" else "digits"
+
+
+def make_config(preset=None, **overrides):
+    """A TrainConfig from a preset (default: the one that suits overrides["data"]) plus overrides."""
+    if preset is None:
+        preset = preset_for(overrides.get("data", "digits"))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training options: {', '.join(unknown)}")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config):
+    """Raise ValueError with one clear sentence for an impossible configuration."""
+    positive = ("batch_size", "steps", "num_timesteps", "num_samples", "log_every", "checkpoint_every", "ch",
+                "num_res_blocks", "mlp_hidden", "mlp_layers")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(config, name)}")
+    for name in ("warmup", "sample_every", "sample_steps", "image_size"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.sample_steps > config.num_timesteps:
+        raise ValueError(f"sample_steps ({config.sample_steps}) cannot exceed num_timesteps ({config.num_timesteps})")
+    if not config.lr > 0 or not config.grad_clip > 0:
+        raise ValueError(f"lr and grad_clip must be positive, got lr={config.lr}, grad_clip={config.grad_clip}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
+    if not 0 <= config.p_uncond < 1:
+        raise ValueError(f"p_uncond must lie in [0, 1) (some labels must be kept), got {config.p_uncond}")
+    if not math.isfinite(config.guidance):
+        raise ValueError(f"guidance must be a finite number, got {config.guidance}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {config.dropout}")
+    if config.log_format not in ("jsonl", "csv"):
+        raise ValueError(f"log_format must be jsonl or csv, got {config.log_format!r}")
+    if config.backend not in ("numpy", "cupy"):
+        raise ValueError(f'unknown backend {config.backend!r}: use "numpy" or "cupy"')
+
+
+def config_to_dict(config):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(values):
+    """A TrainConfig from a checkpoint's JSON (lists back to tuples; unknown keys are an error)."""
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown training options in checkpoint: {', '.join(unknown)}")
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ---------------------------------------------------------------- what a config builds
+
+
+def build_model(config, channels, image_size, num_classes=None):
+    """The denoiser a config asks for: the U-Net for images, the MLP for 2-D points (channels=None).
+
+    A conditional config's U-Net gets `num_classes` (the data's) and a label embedding."""
+    if channels is None:
+        return MLPDenoiser(2, config.mlp_hidden, config.mlp_layers)
+    extra = {"num_classes": num_classes} if config.conditional else {}
+    return UNet(image_size=image_size, in_channels=channels, ch=config.ch, ch_mult=tuple(config.ch_mult),
+                num_res_blocks=config.num_res_blocks, attn_resolutions=tuple(config.attn_resolutions),
+                dropout=config.dropout, **extra)
+
+
+def build_diffusion(config, num_bins=256):
+    """The GaussianDiffusion of a run; `num_bins` is the data's grey levels for the decoder L_0 (Eq. 13)."""
+    betas = get_named_beta_schedule(config.schedule, config.num_timesteps)
+    return GaussianDiffusion(betas, model_mean_type=config.mean_type, model_var_type=config.var_type,
+                             loss_type=config.loss_type, num_bins=num_bins)
