@@ -307,10 +307,6 @@ def _check_output(path, suffixes, option="--out"):
     return ext
 
 
-def _use_backend(name):
-    backend.use_backend(name)  # BackendError (no CuPy, no GPU) becomes a one-line usage error
-
-
 def _model_images(config, info, name, split):
     """Images for a trained model: its own data set by default; sizes must match the model's.
 
@@ -422,7 +418,7 @@ def _train_setup(args, world):
         world.check_batch(config.batch_size)
     except ValueError as err:
         raise UsageError(_as_option(str(err))) from None
-    _use_backend(config.backend)
+    backend.use_backend(config.backend)
     training.load_data(config)   # fail on bad (or, for --conditional, unlabelled) data before the folder is touched
     return config, out, start
 
@@ -509,7 +505,7 @@ def cmd_sample(args):
     cfg = _config(args)
     _positive(num=cfg.num, batch_size=cfg.batch_size, frames=cfg.frames)
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
-    _use_backend(cfg.backend)
+    backend.use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
     chain, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)   # the diffusion to run (respaced?)
     labels, guidance, nrow = _requested_labels(cfg, model, cfg.num)
@@ -609,7 +605,7 @@ def cmd_forward(args):
         raise UsageError(f"--beta-scale must lie in (0, 49] so that every beta stays below 1, got {cfg.beta_scale}")
     if cfg.checkpoint is not None and cfg.image is not None:
         raise UsageError("give an IMAGE (forward process) or --checkpoint (reverse process), not both")
-    _use_backend(cfg.backend)
+    backend.use_backend(cfg.backend)
     if ext == ".html":
         return _write_explainer(cfg)
     if cfg.checkpoint is not None:
@@ -713,7 +709,7 @@ def cmd_interpolate(args):
     _check_output(cfg.out, (".png",))
     if cfg.label == "all":
         raise UsageError("--label all does not apply to interpolate: give one class for every pair")
-    _use_backend(cfg.backend)
+    backend.use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
     if not 0 <= cfg.t < diffusion.num_timesteps:
         raise UsageError(f"--t must lie in 0 .. {diffusion.num_timesteps - 1}, got {cfg.t}")
@@ -824,7 +820,7 @@ def cmd_eval(args):
         raise UsageError("--bpd needs --checkpoint: bits/dim is a property of a model, not of samples")
     if cfg.out is not None:
         _check_output(cfg.out, (".json",))
-    _use_backend(cfg.backend)
+    backend.use_backend(cfg.backend)
     model = diffusion = config = info = None
     if cfg.checkpoint is not None:
         model, diffusion, config, info = sampling.load_model(cfg.checkpoint, cfg.ema)
