@@ -1,10 +1,12 @@
 """Training: Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) as a generator of per-step records.
 
-The algorithm itself is `algorithm_1_step`: t, eps and one Adam step on L_simple =
-|eps - eps_theta(x_t, t)|^2 (Eq. 14). `train(config, out_dir)` feeds it batches x_0, updates
-the EMA of the weights after it, and yields {"step", "loss", "lr", "grad_norm", ...}.
-With an `out_dir` it also writes the checkpoint, the metrics log, the loss curve and EMA
-sample grids there. Every knob is a commented field of config.TrainConfig; presets bundle them.
+The algorithm itself is `algorithm_1_step`: lines 3-5, t, eps and one Adam step on L_simple =
+|eps - eps_theta(x_t, t)|^2 (Eq. 14). The `Trainer` around it feeds it batches x_0 (line 2),
+stops on a NaN loss before it reaches the weights, averages the gradient over MPI ranks, and
+updates the EMA of the weights after each step. `train(config, out_dir)` runs the Trainer and
+yields {"step", "loss", "lr", "grad_norm", ...}; with an `out_dir` it also writes the
+checkpoint, the metrics log, the loss curve and EMA sample grids there. Every knob is a
+commented field of config.TrainConfig; presets bundle them.
 With `conditional`, the model is eps_theta(x_t, t, y) on the data's labels, each replaced by
 "no label" with probability p_uncond (Ho & Salimans 2022, Algorithm 1), for classifier-free guidance.
 Under `mpiexec -n N` (mpi4py installed) the run is data-parallel over N ranks: see distributed.py.
@@ -53,7 +55,7 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the gradient became NaN or infinite: training stops and nothing more is saved."""
 
 
-def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=None, world=None, step=None):
+def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=None, before_update=None):
     """One gradient step of Algorithm 1 (Ho et al. 2020) on a batch x_0 ~ q(x_0) (line 2):
 
         3: t ~ Uniform({1, ..., T})
@@ -62,24 +64,18 @@ def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=Non
 
     Code t runs over 0 .. T - 1 (the paper's 1 .. T); the loss is L_simple (Eq. 14) or whatever
     `diffusion.loss_type` asks for, and the step is `optimizer`'s (Adam with warmup and clipping).
-    Under MPI (`world`) the loss is the global batch's and the gradient is averaged over the ranks.
-    Returns (loss, grad_norm) as Python floats; a NaN stops the run before it reaches the weights.
+    `before_update(loss)`, when given, runs between the gradient and the update: the Trainer's
+    place to stop on a NaN loss and to average the gradient over ranks.
+    Returns the loss (a 0-d Tensor) and what optimizer.step() returns (Adam: the gradient norm).
     """
     t = rng.integers(0, diffusion.num_timesteps, (len(x_start),))                     # line 3
     noise = rng.normal(x_start.shape)                                                  # line 4
     loss = diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)["loss"].mean()
-    value = float(loss.data)   # GPU sync: needed every step to stop on NaN before it reaches the weights
-    value = world.global_loss(value) if world is not None else value   # the same on every rank
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"loss is {value} at step {step}")
     optimizer.zero_grad()
     loss.backward()                                                                    # line 5: the gradient
-    if world is not None:
-        world.mean_gradients_(optimizer.flat)   # one Allreduce over the flat gradient buffer (N > 1)
-    grad_norm = optimizer.step()                                                       # line 5: the step
-    if not math.isfinite(grad_norm):
-        raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}")
-    return value, grad_norm
+    if before_update is not None:
+        before_update(loss)
+    return loss, optimizer.step()                                                      # line 5: the step
 
 
 class Trainer:
@@ -114,6 +110,7 @@ class Trainer:
         self.ema = EMA(self.model, decay=config.ema_decay)
         self.rng = self.world.sharded(backend.Generator([config.seed, 2]))   # t and eps of Algorithm 1
         self.step = 0
+        self.loss = None    # the last step's loss (the global batch's under MPI), a Python float
         self.stop = False   # MPI: set when some rank asked to stop after the current step
 
     @property
@@ -136,14 +133,25 @@ class Trainer:
             drop = self.rng.uniform((len(x_start),)) < cfg.p_uncond   # per sample, like t and eps (any rank count)
             kwargs = {"y": backend.xp_of(y).where(drop, NO_LABEL, y)}
         lr = self.optimizer.current_lr()
-        loss, grad_norm = algorithm_1_step(self.diffusion, self.model, self.optimizer, x_start, self.rng,
-                                           model_kwargs=kwargs, world=world, step=self.step + 1)
+        _, grad_norm = algorithm_1_step(self.diffusion, self.model, self.optimizer, x_start, self.rng,
+                                        model_kwargs=kwargs, before_update=self._check_and_average)
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
         self.stop = world.stop_agreed   # MPI: some rank asked to stop (Ctrl-C); all stop after this same step
         if cfg.ema_warmup:   # early on, average over the ~n steps taken so far instead of the init weights
             self.ema.decay = min(cfg.ema_decay, (1 + self.ema.num_updates) / (10 + self.ema.num_updates))
         self.ema.update(self.model)
         self.step += 1
-        return loss, grad_norm, lr
+        return self.loss, grad_norm, lr
+
+    def _check_and_average(self, loss):
+        """Between line 5's gradient and its update: the loss as a float, the global batch's under
+        MPI (`self.loss`), a NaN stopping the run before it reaches the weights; then the gradient
+        averaged over the ranks, so that every rank takes the 1-process step."""
+        self.loss = self.world.global_loss(float(loss.data))   # a GPU sync, needed every step for the check
+        if not math.isfinite(self.loss):
+            raise TrainingDiverged(f"loss is {self.loss} at step {self.step + 1}")
+        self.world.mean_gradients_(self.optimizer.flat)   # one Allreduce of the flat gradient buffer (N > 1)
 
     def state_dict(self):
         return {

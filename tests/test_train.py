@@ -151,6 +151,44 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(np.isfinite(v).all() for v in state["model"].values())
 
 
+def test_a_nan_loss_never_reaches_the_weights_or_the_adam_moments(monkeypatch):
+    trainer = Trainer(tiny(steps=3))
+    trainer.train_step()
+    before = [np.array(backend.to_numpy(a)) for a in trainer.replicated_arrays()[:3]]   # weights, Adam m and v
+    original = diffusion.GaussianDiffusion.training_losses
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses",
+                        lambda self, *a, **k: {"loss": original(self, *a, **k)["loss"] * float("nan")})
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
+        trainer.train_step()
+    assert trainer.step == 1 and trainer.optimizer.step_count == 1
+    for old, new in zip(before, trainer.replicated_arrays()[:3]):
+        np.testing.assert_array_equal(old, backend.to_numpy(new))
+
+
+def test_algorithm_1_step_is_lines_3_to_5_with_a_check_between_gradient_and_update():
+    """t and eps from `rng` (lines 3-4), the gradient of the loss, `before_update(loss)`, then the step (line 5)."""
+    trainer = Trainer(tiny())
+    x_start = backend.to_active(next(trainer.batches))
+    flat = trainer.optimizer.flat
+    weights = np.array(backend.to_numpy(flat.data))
+    seen = []
+
+    def before_update(loss):
+        seen.append((float(loss.data), all(p.grad is not None for p in trainer.model.parameters()),
+                     np.array_equal(backend.to_numpy(flat.data), weights)))
+
+    loss, grad_norm = training.algorithm_1_step(trainer.diffusion, trainer.model, trainer.optimizer, x_start,
+                                                trainer.rng, before_update=before_update)
+    assert seen == [(float(loss.data), True, True)]   # the gradient is there, the weights not yet updated
+    assert grad_norm > 0 and not np.array_equal(backend.to_numpy(flat.data), weights)
+    # the same draws of t and eps give the same loss: the step is lines 3-5 and nothing else
+    replay = Trainer(tiny())
+    t = replay.rng.integers(0, replay.diffusion.num_timesteps, (len(x_start),))
+    noise = replay.rng.normal(x_start.shape)
+    expected = replay.diffusion.training_losses(replay.model, x_start, t, noise=noise)["loss"].mean()
+    assert float(expected.data) == float(loss.data)
+
+
 def test_mlp_denoiser_learns_a_swiss_roll_direction():
     """The 2-D preset runs end to end: shapes, records, and the loss goes down."""
     model = MLPDenoiser(hidden=16, layers=2)
