@@ -83,18 +83,72 @@ def test_sample_is_reproducible_and_seeded(trained, tmp_path):
     assert not np.array_equal(a, c)
 
 
+def grid_cells(picture, rows, cols, size, scale, padding=2):
+    """The (rows, cols, size, size, C) images of a make_grid/filmstrip picture, back at their own size."""
+    pixels = np.asarray(picture.convert("RGB"))
+    cell = size * scale + padding
+    return np.stack([np.stack([pixels[padding + r * cell:padding + r * cell + size * scale:scale,
+                                      padding + k * cell:padding + k * cell + size * scale:scale]
+                               for k in range(cols)]) for r in range(rows)])
+
+
+def neighbour_correlation(x):
+    """Correlation of horizontally adjacent pixels: near 1 for a picture, near 0 for white noise."""
+    x = np.asarray(x, np.float64)
+    return np.corrcoef(x[..., :-1, :].ravel(), x[..., 1:, :].ravel())[0, 1]
+
+
 def test_sample_progressive_strip(trained, tmp_path):
+    """Fig. 6: one chain per row, --frames columns of its x_0 predictions at evenly spaced steps: from the
+    prediction out of pure noise x_T (Eq. 15 at t = T) to the chain's end, which is the sample itself."""
+    from minidiff import backend, sampling
     assert run("sample", "--checkpoint", trained, "--num", 2, "--progressive", "--frames", 4,
                "--out", tmp_path / "fig6.png") == 0
-    assert (tmp_path / "fig6.png").is_file()
+    assert run("sample", "--checkpoint", trained, "--num", 2, "--out", tmp_path / "end.npz") == 0   # same seed
+    strip = Image.open(tmp_path / "fig6.png")
+    scale, cell = 8, 8 * 8 + 2   # 8x8 digits drawn 8x, 2 px apart
+    assert strip.width == 4 * cell + 2 and strip.height > 2 * cell + 2   # 4 frames by 2 chains, labels below
+    cells = grid_cells(strip, rows=2, cols=4, size=8, scale=scale)[..., :1]   # grey: R = G = B
+    with np.load(tmp_path / "end.npz") as f:
+        end = f["arr_0"].astype(int)
+    np.testing.assert_allclose(cells[:, 3], end, atol=1)   # the last column is the sample (Algorithm 2, line 6)
+    model, diffusion, _, _ = sampling.load_model(trained)
+    T = diffusion.num_timesteps
+    x_T = backend.Generator([0, 0]).normal((2, 1, 8, 8))   # the chain's x_T: the seed of batch 0 of --seed 0
+    first = diffusion.p_mean_variance(model, x_T, np.full(2, T - 1))["pred_xstart"]
+    first = images.to_uint8(backend.to_numpy(getattr(first, "data", first))).astype(int)
+    np.testing.assert_allclose(cells[:, 0], first, atol=1)   # the first column: x_0 predicted from pure noise
+    assert abs(neighbour_correlation(cells[:, 0, ..., 0])) < 0.35 and abs(cells[:, 0].mean() - 127.5) < 40
+    assert not np.array_equal(cells[0], cells[1])   # two chains, two rows
 
 
 @pytest.mark.parametrize("out", ["forward.png", "forward.gif"])
 def test_forward_on_mondrian(tmp_path, out):
+    """The filmstrip (or animation) of Eq. 2: frame 0 is the Mondrian itself, each further frame is
+    less like it, and x_T (T = 1000, alpha_bar_T = 4e-5) is white noise N(0, I) (clipped for display)."""
     assert run("forward", "mondrian", "--steps", 5, "--image-size", 32, "--out", tmp_path / out) == 0
     picture = Image.open(tmp_path / out)
-    if out.endswith(".gif"):
-        assert picture.n_frames >= 2
+    scale, cell = 2, 32 * 2 + 2
+    if out.endswith(".gif"):   # one frame per step, each one picture
+        assert picture.n_frames == 6 and picture.size == (cell + 2, cell + 2)
+        frames = []
+        for k in range(6):
+            picture.seek(k)
+            frames.append(grid_cells(picture, 1, 1, 32, scale)[0, 0])
+        frames = np.stack(frames).astype(int)
+    else:   # one column per step, labels below
+        assert picture.width == 6 * cell + 2 and picture.height > cell + 2
+        frames = grid_cells(picture, 1, 6, 32, scale)[0].astype(int)
+    gif = out.endswith(".gif")   # a GIF holds 256 colours per frame: the noisy frames come back quantised
+    mondrian = images.to_uint8(data.mondrian(32, rng=np.random.default_rng(0))).astype(int)
+    assert np.abs(frames[0] - mondrian).max() <= (8 if gif else 0)
+    likeness = [np.corrcoef(f.ravel(), mondrian.ravel())[0, 1] for f in frames]
+    assert likeness[0] > 0.99 and all(a > b for a, b in zip(likeness, likeness[1:])), likeness
+    x_T = frames[-1] / 127.5 - 1   # N(0, 1) clipped to [-1, 1]: mean 0, sd 0.72, 31.7% at the clip
+    assert abs(likeness[-1]) < 0.1 and abs(neighbour_correlation(x_T)) < 0.1
+    assert abs(x_T.mean()) < 0.1 and abs(x_T.std() - 0.72) < (0.1 if gif else 0.03)
+    if not gif:
+        assert abs((np.abs(x_T) > 0.99).mean() - 0.317) < 0.04
 
 
 def test_forward_on_an_image_file_and_reverse_with_a_checkpoint(trained, tmp_path):
@@ -108,7 +162,7 @@ def test_forward_on_an_image_file_and_reverse_with_a_checkpoint(trained, tmp_pat
 def test_interpolate_and_eval(trained, tmp_path, capsys):
     assert run("interpolate", "--checkpoint", trained, "--t", 5, "--pairs", 2, "--lambdas", 3,
                "--out", tmp_path / "i.png") == 0
-    # bits/dim alone (the eval of before issue 6): --bpd --no-metrics draws no samples
+    # bits/dim alone: --bpd --no-metrics draws no samples
     assert run("eval", "--checkpoint", trained, "--bpd", "--no-metrics", "--bpd-num", 6,
                "--out", tmp_path / "report.json") == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -293,7 +347,7 @@ def test_forward_process_example_writes_its_picture(tmp_path, monkeypatch):
     assert (tmp_path / "f.png").is_file() and (tmp_path / "f_alpha_bar.png").is_file()
 
 
-# ---------------------------------------------------------------- eval: sample-quality metrics (issue 6)
+# ---------------------------------------------------------------- eval: sample-quality metrics
 
 
 QUALITY_KEYS = {"frechet_distance", "precision", "recall", "mean_confidence", "fraction_confident",
@@ -407,7 +461,7 @@ def test_train_creates_the_run_folder_with_its_parents(tmp_path, capsys):
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
-# ---------------------------------------------------------------- class-conditional models (issue 14)
+# ---------------------------------------------------------------- class-conditional models
 
 
 @pytest.fixture(scope="module")
@@ -534,7 +588,7 @@ def test_interpolate_forward_and_resume_with_a_conditional_checkpoint(conditiona
     assert "conditional" in one_error_line(capsys)
 
 
-# ---------------------------------------------------------------- issue 10: every path on the cupy backend
+# ---------------------------------------------------------------- every path on the cupy backend
 
 CUPY = ["--backend", "cupy"]
 TESTS = os.path.dirname(os.path.abspath(__file__))
