@@ -286,6 +286,8 @@ class Conv2d(Function):
         o, c, kh, kw = weight.shape
         ho, wo = output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
         xp = backend.xp_of(x)
+        # first: the pool's first use sets BLAS to one thread, which the Winograd transform's GEMM then runs on
+        threads = pool.threads_for(x, macs=n * ho * wo * o * c * kh * kw)
         w2 = weight.transpose(0, 2, 3, 1).reshape(o, -1)          # (O, kh*kw*C), columns ordered (i, j, c)
         u = winograd_weights(weight) if use_winograd(x, weight, stride, ho * wo) else None
         dtype = xp.result_type(x, weight)
@@ -300,7 +302,6 @@ class Conv2d(Function):
                 out += bias
             return out
 
-        threads = pool.threads_for(x, macs=n * ho * wo * o * c * kh * kw)
         out = pool.split(xp, n, chunk, threads, rows=[((n * ho * wo, o), dtype)])
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.geometry = x.shape, stride, padding
@@ -318,6 +319,7 @@ class Conv2d(Function):
         ho, wo = g4.shape[1:3]
         pt, pb, pl, pr = padding
         full = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)   # the transposed conv's padding
+        threads = pool.threads_for(grad, macs=grad.size * c * kh * kw)
         plain_1x1 = kh == kw == 1 and stride == (1, 1) and not any(padding)
         transposed = stride == (1, 1) and min(full) >= 0 and not plain_1x1
         w_flip = u_flip = None                                    # the transposed conv's kernel, as a GEMM or Winograd's U
@@ -355,7 +357,6 @@ class Conv2d(Function):
                                      kh, kw, stride, padding).reshape(-1, c)
             return gx, gw, gb
 
-        threads = pool.threads_for(grad, macs=grad.size * c * kh * kw)
         gx_spec = ((n * h * w, c), grad.dtype) if need[0] else None
         grad_x, grad_w, grad_b = pool.split(xp, n, chunk, threads, rows=[gx_spec], sums=2)
         if need[1]:

@@ -209,6 +209,7 @@ def split(xp, n, chunk, threads, rows=(), sums=0):
       gradient, a bias gradient); they are added up in chunk order (None stays None).
     Returns the whole outputs followed by the sums: a tuple, or the single array when there is one.
     """
+    get_num_threads()   # the pool (and BLAS's thread count) is set up before a kernel's first product
     if threads <= 1:
         results = chunk(0, n, *(None,) * len(rows))
     else:
