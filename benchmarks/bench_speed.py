@@ -113,7 +113,7 @@ def _set_env_threads(env, threads):
 
 def _release_free_memory():
     """Hand memory malloc holds free back to the OS (glibc's malloc_trim), so that the baseline resident
-    set is the live data: minidiff keeps freed blocks for reuse (backend.keep_freed_memory), and the GEMM
+    set is the live data: minidiff keeps freed blocks for reuse (kernels.memory.keep_freed_memory), and the GEMM
     peak's freed 16 MB matrices would otherwise sit resident and hide the step's own allocations."""
     try:
         import ctypes
