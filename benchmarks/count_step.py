@@ -4,7 +4,8 @@ Array operations (each a kernel launch on CuPy) and host->device bytes per step 
 `minidiff train` (digits preset, --dropout 0.1, batch 64 by default), after warm-up
 steps (the schedule tables are copied to the device once). Prints a table, the
 operations by name, and with --json the figures as JSON. tests/test_train.py holds
-the issue-10 targets (<= 3000 operations, <= 4x the batch's bytes) with the same count.
+the GPU step budget (<= 3000 operations with the kernels, <= 4x the batch's bytes) with the same count;
+MINIDIFF_KERNELS=reference counts the plain math layer.
 
     python benchmarks/count_step.py                       # the digits step
     python benchmarks/count_step.py --dropout 0 --top 30

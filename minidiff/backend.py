@@ -15,6 +15,7 @@ raised, unchanged, by the first `xp()`, `to_active()` or `backend_name()` (or by
 import os
 
 import numpy as host  # float64 coefficients, file I/O, host-side random draws
+from numpy.lib import format as npy_format  # .npy headers, read before any array data (data's bounded readers)
 
 try:  # CuPy is optional: pip install "minidiff[gpu]"
     import cupy
@@ -98,7 +99,7 @@ def xp_of(*arrays):
     """numpy or cupy, whichever owns `arrays` (cupy.get_array_module's rule: cupy if any is a cupy array).
 
     Written out rather than calling get_array_module: it runs several times per op, and the
-    isinstance loop costs a fraction of that call (BENCHMARKS.md, "Per-op overheads").
+    isinstance loop costs a fraction of that call (BENCHMARKS.md, "Speed work, second round").
     """
     if cupy is not None:
         device_array = cupy.ndarray

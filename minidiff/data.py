@@ -22,7 +22,6 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from numpy.lib import format as npy_format
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import backend
@@ -587,13 +586,13 @@ def _read_npy(stream, source, total, check_end):
     refused before anything is allocated; then the declared array must fit in memory_limit().
     """
     try:
-        version = npy_format.read_magic(stream)
+        version = backend.npy_format.read_magic(stream)
         if version == (1, 0):
-            shape, fortran, dtype = npy_format.read_array_header_1_0(stream)
+            shape, fortran, dtype = backend.npy_format.read_array_header_1_0(stream)
         elif version == (2, 0):
-            shape, fortran, dtype = npy_format.read_array_header_2_0(stream)
+            shape, fortran, dtype = backend.npy_format.read_array_header_2_0(stream)
         else:                                  # 3.0 (a UTF-8 header): no public reader
-            shape, fortran, dtype = npy_format._read_array_header(stream, version)
+            shape, fortran, dtype = backend.npy_format._read_array_header(stream, version)
         header = stream.tell()
     except NPY_ERRORS as e:
         raise _unsupported(source, f"cannot read it as a NumPy array ({e})") from None

@@ -3,7 +3,7 @@
 numpy allocates every activation and temporary afresh. glibc serves large blocks with their
 own mmap and hands freed memory back to the OS, so the next step's arrays fault their pages
 in again (a tenth or more of a digits training step's CPU time goes to the kernel: see
-BENCHMARKS.md, "Memory"). Fixing two thresholds (mallopt M_MMAP_THRESHOLD 32 MiB, glibc's
+BENCHMARKS.md, "Speed work, second round"). Fixing two thresholds (mallopt M_MMAP_THRESHOLD 32 MiB, glibc's
 largest, and M_TRIM_THRESHOLD 1 GiB) turns malloc into a cache for those blocks, as PyTorch's
 caching allocators are: the process keeps its peak in memory. Applied once, by the kernels
 layer when the fast kernels are first chosen; MINIDIFF_MALLOC_TUNING=0 skips it.

@@ -1,4 +1,4 @@
-"""Intra-op parallelism on the CPU: a small thread pool that runs one op's batch chunks on every core.
+"""The kernels' thread pool: one op's batch chunks on every core of the CPU.
 
 PyTorch's `at::parallel_for` idea, on numpy: an op splits its work into contiguous chunks
 along the batch (or a flat buffer), and each chunk runs in its own thread. numpy releases
@@ -8,9 +8,9 @@ single-threaded GEMMs on halves of the batch beat one narrow GEMM split by OpenB
 no BLAS thread spin-waits while numpy's elementwise passes run.
 
     parallel_for(n, fn)  # fn(start, stop) on contiguous chunks of range(n); chunk results, in order
+    split(xp, n, chunk, threads, rows=..., sums=...)   # what kernels call: outputs and partial sums
 
-With one thread (MINIDIFF_NUM_THREADS=1, or set_num_threads(1)) it is fn(0, n): the plain
-code path. Chunk boundaries depend only on n and the thread count, so a run is
+With one thread (MINIDIFF_NUM_THREADS=1, or set_num_threads(1)) it is fn(0, n). Chunk boundaries depend only on n and the thread count, so a run is
 reproducible at a fixed thread count; across thread counts, sums over chunks agree to
 float32 reduction order. Chunks of a nested call, or of a call from a second Python
 thread while the pool is busy, run serially in the calling thread.
@@ -115,10 +115,9 @@ def chunks(n, parts):
     return bounds
 
 
-# Below these a second thread costs more than it saves. Handing a chunk over takes ~20 us, but the
-# GIL then passes between the two threads at every numpy call of their chunks (a wake-up each), so an op
-# of ~20 small numpy calls pays ~100-150 us: measured at 2 threads, group norm and SiLU run slower split
-# up to ~2^17 elements and faster from 2^18; a matrix product of MIN_PARALLEL_MACS takes ~150 us on one core.
+# Below these a second thread costs more than it saves: the GIL passes between the threads at every numpy
+# call of their chunks, so a split op of many small calls pays more hand-offs than it gains. Chosen by
+# measurement at 2 threads (BENCHMARKS.md, "Speed work, second round").
 MIN_PARALLEL_SIZE = 1 << 18   # elements of elementwise work (the largest array, or `size`)
 MIN_PARALLEL_MACS = 1 << 23   # multiply-adds of matrix products (`macs`)
 
@@ -138,28 +137,6 @@ def part(arr, a, b):
     """arr[a:b], one chunk's rows; `arr` itself when the chunk is all of it (or None for None), so
     the one-chunk path (one thread, small arrays, a GPU) makes no view: on a GPU each is an op."""
     return arr if arr is None or (a == 0 and b == len(arr)) else arr[a:b]
-
-
-def into(buf, a, b, value):
-    """`value` (one chunk's rows) written into buf[a:b] and returned as that view; `value` itself
-    when there is no buffer (one chunk)."""
-    if buf is None:
-        return value
-    rows = part(buf, a, b)
-    rows[...] = value
-    return rows
-
-
-def buffer(xp, shape, dtype, threads, like=None):
-    """The output array the chunks of an op write their rows into, or None for one chunk.
-
-    With one chunk (threads == 1: one thread, a small array, or a GPU, where CuPy parallelises
-    itself) the chunk's own ops allocate the result, `out=None`, and the op takes it from what
-    parallel_for returns: no extra allocation, the plain code path. `like` keeps its layout.
-    """
-    if threads <= 1:
-        return None
-    return xp.empty_like(like) if like is not None else xp.empty(shape, dtype=dtype)
 
 
 def parallel_for(n, fn, threads=None):
