@@ -8,6 +8,7 @@ May import: every minidiff module.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -15,8 +16,6 @@ import re
 import signal
 import sys
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
@@ -27,7 +26,7 @@ from .data import DataError
 from .schedule import get_named_beta_schedule
 
 EXIT_USAGE = 2         # bad arguments, missing or corrupt inputs (argparse's own code)
-EXIT_INTERRUPTED = 130  # Ctrl-C, after the checkpoint was saved (128 + SIGINT)
+EXIT_INTERRUPTED = 130  # Ctrl-C, after the checkpoint was saved (128 + SIGINT; SIGTERM 143, SIGHUP 129)
 
 
 class UsageError(Exception):
@@ -273,6 +272,37 @@ def main(argv=None):
     except (training.TrainingDiverged, distributed.DistributedError) as err:
         _print_on_root(f"minidiff train: error: {err}")
         return 1
+    except OSError as err:   # the machine, not the arguments: a full disk, a read-only folder, a file in the way
+        _print_on_root(f"minidiff {getattr(args, 'command', '') or ''}: error: {_os_error(err)}".replace("  ", " "))
+        return EXIT_USAGE
+    except MemoryError:
+        _print_on_root(f"minidiff {getattr(args, 'command', '') or ''}: error: out of memory; files written "
+                       f"earlier are intact: use a smaller --batch-size (or --num), or a machine with more memory")
+        return EXIT_USAGE
+
+
+# What to do about an OSError, by errno: the machine's state, which no argument can fix.
+OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space, or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere",
+    errno.EFBIG: "the file is larger than this system allows (ulimit -f): raise the limit, or write elsewhere",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you may write to, or fix its permissions",
+    errno.EPERM: "the operation is not permitted: choose a folder you may write to",
+    errno.EISDIR: "a folder stands where a file must go: remove it or choose another name",
+    errno.ENOTDIR: "a file stands where a folder must go: remove it or choose another name",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EIO: "the disk reported an input/output error: check the device",
+}
+
+
+def _os_error(err):
+    """One line for an OSError: which file, what happened, that earlier results are intact, what to do."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    what = err.strerror or str(err) or type(err).__name__
+    advice = OS_ADVICE.get(err.errno, "check the file and the disk, then run again")
+    return (f"{where + ': ' if where else ''}{what}; files written before (checkpoints, metrics, pictures) are "
+            f"intact: {advice}")
 
 
 def _print_on_root(message):
@@ -296,6 +326,33 @@ def _positive(**counts):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
+FORWARD_T = 1000       # the forward demo's T: the paper's linear schedule
+MAX_GUIDANCE = 100.0   # beyond it eps is (1 + w) eps(x, y) - w eps(x) with w eps(x) dwarfing the image: noise
+
+
+def _check_sampling(cfg):
+    """The numbers every sampling command shares: finite, in range, checked before any work."""
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
+    eta = getattr(cfg, "eta", 0.0)
+    if not 0 <= eta <= 1:   # also NaN; eta > 1 asks DDIM for more noise than the step has (sigma^2 > 1 - alpha_bar)
+        raise UsageError(f"--eta must be a finite number in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    guidance = getattr(cfg, "guidance", None)
+    if guidance is not None and not -1 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance must be a finite number in [-1, {MAX_GUIDANCE:g}] (-1: unconditional, 0: plain "
+                         f"conditional; the paper's best are 0.1 .. 4), got {guidance}")
+
+
+def _check_affordable(num, shape, option="--num"):
+    """`num` float32 images of `shape` must fit in the memory minidiff allows for data (data.memory_limit)."""
+    nbytes = 4 * num * math.prod(shape)
+    limit, why = data.memory_limit()
+    if nbytes > limit:
+        raise UsageError(f"{option} {num}: {num} images of {'x'.join(map(str, shape))} would take "
+                         f"{nbytes / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB allowed ({why}); "
+                         f"ask for fewer")
+
+
 def _check_output(path, suffixes, option="--out"):
     """The output must have a known suffix and live in an existing folder."""
     ext = os.path.splitext(path)[1].lower()
@@ -304,6 +361,10 @@ def _check_output(path, suffixes, option="--out"):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a folder; give a file name (e.g. {os.path.join(path, 'out' + ext)})")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path}: the folder {folder} is not writable; choose another")
     return ext
 
 
@@ -334,25 +395,35 @@ def _model_images(config, info, name, split):
 
 
 class _GracefulInterrupt:
-    """The first Ctrl-C only sets `.requested` (the loop then stops at a step boundary and
-    saves); a second one interrupts at once (the last periodic checkpoint is still intact)."""
+    """The first Ctrl-C (SIGINT), SIGTERM (how SLURM, Kubernetes and `kill` stop a job) or SIGHUP (the
+    terminal went away) only sets `.requested`: the loop then stops at a step boundary and saves.
+    A second one interrupts at once (the last periodic checkpoint is still intact).
+    `.signum` is the first signal, for the conventional exit code 128 + signum."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __enter__(self):
         self.requested = False
-        self.previous = None
+        self.signum = signal.SIGINT
+        self.previous = {}
         with contextlib.suppress(ValueError):  # signal only works in the main thread
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         distributed.world().stop_requested = True   # under MPI the ranks agree on it at the next step
 
+    @property
+    def exit_code(self):
+        return 128 + int(self.signum)
+
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -466,9 +537,10 @@ def cmd_train(args):
         bar.close()
         run.close()  # at a step boundary this saves the checkpoint (train's GeneratorExit path)
     if interrupted:
-        _print_on_root(f"interrupted after step {step}: checkpoint saved in {out}; continue with "
+        cause = "" if stop.signum == signal.SIGINT else f" by {signal.Signals(stop.signum).name}"
+        _print_on_root(f"interrupted{cause} after step {step}: checkpoint saved in {out}; continue with "
                        f"'minidiff train --out {out} --resume'")
-        return EXIT_INTERRUPTED
+        return stop.exit_code
     minutes, seconds = divmod(time.perf_counter() - began, 60)
     _print_on_root(f"trained {config.steps} steps in {int(minutes)}m{seconds:02.0f}s; wrote {out}/samples.png, "
                    f"{training.CHECKPOINT}, metrics.{config.log_format} and loss.png"
@@ -504,6 +576,7 @@ def _load_source(cfg):
 def cmd_sample(args):
     cfg = _config(args)
     _positive(num=cfg.num, batch_size=cfg.batch_size, frames=cfg.frames)
+    _check_sampling(cfg)
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
     backend.use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
@@ -512,6 +585,7 @@ def cmd_sample(args):
     num = cfg.num if labels is None else len(labels)
     points = info["channels"] is None
     shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
+    _check_affordable(num * (min(cfg.frames, steps) if cfg.progressive else 1), shape)
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
@@ -579,7 +653,7 @@ def _sample_progressive(cfg, model, diffusion, steps, ddim, shape, clip_denoised
         chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta, **kwargs)
     else:
         chain = diffusion.p_sample_loop_progressive(model, shape, **kwargs)
-    keep = set(_frame_indices(steps, cfg.frames))
+    keep = set(_frame_indices(steps, min(cfg.frames, steps)))   # at most one column per step
     frames, labels = [], []
     for k, out in enumerate(chain):
         if k in keep:
@@ -601,6 +675,12 @@ def cmd_forward(args):
     if cfg.image_size == 0:
         cfg.image_size = 32 if ext == ".html" else 64
     _positive(steps=cfg.steps, num=cfg.num, image_size=cfg.image_size)
+    _check_sampling(cfg)
+    if cfg.image_size > checkpoint.MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size must be at most {checkpoint.MAX_IMAGE_SIZE}, got {cfg.image_size}")
+    if cfg.checkpoint is None and cfg.steps > FORWARD_T:
+        raise UsageError(f"--steps must be at most T = {FORWARD_T} (one frame per step of the forward process), "
+                         f"got {cfg.steps}")
     if not 0 < cfg.beta_scale <= 49:
         raise UsageError(f"--beta-scale must lie in (0, 49] so that every beta stays below 1, got {cfg.beta_scale}")
     if cfg.checkpoint is not None and cfg.image is not None:
@@ -637,7 +717,7 @@ def _forward_picture(cfg):
 
 def _forward_frames(cfg):
     """x_0, then x_t of the Markov chain x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (Eq. 2)."""
-    betas = get_named_beta_schedule("linear", 1000) * cfg.beta_scale
+    betas = get_named_beta_schedule("linear", FORWARD_T) * cfg.beta_scale
     keep = set(explainer.frame_steps(len(betas), cfg.steps))   # steps 0 (x_0) .. T
     frames, steps = explainer.forward_chain(_forward_picture(cfg), betas, keep, cfg.seed)
     return frames, [f"t={t}" for t in steps]
@@ -687,6 +767,9 @@ def _reverse_frames(cfg):
     if cfg.beta_scale != 1.0:
         raise UsageError("--beta-scale applies to the forward process; a checkpoint's schedule is fixed")
     T = diffusion.num_timesteps
+    if cfg.steps > T:
+        raise UsageError(f"--steps must be at most the model's T = {T} (one frame per reverse step), got {cfg.steps}")
+    _check_affordable(cfg.num * (cfg.steps + 1), _reverse_shape(cfg, info)[1:])
     keep = {T - t for t in explainer.frame_steps(T, cfg.steps)}   # the paper's t of each frame, from x_T
     frames, steps = explainer.reverse_chain(model, diffusion, _reverse_shape(cfg, info), keep, cfg.seed,
                                             progress=True)
@@ -704,6 +787,7 @@ def _reverse_shape(cfg, info):
 def cmd_interpolate(args):
     cfg = _config(args)
     _positive(pairs=cfg.pairs)
+    _check_sampling(cfg)
     if cfg.lambdas < 2:
         raise UsageError(f"--lambdas must be at least 2 (0 and 1), got {cfg.lambdas}")
     _check_output(cfg.out, (".png",))
@@ -713,6 +797,9 @@ def cmd_interpolate(args):
     model, diffusion, config, info = _load_source(cfg)
     if not 0 <= cfg.t < diffusion.num_timesteps:
         raise UsageError(f"--t must lie in 0 .. {diffusion.num_timesteps - 1}, got {cfg.t}")
+    if info["channels"] is not None:
+        _check_affordable(cfg.pairs * (cfg.lambdas + 2), (info["channels"], info["image_size"], info["image_size"]),
+                          "--lambdas")
     images_, _, _ = _model_images(config, info, cfg.data, "heldout")
     if len(images_) < 2 * cfg.pairs:
         raise UsageError(f"--pairs {cfg.pairs} needs {2 * cfg.pairs} images; the held-out split has {len(images_)}")
@@ -744,24 +831,10 @@ def _read_samples(path, points):
     (N, 2) points, and the labels they were drawn for (guided-diffusion's convention)."""
     if not os.path.isfile(path):
         raise UsageError(f"--samples {path}: no such file")
-    try:
-        with contextlib.ExitStack() as stack:
-            loaded = backend.host.load(path, allow_pickle=False)
-            labels = None
-            if not hasattr(loaded, "files"):   # a .npy holds a single array
-                array = loaded
-            else:
-                stack.callback(loaded.close)
-                names = list(loaded.files)
-                if "arr_0" not in names and len(names) != 1:
-                    raise UsageError(f"--samples {path}: no array arr_0 in the file (it holds "
-                                     f"{', '.join(names) or 'nothing'})")
-                array = loaded["arr_0" if "arr_0" in names else names[0]]
-                labels = loaded["arr_1"] if "arr_0" in names and "arr_1" in names else None
-    except UsageError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:  # the file is unusable
-        raise UsageError(f"--samples {path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    found, names = data.read_arrays(path, ["arr_0", "arr_1"])   # DataError: unreadable, hostile or too large
+    array, labels = found["arr_0"], found["arr_1"]
+    if array is None:
+        raise UsageError(f"--samples {path}: no array arr_0 in the file (it holds {', '.join(names) or 'nothing'})")
     if points:
         if array.ndim != 2 or array.shape[1] != 2 or array.dtype.kind not in "fiu":
             raise UsageError(f"--samples {path}: 2-D data needs (N, 2) points, got {array.dtype} of shape "
@@ -809,6 +882,7 @@ def cmd_eval(args):
     _positive(batch_size=cfg.batch_size, **({"num": cfg.num} if cfg.num is not None else {}))
     if cfg.bpd_num < 0:
         raise UsageError(f"--bpd-num must be >= 0 (0: the whole split), got {cfg.bpd_num}")
+    _check_sampling(cfg)
     if cfg.checkpoint is None and cfg.samples is None:
         raise UsageError("give --checkpoint (draw samples from a model) or --samples FILE.npz (score samples "
                          "already drawn)")
@@ -851,6 +925,7 @@ def cmd_eval(args):
                                  f"precision/recall), got {num}")
             _, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
             shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
+            _check_affordable(num, shape)
             labels, guidance, _ = _requested_labels(cfg, model, num)
             num = num if labels is None else len(labels)
             began = time.perf_counter()
@@ -905,8 +980,6 @@ def cmd_convert(args):
     """A diffusers DDPM folder -> one minidiff checkpoint (model, schedule, sampling settings)."""
     cfg = _config(args)
     _check_output(cfg.out, (".safetensors",))
-    if os.path.isdir(cfg.out):
-        raise UsageError(f"--out {cfg.out} is a folder; give a file name ending in .safetensors")
     model, diffusion, info = pretrained.load_with_info(cfg.pretrained)
     pretrained.save_converted(cfg.out, model, diffusion, info)
     print(f"wrote {cfg.out}: a {model.num_parameters():,}-parameter U-Net for {info['channels']}x"

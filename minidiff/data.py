@@ -638,6 +638,26 @@ def _read_npz_member(archive, info, source):
         return _read_npy(stream, source, total, check_end=True)
 
 
+def read_arrays(path, names):
+    """{name: array or None} for `names` of an .npz archive, and the names it holds; an .npy file's one
+    array comes under names[0]. Each is read lazily through the bounded reader of the training data:
+    never unpickled, its header checked against the file's size and memory_limit() before anything
+    is allocated. A single array under another name stands for names[0] (np.savez(path, x=...))."""
+    if not path.lower().endswith(".npz") and not zipfile.is_zipfile(path):
+        return {names[0]: _load_npy(path), **{name: None for name in names[1:]}}, [names[0]]
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise _unsupported(path, f"cannot read it as a NumPy .npz archive ({e})") from None
+    with archive:
+        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+        if names[0] not in members and len(members) == 1:
+            members = {names[0]: next(iter(members.values()))}
+        found = {name: _read_npz_member(archive, members[name], f"{path} (array {name!r})") if name in members
+                 else None for name in names}
+        return found, list(members)
+
+
 def _load_npz(path):
     """The `images` array (else `arr_0`, else the first) and `labels` if present (checked: check_labels)."""
     try:

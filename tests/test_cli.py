@@ -410,7 +410,7 @@ def test_eval_from_a_checkpoint_samples_and_scores(trained, tmp_path, capsys):
 @pytest.mark.parametrize("array, argv, message", [
     (None, [], "give --checkpoint"),
     ("missing", [], "no such file"),
-    ("corrupt", [], "not a readable .npz"),
+    ("corrupt", [], "cannot read it as a NumPy .npz archive"),
     (np.zeros((10, 8, 8), np.float32), [], "expected uint8 images"),
     (np.zeros((10, 8, 8, 2), np.uint8), [], "expected uint8 images"),
     (np.zeros((10, 8), np.uint8), [], "expected uint8 images"),
