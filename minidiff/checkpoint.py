@@ -162,6 +162,10 @@ def atomic_path(path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except OSError as err:   # a full disk while writing: the error names the file the user asked for
+        if err.filename in (None, tmp):
+            err.filename, err.filename2 = path, None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
