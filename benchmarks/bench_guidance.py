@@ -1,4 +1,4 @@
-"""Classifier-free guidance benchmark (issue 14): train the default preset with --conditional, sweep w.
+"""Classifier-free guidance benchmark: train the default preset with --conditional, sweep w.
 
     python benchmarks/bench_guidance.py                       # digits, the default preset + --conditional
     python benchmarks/bench_guidance.py --checkpoint runs/bench_guidance   # re-score a trained run
@@ -10,7 +10,7 @@ from the EMA weights draws --per-class samples of every class for each guidance 
 --ddim-steps, the same noise for every w) and as many unconditional samples, and scores each set
 with minidiff.metrics.evaluate_samples: the classifier's agreement with the requested label (per
 class), its confidence, and the Frechet distance to the held-out split (the trade-off guidance
-makes). Prints issue 14's targets, writes the Markdown to --md, the numbers to OUT/guidance.json,
+makes). Prints the guidance targets, writes the Markdown to --md, the numbers to OUT/guidance.json,
 the accuracy-vs-distance plot to --plot and a `--label all` grid (w = 2) to --grid.
 """
 import argparse
@@ -25,7 +25,7 @@ from minidiff import train as training
 from minidiff.config import make_config
 
 host = backend.host
-TRAIN_MINUTES = 7.0   # issue 14: the conditional digits preset trains within 7 minutes on 2 cores
+TRAIN_MINUTES = 7.0   # target: the conditional digits preset trains within 7 minutes on 2 cores
 
 
 def load_average():
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--checkpoint", default=None, help="skip training: score this conditional run instead")
     p.add_argument("--per-class", type=int, default=100, help="samples of each class at w = 2 and, times K, "
-                                                               "unconditional samples (issue 14's targets)")
+                                                               "unconditional samples (the guidance targets)")
     p.add_argument("--sweep-per-class", type=int, default=None,
                    help="samples of each class for the other weights (default: --per-class)")
     p.add_argument("--step-ratio", action="store_true",
@@ -165,7 +165,7 @@ def main(argv=None):
                      at2["metrics"]["fraction_confident"]["samples"] >= 0.9)]
     lo, hi = m["class_min_fraction"]["samples"], m["class_max_fraction"]["samples"]
     targets.append(("unconditional: every class between 5% and 15%", f"{lo:.3f} .. {hi:.3f}", lo >= 0.05 and hi <= 0.15))
-    md += ["", "| issue 14's target | measured | |", "|---|---:|---|"]
+    md += ["", "| target | measured | |", "|---|---:|---|"]
     md += [f"| {text} | {value} | {'pass' if ok else 'MISS'} |" for text, value, ok in targets]
     if at2 is not None:
         per = " ".join(f"{c}: {v['agreement']:.2f}" for c, v in at2["label_agreement"]["per_class"].items())

@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI (issue 15): steps/s on 1 and 2 ranks, the all-reduce, and scaling on paper.
+"""Data-parallel training over MPI: steps/s on 1 and 2 ranks, the all-reduce, and scaling on paper.
 
     python benchmarks/bench_mpi.py                  # about 2 minutes on 2 cores
     python benchmarks/bench_mpi.py --steps 40 --rounds 3 --no-cifar

@@ -1,4 +1,4 @@
-"""DDIM-50 with the paper's CIFAR-10 model (google/ddpm-cifar10-32's shapes): how long on this machine (issue 13).
+"""DDIM-50 with the paper's CIFAR-10 model (google/ddpm-cifar10-32's shapes): how long on this machine.
 
     python benchmarks/bench_pretrained.py                        # 16 images, 50 DDIM steps, 2 threads
     python benchmarks/bench_pretrained.py --pretrained DIR       # the real weights, where they were downloaded

@@ -7,7 +7,7 @@
 Trains with a fixed seed (minidiff.train.Trainer, the same code as `minidiff train`),
 draws --num samples from the EMA weights with DDPM (all T steps, Algorithm 2) and with
 DDIM (--ddim-steps), scores each with minidiff.metrics.evaluate_samples against the
-held-out split (every metric beside its real-data floor), checks issue 6's targets,
+held-out split (every metric beside its real-data floor), checks the quality targets,
 prints the tables and writes them to --md (default BENCHMARKS_QUALITY.md). The run's
 checkpoint and the samples (.npz, uint8 NHWC) are kept in --out-dir, so `minidiff eval`
 can re-score them.
@@ -25,7 +25,7 @@ from minidiff.config import PRESETS, build_diffusion, make_config
 
 host = backend.host
 
-# Issue 6's targets for the default digits run, as (metric, test, threshold, wording).
+# The quality targets for the default digits run, as (metric, test, threshold, wording).
 TARGETS = [
     ("fraction_confident", lambda v, m: v >= 0.85, "confidence >= 0.9 for at least 85% of samples"),
     ("class_min_fraction", lambda v, m: v >= 0.05, "every class at least 5% of samples"),
@@ -39,7 +39,7 @@ TARGETS = [
 
 
 def check_targets(report):
-    """[(wording, value, passed)] for issue 6's targets."""
+    """[(wording, value, passed)] for the quality targets."""
     m = report["metrics"]
     return [(text, m[key]["samples"], bool(test(m[key]["samples"], m))) for key, test, text in TARGETS]
 
@@ -48,7 +48,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--num", type=int, default=1000, help="samples per sampler (issue 6: at least 1000)")
+    p.add_argument("--num", type=int, default=1000, help="samples per sampler (the targets are stated at 1000)")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--no-ddpm", action="store_true", help="skip the 1000-step DDPM sampler (slow on a CPU)")
     p.add_argument("--bpd", action="store_true",
@@ -131,7 +131,7 @@ def main(argv=None):
     if bpd:
         md += ["", f"Bits/dim on the {bpd['num_images']} held-out images ({bpd['grey_levels']} grey levels): "
                    f"{bpd['bits_per_dim']:.3f} ± {bpd['bits_per_dim_stderr']:.3f}"]
-    md += ["", "Issue 6's targets:", "", "| target | " + " | ".join(r["sampler"] for r in results) + " |",
+    md += ["", "The quality targets:", "", "| target | " + " | ".join(r["sampler"] for r in results) + " |",
            "|---|" + "---|" * len(results)]
     checks = [check_targets(r) for r in results]
     for i, (text, _, _) in enumerate(checks[0]):

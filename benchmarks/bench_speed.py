@@ -1,4 +1,4 @@
-"""Speed and memory of a DDPM training step and a sampling step: minidiff against PyTorch (issue 7).
+"""Speed and memory of a DDPM training step and a sampling step: minidiff against PyTorch.
 
     python benchmarks/bench_speed.py                      # tiny, small, mnist, cifar on 2 threads
     python benchmarks/bench_speed.py --configs tiny small --profile
@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# The configurations of issue 7. cifar is the paper's 35.7M-parameter CIFAR-10 model.
+# The benchmark configurations; cifar is the paper's 35.7M-parameter CIFAR-10 model.
 CONFIGS = {
     "tiny": dict(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), batch=64),
     "small": dict(image_size=16, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), batch=32),
@@ -46,7 +46,7 @@ JSON_TAG = "BENCH_JSON "
 def unet_flops(cfg):
     """Forward FLOPs (2 per multiply-add) of the convolutions and matrix products of one U-Net call.
 
-    Walks the architecture exactly as minidiff.UNet builds it (issue 3 / the original
+    Walks the architecture exactly as minidiff.UNet builds it (like the original
     code); elementwise ops, norms and softmax are not counted (they are not GEMMs).
     """
     n, s0, ch, mult = cfg["batch"], cfg["image_size"], cfg["ch"], cfg["ch_mult"]
@@ -554,7 +554,7 @@ def report(results, args):
     print("\nfloat32 GEMM peak (2048^3, same threads, best of the workers): " +
           ", ".join(f"{'numpy/cupy' if fw == 'minidiff' else 'torch'} {p:.0f} GFLOP/s" for fw, p in peaks.items()))
     if len(ratio_rows) > 2:
-        print("\nRatio minidiff / PyTorch (lower is better for time and memory; issue 11's targets: train <= 1.2x, "
+        print("\nRatio minidiff / PyTorch (lower is better for time and memory; targets: train <= 1.2x, "
               "sample <= 1.2x, memory <= 1.5x)\n")
         print("\n".join(ratio_rows))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issues 7 and 10), for a machine with an NVIDIA GPU where CuPy is
+# One prepared GPU check, for a machine with an NVIDIA GPU where CuPy is
 # already installed and there may be no network. It installs nothing. From the repository root:
 #
 #     OUT=/some/folder bash benchmarks/gpu_check.sh [extra pytest args]

@@ -175,7 +175,7 @@ def test_to_numpy_returns_host_arrays():
     np.testing.assert_array_equal(t.numpy(), [[1.0, 2.0]])
 
 
-# ---------------------------------------------------------------- issue 10: what a reading found
+# ---------------------------------------------------------------- what a reading of the code found
 
 
 def _import_backend_with(tmp_path, cupy_init, env=None):

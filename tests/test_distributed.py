@@ -352,7 +352,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
 
 
 def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
-    """Issue 14: each sample's "no label" draw (p_uncond) is its own, like its t and noise: 2 ranks = 1 process."""
+    """Each sample's "no label" draw (p_uncond) is its own, like its t and noise: 2 ranks = 1 process."""
     args = ["--steps", 4, *RUN, "--conditional", "--p-uncond", "0.5"]
     one, two = tmp_path / "one", tmp_path / "two"
     done = plain_train("--out", one, *args)

@@ -1,4 +1,4 @@
-"""Module machinery, layers, initialisation and state_dicts (issue 3; init as the original DDPM code)."""
+"""Module machinery, layers, initialisation and state_dicts (init as the original DDPM code)."""
 import math
 
 import numpy as np
