@@ -334,21 +334,24 @@ def test_a_failing_rank_is_reported_by_rank_0_and_ends_the_job(tmp_path):
     assert checkpoint.load(out)["step"] == 2
 
 
-def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path):
-    """mpiexec passes Ctrl-C to every rank; they agree on the step, rank 0 saves it, resume continues."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, signum):
+    """mpiexec passes Ctrl-C (and SIGTERM, as a batch system stops a job) to every rank; they agree on the
+    step, rank 0 saves it, resume continues."""
     out = tmp_path / "interrupted"
     job = _start_long_run(out)
     try:
-        job.send_signal(signal.SIGINT)
+        job.send_signal(signum)
         _, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
             job.communicate()
-    assert job.returncode == cli.EXIT_INTERRUPTED, err
+    assert job.returncode == 128 + signum, err
     last = _metrics(out)[-1]["step"]
     assert checkpoint.load(out)["step"] == last
-    assert f"interrupted after step {last}: checkpoint saved" in err and err.count("interrupted after") == 1
+    cause = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    assert f"interrupted{cause} after step {last}: checkpoint saved" in err and err.count("interrupted") == 1
 
 
 def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
