@@ -11,6 +11,7 @@ Everything here stays on the host; the trainer moves each batch to the active ba
 Bad input raises one `DataError` naming the file, the problem and what to do.
 """
 import codecs
+import contextlib
 import gzip
 import io
 import math
@@ -638,6 +639,22 @@ def _read_npz_member(archive, info, source):
         return _read_npy(stream, source, total, check_end=True)
 
 
+@contextlib.contextmanager
+def _open_npz(path):
+    """The zip archive of an .npz file (closed afterwards); a file that is no zip is a DataError."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise _unsupported(path, f"cannot read it as a NumPy .npz archive ({e})") from None
+    with archive:
+        yield archive
+
+
+def _npz_members(archive):
+    """{array name: zip member} of an .npz archive (np.savez stores array x as x.npy)."""
+    return {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+
+
 def read_arrays(path, names):
     """{name: array or None} for `names` of an .npz archive, and the names it holds; an .npy file's one
     array comes under names[0]. Each is read lazily through the bounded reader of the training data:
@@ -645,12 +662,8 @@ def read_arrays(path, names):
     is allocated. A single array under another name stands for names[0] (np.savez(path, x=...))."""
     if not path.lower().endswith(".npz") and not zipfile.is_zipfile(path):
         return {names[0]: _load_npy(path), **{name: None for name in names[1:]}}, [names[0]]
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise _unsupported(path, f"cannot read it as a NumPy .npz archive ({e})") from None
-    with archive:
-        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+    with _open_npz(path) as archive:
+        members = _npz_members(archive)
         if names[0] not in members and len(members) == 1:
             members = {names[0]: next(iter(members.values()))}
         found = {name: _read_npz_member(archive, members[name], f"{path} (array {name!r})") if name in members
@@ -660,12 +673,8 @@ def read_arrays(path, names):
 
 def _load_npz(path):
     """The `images` array (else `arr_0`, else the first) and `labels` if present (checked: check_labels)."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise _unsupported(path, f"cannot read it as a NumPy .npz archive ({e})") from None
-    with archive:
-        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+    with _open_npz(path) as archive:
+        members = _npz_members(archive)
         if not members:
             raise _unsupported(path, "the .npz archive holds no arrays")
         key = "images" if "images" in members else "arr_0" if "arr_0" in members else next(iter(members))
