@@ -21,6 +21,7 @@ import pytest
 
 from minidiff import backend, checkpoint, cli, distributed, sampling
 from minidiff import train as training
+from processes import signal_and_wait
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--ch", "8", "--ch-mult", "1", "--attn-resolutions", "--batch-size", "8", "--num-timesteps", "10",
@@ -340,13 +341,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, signum):
     step, rank 0 saves it, resume continues."""
     out = tmp_path / "interrupted"
     job = _start_long_run(out)
-    try:
-        job.send_signal(signum)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
+    err = signal_and_wait(job, signum)
     assert job.returncode == 128 + signum, err
     last = _metrics(out)[-1]["step"]
     assert checkpoint.load(out)["step"] == last

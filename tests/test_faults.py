@@ -18,6 +18,7 @@ import zipfile
 import pytest
 
 from minidiff import checkpoint
+from processes import signal_and_wait
 
 TINY = ["--ch", "8", "--ch-mult", "1", "--attn-resolutions", "--batch-size", "4", "--num-timesteps", "10",
         "--num-samples", "4", "--warmup", "2", "--no-progress", "--sample-every", "0"]
@@ -137,13 +138,7 @@ def test_sigterm_and_sighup_save_a_checkpoint_like_ctrl_c(tmp_path, signum):
     says so, exits 128 + signal, and --resume continues from it."""
     run = tmp_path / "run"
     job = _start_long_run(run)
-    try:
-        job.send_signal(signum)
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
+    err = signal_and_wait(job, signum)
     assert job.returncode == 128 + signum, err
     step = checkpoint.load(run)["step"]
     assert step >= 1 and metrics_steps(run)[-1] == step
