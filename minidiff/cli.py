@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
 from . import train as training
 from .checkpoint import CheckpointError
-from .config import TrainConfig, backend_option, build_diffusion, config_from_dict, make_config, option, validate
+from .config import (TrainConfig, backend_option, build_diffusion, check_fits, config_from_dict, make_config, option,
+                     validate)
 from .data import DataError
 from .schedule import get_named_beta_schedule
 
@@ -490,7 +491,11 @@ def _train_setup(args, world):
     except ValueError as err:
         raise UsageError(_as_option(str(err))) from None
     backend.use_backend(config.backend)
-    training.load_data(config)   # fail on bad (or, for --conditional, unlabelled) data before the folder is touched
+    _, _, info = training.load_data(config)   # bad (or, for --conditional, unlabelled) data fails before any write
+    try:
+        check_fits(config, info["image_size"])
+    except ValueError as err:
+        raise UsageError(_as_option(str(err))) from None
     return config, out, start
 
 

@@ -134,8 +134,72 @@ def make_config(preset=None, **overrides):
     return config
 
 
+# Upper bounds of what a run may ask for: beyond them a setting is a typo or a hostile file, and
+# would hang or allocate before anything else is checked. T and the image side are the checkpoint
+# reader's limits (checkpoint.MAX_TIMESTEPS, checkpoint.MAX_IMAGE_SIZE: equal by test_config).
+MAX_TIMESTEPS = 100_000
+MAX_IMAGE_SIZE = 1024
+MAX_WIDTH = 1 << 16        # channels of any one layer: ch * max(ch_mult), mlp_hidden
+MAX_LEVELS = 11            # resolutions of a U-Net: 1024 down to 1
+MAX_RES_BLOCKS = 64
+MAX_MLP_LAYERS = 1024
+MAX_BATCH = 1 << 20
+MAX_LR = 10.0              # Adam's step is ~lr per weight: above 1 it is always wrong, 10 leaves room to try
+MAX_GUIDANCE = 100.0
+
+
+def _check_types(config):
+    """Each field holds the type its default has (bool is no int here), so a checkpoint's junk fails by name."""
+    for f in dataclasses.fields(TrainConfig):
+        value, default = getattr(config, f.name), f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            kind = {bool: "true or false", int: "a whole number", float: "a number", tuple: "a list of whole numbers",
+                    str: "a string"}[type(default)]
+            raise ValueError(f"{f.name} must be {kind}, got {value!r}")
+
+
 def validate(config):
-    """Raise ValueError with one clear sentence for an impossible configuration."""
+    """Raise ValueError with one clear sentence for an impossible configuration: wrong types,
+    non-finite numbers, values out of range or beyond what a machine can hold (the MAX_ limits)."""
+    _check_types(config)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    bounded = {"num_timesteps": MAX_TIMESTEPS, "image_size": MAX_IMAGE_SIZE, "ch": MAX_WIDTH,
+               "num_res_blocks": MAX_RES_BLOCKS, "mlp_hidden": MAX_WIDTH, "mlp_layers": MAX_MLP_LAYERS,
+               "batch_size": MAX_BATCH, "num_samples": MAX_BATCH}
+    for name, limit in bounded.items():
+        if getattr(config, name) > limit:
+            raise ValueError(f"{name} must be at most {limit:,}, got {getattr(config, name):,}")
+    if config.num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be at least 2 (the chain needs a noisy step and the decoder's "
+                         f"last one), got {config.num_timesteps}")
+    if not config.ch_mult or len(config.ch_mult) > MAX_LEVELS or min(config.ch_mult) < 1:
+        raise ValueError(f"ch_mult must hold 1 to {MAX_LEVELS} positive multipliers, got {tuple(config.ch_mult)}")
+    if config.ch * max(config.ch_mult) > MAX_WIDTH:
+        raise ValueError(f"ch_mult must keep every layer within {MAX_WIDTH:,} channels, got ch {config.ch} "
+                         f"x {max(config.ch_mult)}")
+    if any(r < 1 for r in config.attn_resolutions):
+        raise ValueError(f"attn_resolutions must be positive feature-map sides, got {tuple(config.attn_resolutions)}")
+    if config.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {config.seed}")
+    if not config.lr <= MAX_LR:
+        raise ValueError(f"lr must be at most {MAX_LR:g} (Adam moves each weight by about lr per step), got {config.lr}")
+    if config.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not -1 <= config.guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must lie in [-1, {MAX_GUIDANCE:g}], got {config.guidance}")
     positive = ("batch_size", "steps", "num_timesteps", "num_samples", "log_every", "checkpoint_every", "ch",
                 "num_res_blocks", "mlp_hidden", "mlp_layers")
     for name in positive:
@@ -146,14 +210,13 @@ def validate(config):
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.sample_steps > config.num_timesteps:
         raise ValueError(f"sample_steps ({config.sample_steps}) cannot exceed num_timesteps ({config.num_timesteps})")
-    if not config.lr > 0 or not config.grad_clip > 0:
-        raise ValueError(f"lr and grad_clip must be positive, got lr={config.lr}, grad_clip={config.grad_clip}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {config.ema_decay}")
     if not 0 <= config.p_uncond < 1:
         raise ValueError(f"p_uncond must lie in [0, 1) (some labels must be kept), got {config.p_uncond}")
-    if not math.isfinite(config.guidance):
-        raise ValueError(f"guidance must be a finite number, got {config.guidance}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"dropout must lie in [0, 1), got {config.dropout}")
     if config.log_format not in ("jsonl", "csv"):
@@ -178,12 +241,33 @@ def config_from_dict(values):
 # ---------------------------------------------------------------- what a config builds
 
 
+def check_fits(config, image_size):
+    """ValueError unless the U-Net of `config` fits images of side `image_size` (None: 2-D points):
+    each of its len(ch_mult) levels halves the side, and every attention resolution must occur."""
+    if image_size is None:
+        return
+    if image_size < 2:
+        raise ValueError(f"image_size must be at least 2 pixels for a U-Net, got {image_size}x{image_size} images")
+    levels = len(config.ch_mult)
+    if image_size % 2 ** (levels - 1):
+        most = 1 + max(k for k in range(levels) if image_size % 2 ** k == 0)
+        raise ValueError(f"ch_mult has {levels} levels, but {image_size}x{image_size} images can be halved evenly "
+                         f"only {most - 1} times: use at most {most} multipliers (or --image-size)")
+    sides = [image_size >> k for k in range(levels)]
+    missing = sorted(set(config.attn_resolutions) - set(sides))
+    if missing:
+        raise ValueError(f"attn_resolutions {' '.join(map(str, missing))} never occur: at image size {image_size} "
+                         f"with {levels} levels the feature maps are {', '.join(map(str, sides))} pixels wide; "
+                         f"choose among those (or none)")
+
+
 def build_model(config, channels, image_size, num_classes=None):
     """The denoiser a config asks for: the U-Net for images, the MLP for 2-D points (channels=None).
 
     A conditional config's U-Net gets `num_classes` (the data's) and a label embedding."""
     if channels is None:
         return MLPDenoiser(2, config.mlp_hidden, config.mlp_layers)
+    check_fits(config, image_size)
     extra = {"num_classes": num_classes} if config.conditional else {}
     return UNet(image_size=image_size, in_channels=channels, ch=config.ch, ch_mult=tuple(config.ch_mult),
                 num_res_blocks=config.num_res_blocks, attn_resolutions=tuple(config.attn_resolutions),
