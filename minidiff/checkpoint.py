@@ -28,7 +28,9 @@ import os
 import re
 import socket
 import struct
+import sys
 import tempfile
+import time
 
 from safetensors.numpy import save as _save_tensors
 
@@ -163,7 +165,7 @@ def atomic_path(path):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except OSError as err:   # a full disk while writing: the error names the file the user asked for
-        if err.filename in (None, tmp):
+        if err.errno is not None and err.filename in (None, tmp):
             err.filename, err.filename2 = path, None
         raise
     finally:
@@ -184,6 +186,79 @@ def _host_tag():
 
 def _temporary_prefix(name, pid):
     return f".{name}-{_host_tag()}-{pid}-"
+
+
+LOCK_FILE = ".lock"     # DIR/.lock: the run folder's advisory lock, naming the process that trains in it
+LOCK_GRACE_S = 10.0    # an unreadable lock younger than this may be one being written: not stale yet
+
+
+class RunFolderLocked(CheckpointError):
+    """Another process trains in this run folder: two runs would overwrite each other's checkpoints."""
+
+
+class RunFolderLock:
+    """An advisory lock on a run folder: DIR/.lock, created exclusively (O_CREAT | O_EXCL), holding
+    the holder's host, pid, start time and command line. Released on exit; a lock left by a process
+    that no longer runs on this host (kill -9, power loss) is recognised as stale and replaced. A lock
+    from another host cannot be checked: the error says to delete it if that run is gone."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.held = False
+
+    def acquire(self):
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')}: "
+                           f"{holder.get('command')})") if holder else "another process"
+                    raise RunFolderLocked(f"{os.path.dirname(self.path)} is in use by {who}: two runs in one folder "
+                                          f"would overwrite each other. Wait for it to finish or stop it; if that "
+                                          f"process is gone, delete {self.path}") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+        raise RunFolderLocked(f"{self.path}: could not take the run folder's lock (it keeps changing hands)")
+
+    def _holder(self):
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder):
+        if holder is None:   # torn or garbled: stale once it is older than a write can take
+            with contextlib.suppress(OSError):
+                return time.time() - os.path.getmtime(self.path) > LOCK_GRACE_S
+            return True
+        pid = holder.get("pid")
+        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and _process_gone(pid)
+
+    def release(self):
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 def _process_gone(pid):

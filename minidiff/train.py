@@ -207,6 +207,8 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
     A record also carries "checkpoint" or "samples" (a path) on the steps that wrote one.
     Closing the generator early (Ctrl-C in the CLI) saves a checkpoint of the last finished
     step. A NaN loss raises TrainingDiverged and leaves the last good checkpoint in place.
+    While it runs, DIR/.lock names this process: a second run on the folder gets
+    checkpoint.RunFolderLocked.
 
     Under MPI (`world`, default distributed.world()) every rank runs this; rank 0 alone reads
     the checkpoint to resume (and sends it to the others) and writes files. At each checkpoint
@@ -218,10 +220,24 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
     world = trainer.world
     write = out_dir is not None and world.is_root   # rank 0 alone writes files
     start = 0
+    lock = checkpoint.RunFolderLock(out_dir) if write else None
+    if out_dir is not None:
+        def take_folder():   # on rank 0; its error (RunFolderLocked, OSError) is raised on every rank
+            if write:
+                os.makedirs(out_dir, exist_ok=True)
+                lock.acquire()   # before the checkpoint is read: no other run may write it meanwhile
+        world.from_root(take_folder)
+    try:
+        yield from _run(trainer, config, out_dir, resume, progress, world, write, start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(trainer, config, out_dir, resume, progress, world, write, start):
+    """train()'s body, once the run folder is this process's."""
     if out_dir is not None:
         ckpt_path = os.path.join(out_dir, CHECKPOINT)
-        if write:
-            os.makedirs(out_dir, exist_ok=True)
         if resume:
             state = world.from_root(lambda: checkpoint.load(ckpt_path))   # rank 0's file, sent to every rank
             check_resumable(state, config)
@@ -237,14 +253,20 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
         return (f"all {world.size} ranks are stopped (MPI_Abort) at step {trainer.step + 1}; {kept}"
                 + (f"; continue with 'minidiff train --out {out_dir} --resume'" if saved_step else ""))
 
+    def kept_note():   # what a divergence leaves behind
+        if out_dir is None:
+            return ""
+        if not saved_step:
+            return f"; no checkpoint was written to {out_dir}"
+        return f"; the last good checkpoint (step {saved_step}) is kept in {out_dir}"
+
     began = time.perf_counter()
     try:
         while trainer.step < config.steps:
             try:
                 loss, grad_norm, lr = trainer.train_step()
             except TrainingDiverged as err:
-                where = f"; the last good checkpoint (step {saved_step}) is kept in {out_dir}" if out_dir else ""
-                raise TrainingDiverged(f"{err}: training stopped{where}. Try a lower --lr") from None
+                raise TrainingDiverged(f"{err}: training stopped{kept_note()}. Try a lower --lr") from None
             step = trainer.step
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "time": time.perf_counter() - began}
@@ -261,7 +283,11 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
             if out_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 world.check_replicas(trainer.replicated_arrays(), step)   # every rank (MPI only)
                 if write:
-                    trainer.save(ckpt_path)
+                    try:
+                        trainer.save(ckpt_path)
+                    except checkpoint.NonFiniteError as err:
+                        raise TrainingDiverged(f"{err}; that checkpoint was not written: training stopped"
+                                               f"{kept_note()}. Try a lower --lr") from None
                     log.flush()
                     log.plot(os.path.join(out_dir, "loss.png"))
                 saved_step = step
@@ -304,18 +330,23 @@ def check_resumable(state, config):
 
 
 def _save_picture(samples, path, data_points=None, nrow=None):
-    """A grid for images (`nrow` per row), a scatter plot (against the data) for 2-D points."""
-    if samples.ndim == 2:
-        reference = data_points[:len(samples)] if data_points is not None else samples
-        images.scatter_2d([reference, samples], path, titles=["data", "samples"])
-    else:
-        images.save_grid(samples, path, nrow=nrow)
+    """A grid for images (`nrow` per row), a scatter plot (against the data) for 2-D points; written
+    atomically, so a kill during the write leaves the previous picture, never half of one."""
+    with checkpoint.atomic_path(path) as tmp:
+        if samples.ndim == 2:
+            reference = data_points[:len(samples)] if data_points is not None else samples
+            images.scatter_2d([reference, samples], tmp, titles=["data", "samples"])
+        else:
+            images.save_grid(samples, tmp, nrow=nrow)
 
 
 class MetricsLog:
-    """The per-step metrics file (JSON lines or CSV) and the loss curve drawn from it.
+    """The per-step metrics file (JSON lines or CSV), append-only, and the loss curve drawn from it.
 
-    On resume the lines after the checkpoint's step are dropped: those steps run again.
+    Rows are appended whole and fsynced at every checkpoint (`flush`), so a crash or kill -9
+    shortens the file by at most its last, torn line. On resume the rows up to the checkpoint's
+    step are kept: when the file holds more (steps that run again, or a torn line) it is first
+    rewritten atomically with exactly those rows; then it is opened for appending.
     """
 
     FIELDS = ("step", "loss", "lr", "grad_norm", "time")
@@ -324,46 +355,79 @@ class MetricsLog:
         self.path = os.path.join(out_dir, "metrics." + fmt)
         self.fmt = fmt
         self.steps, self.losses = [], []
-        kept = []
+        kept, dropped = [], True
         if keep_until and os.path.exists(self.path):
-            for row in read_metrics(self.path):
-                if row["step"] <= keep_until:
-                    kept.append(row)
-        self.file = open(self.path, "w")
-        if fmt == "csv":
-            self.file.write(",".join(self.FIELDS) + "\n")
+            rows, torn = _read_rows(self.path)
+            kept = [row for row in rows if row["step"] <= keep_until]
+            with open(self.path, "rb") as f:   # a last line without its newline would glue onto the next row
+                whole = f.seek(0, os.SEEK_END) == 0 or (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n")
+            dropped = torn or len(kept) < len(rows) or not whole
+        if dropped:   # a fresh run, or rows to drop: write exactly the kept rows, whole or not at all
+            with checkpoint.atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                f.write(self._header() + "".join(self._line(row) for row in kept))
         for row in kept:
-            self.write(row)
+            self.steps.append(row["step"])
+            self.losses.append(row["loss"])
+        self.file = open(self.path, "a")
+
+    def _header(self):
+        return ",".join(self.FIELDS) + "\n" if self.fmt == "csv" else ""
+
+    def _line(self, row):
+        if self.fmt == "csv":
+            return ",".join(repr(row[k]) for k in self.FIELDS) + "\n"
+        return json.dumps({k: row[k] for k in self.FIELDS}) + "\n"
 
     def write(self, record):
         row = {k: record[k] for k in self.FIELDS}
-        if self.fmt == "csv":
-            self.file.write(",".join(repr(row[k]) for k in self.FIELDS) + "\n")
-        else:
-            self.file.write(json.dumps(row) + "\n")
+        self.file.write(self._line(row))
         self.steps.append(row["step"])
         self.losses.append(row["loss"])
 
     def flush(self):
+        """Every row so far on disk: a crash after this loses none of them."""
         self.file.flush()
+        os.fsync(self.file.fileno())
 
     def plot(self, path):
         if self.steps:
-            images.plot_curve(self.steps, self.losses, path, title="training loss (L_simple)", log_y=True)
+            with checkpoint.atomic_path(path) as tmp:
+                images.plot_curve(self.steps, self.losses, tmp, title="training loss (L_simple)", log_y=True)
 
     def close(self):
         self.file.close()
 
 
-def read_metrics(path):
-    """The rows of a metrics.jsonl or metrics.csv file as dicts of numbers."""
-    rows = []
+def _read_rows(path):
+    """(rows as dicts of numbers, whether a line was unreadable) of a metrics.jsonl or .csv file.
+
+    A crash can leave the last line half written; such a line, or any other that does not parse, is
+    skipped and reported, never an error: the log must not stop a run from resuming."""
+    rows, torn = [], False
     with open(path) as f:
-        if path.endswith(".csv"):
-            header = f.readline().strip().split(",")
-            for line in f:
-                if line.strip():
-                    rows.append({k: float(v) if k != "step" else int(v) for k, v in zip(header, line.strip().split(","))})
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
-    return rows
+        lines = f.read().splitlines()
+    if path.endswith(".csv"):
+        header, lines = (lines[0].strip().split(","), lines[1:]) if lines else ([], [])
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            if path.endswith(".csv"):
+                values = line.strip().split(",")
+                if len(values) != len(header):
+                    raise ValueError(line)
+                row = {k: float(v) if k != "step" else int(v) for k, v in zip(header, values)}
+            else:
+                row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or "loss" not in row:
+                raise ValueError(line)
+        except ValueError:
+            torn = True
+            continue
+        rows.append(row)
+    return rows, torn
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl or metrics.csv file as dicts of numbers (a torn last line skipped)."""
+    return _read_rows(path)[0]

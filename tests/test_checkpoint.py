@@ -526,3 +526,59 @@ with checkpoint.atomic_path({str(path)!r}) as tmp:
     assert checkpoint.load(path)["step"] == 1   # the old checkpoint is whole
     checkpoint.save(path, {"step": 2})
     assert os.listdir(tmp_path) == ["checkpoint.safetensors"] and checkpoint.load(path)["step"] == 2
+
+
+# ---------------------------------------------------------------- the run folder's lock
+
+
+def _dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def test_a_run_folder_lock_names_its_holder_and_refuses_a_second(tmp_path):
+    with checkpoint.RunFolderLock(str(tmp_path)):
+        with pytest.raises(checkpoint.RunFolderLocked, match=rf"in use by process {os.getpid()} on "):
+            checkpoint.RunFolderLock(str(tmp_path)).acquire()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_run_folder_lock_is_released_when_the_block_fails(tmp_path):
+    with pytest.raises(RuntimeError):
+        with checkpoint.RunFolderLock(str(tmp_path)):
+            raise RuntimeError("training failed")
+    checkpoint.RunFolderLock(str(tmp_path)).acquire().release()
+
+
+def test_a_stale_lock_is_replaced_and_a_foreign_one_is_not(tmp_path):
+    import socket
+    import time
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "then"}))
+    with checkpoint.RunFolderLock(str(tmp_path)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"host": "another-machine", "pid": 1, "since": "then", "command": "minidiff train"}))
+    with pytest.raises(checkpoint.RunFolderLocked, match="another-machine.*delete"):
+        checkpoint.RunFolderLock(str(tmp_path)).acquire()
+    lock.write_text('{"host": "torn')                   # a holder killed while writing it
+    with pytest.raises(checkpoint.RunFolderLocked):   # young: perhaps still being written
+        checkpoint.RunFolderLock(str(tmp_path)).acquire()
+    old = time.time() - 2 * checkpoint.LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    checkpoint.RunFolderLock(str(tmp_path)).acquire().release()
+
+
+def test_two_trainings_on_one_folder_the_second_is_refused(tmp_path):
+    from minidiff import config as config_, train as training
+    cfg = config_.make_config(ch=8, ch_mult=(1,), attn_resolutions=(), batch_size=4, num_timesteps=10, steps=3,
+                              num_samples=4, sample_every=0)
+    first = training.train(cfg, str(tmp_path))
+    next(first)
+    with pytest.raises(checkpoint.RunFolderLocked):
+        next(training.train(cfg, str(tmp_path)))
+    first.close()
+    assert not (tmp_path / ".lock").exists()

@@ -228,3 +228,54 @@ def test_forward_steps_beyond_t_are_refused_at_once(tmp_path):
     began = time.monotonic()
     assert "--steps" in one_line(minidiff("forward", "--steps", 10 ** 9, "--out", tmp_path / "f.png"))
     assert time.monotonic() - began < 30
+
+
+# ---------------------------------------------------------------- the run folder: one run at a time, nothing lost
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_goes_on(tmp_path):
+    """Two runs on one folder at once would overwrite each other: the second gets one line naming the
+    first (its pid), the first finishes its work, and the lock is gone afterwards."""
+    run = tmp_path / "run"
+    first = _start_long_run(run)
+    try:
+        second = minidiff("train", "--out", run, "--overwrite", "--steps", 5, *TINY)
+        line = one_line(second)
+        assert f"in use by process {first.pid}" in line and ".lock" in line, line
+        assert first.poll() is None
+    finally:
+        err = signal_and_wait(first, signal.SIGINT)
+    assert first.returncode == 130, err
+    assert not (run / ".lock").exists()
+    steps = metrics_steps(run)
+    assert steps == list(range(1, len(steps) + 1))   # one run's rows, in order, none interleaved
+
+
+def test_kill_9_leaves_a_stale_lock_the_next_run_replaces_and_keeps_every_row(tmp_path):
+    """kill -9 right after a resume: the rows up to the checkpoint survive (the log is appended, not
+    rewritten), the lock of the dead process is recognised as stale, and --resume goes on."""
+    run = tmp_path / "run"
+    done = minidiff("train", "--out", run, "--steps", 30, *TINY)
+    assert done.returncode == 0, done.stderr
+    job = subprocess.Popen([sys.executable, "-m", "minidiff", "train", "--out", str(run), "--resume", "--steps",
+                            "100000", "--no-progress"], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    job.kill()
+    job.communicate()
+    assert metrics_steps(run)[:30] == list(range(1, 31))
+    assert (run / ".lock").exists()   # left behind by kill -9
+    done = minidiff("train", "--out", run, "--resume", "--steps", 32, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert metrics_steps(run) == list(range(1, 33)) and not (run / ".lock").exists()
+
+
+def test_a_torn_last_metrics_line_is_repaired_on_resume(run_of_3_steps):
+    run, _ = run_of_3_steps
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')          # what a crash mid-write leaves
+    done = minidiff("train", "--out", run, "--resume", "--steps", 5, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert metrics_steps(run) == [1, 2, 3, 4, 5]
