@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
 from . import train as training
 from .checkpoint import CheckpointError
-from .config import (TrainConfig, backend_option, build_diffusion, check_fits, config_from_dict, make_config, option,
-                     validate)
+from .config import (MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits, config_from_dict,
+                     make_config, option, validate)
 from .data import DataError
 from .schedule import get_named_beta_schedule
 
@@ -328,7 +328,6 @@ def _positive(**counts):
 
 
 FORWARD_T = 1000       # the forward demo's T: the paper's linear schedule
-MAX_GUIDANCE = 100.0   # beyond it eps is (1 + w) eps(x, y) - w eps(x) with w eps(x) dwarfing the image: noise
 
 
 def _check_sampling(cfg):

@@ -145,13 +145,14 @@ MAX_RES_BLOCKS = 64
 MAX_MLP_LAYERS = 1024
 MAX_BATCH = 1 << 20
 MAX_LR = 10.0              # Adam's step is ~lr per weight: above 1 it is always wrong, 10 leaves room to try
-MAX_GUIDANCE = 100.0
+MAX_GUIDANCE = 100.0       # beyond it w eps(x) in (1 + w) eps(x, y) - w eps(x) dwarfs the image (Ho & Salimans Eq. 6)
 
 
 def _check_types(config):
     """Each field holds the type its default has (bool is no int here), so a checkpoint's junk fails by name."""
     for f in dataclasses.fields(TrainConfig):
-        value, default = getattr(config, f.name), f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):

@@ -219,7 +219,6 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
     trainer = Trainer(config, world)
     world = trainer.world
     write = out_dir is not None and world.is_root   # rank 0 alone writes files
-    start = 0
     lock = checkpoint.RunFolderLock(out_dir) if write else None
     if out_dir is not None:
         def take_folder():   # on rank 0; its error (RunFolderLocked, OSError) is raised on every rank
@@ -228,14 +227,15 @@ def train(config, out_dir=None, resume=False, progress=False, world=None):
                 lock.acquire()   # before the checkpoint is read: no other run may write it meanwhile
         world.from_root(take_folder)
     try:
-        yield from _run(trainer, config, out_dir, resume, progress, world, write, start)
+        yield from _run(trainer, config, out_dir, resume, progress, world, write)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(trainer, config, out_dir, resume, progress, world, write, start):
+def _run(trainer, config, out_dir, resume, progress, world, write):
     """train()'s body, once the run folder is this process's."""
+    start = 0
     if out_dir is not None:
         ckpt_path = os.path.join(out_dir, CHECKPOINT)
         if resume:
@@ -359,9 +359,7 @@ class MetricsLog:
         if keep_until and os.path.exists(self.path):
             rows, torn = _read_rows(self.path)
             kept = [row for row in rows if row["step"] <= keep_until]
-            with open(self.path, "rb") as f:   # a last line without its newline would glue onto the next row
-                whole = f.seek(0, os.SEEK_END) == 0 or (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n")
-            dropped = torn or len(kept) < len(rows) or not whole
+            dropped = torn or len(kept) < len(rows)
         if dropped:   # a fresh run, or rows to drop: write exactly the kept rows, whole or not at all
             with checkpoint.atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.write(self._header() + "".join(self._line(row) for row in kept))
@@ -399,13 +397,16 @@ class MetricsLog:
 
 
 def _read_rows(path):
-    """(rows as dicts of numbers, whether a line was unreadable) of a metrics.jsonl or .csv file.
+    """(rows as dicts of numbers, torn) of a metrics.jsonl or .csv file; torn: a line was unreadable or
+    cut short, so the file needs rewriting before rows are appended.
 
     A crash can leave the last line half written; such a line, or any other that does not parse, is
-    skipped and reported, never an error: the log must not stop a run from resuming."""
-    rows, torn = [], False
+    skipped, never an error: the log must not stop a run from resuming."""
     with open(path) as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = text.splitlines()
+    torn = bool(text) and not text.endswith("\n")   # a last line without its newline was cut short
+    rows = []
     if path.endswith(".csv"):
         header, lines = (lines[0].strip().split(","), lines[1:]) if lines else ([], [])
     for line in lines:

@@ -124,8 +124,8 @@ def correlate_im2col(xpad, w2, kh, kw, stride, rows, out):
 # im2col's one GEMM does 36, 2.25x fewer. The transforms are additions on whole strided slices.
 WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))   # kernel transform G
 USE_WINOGRAD = True  # stride-1 3x3 convolutions on numpy take Winograd (False: im2col + GEMM only)
-# Where it pays (BENCHMARKS.md, "Speed work, first round"): the transforms are memory-bound passes, so below 64 channels
-# in and out or 16x16 outputs the plain GEMM is as fast or faster.
+# Where it pays (BENCHMARKS.md, "Speed work, first round"): the transforms are memory-bound passes, so
+# below 64 channels in and out or 16x16 outputs the plain GEMM is as fast or faster.
 WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS = 64, 256
 
 

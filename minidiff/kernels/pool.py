@@ -10,8 +10,8 @@ no BLAS thread spin-waits while numpy's elementwise passes run.
     parallel_for(n, fn)  # fn(start, stop) on contiguous chunks of range(n); chunk results, in order
     split(xp, n, chunk, threads, rows=..., sums=...)   # what kernels call: outputs and partial sums
 
-With one thread (MINIDIFF_NUM_THREADS=1, or set_num_threads(1)) it is fn(0, n). Chunk boundaries depend only on n and the thread count, so a run is
-reproducible at a fixed thread count; across thread counts, sums over chunks agree to
+With one thread (MINIDIFF_NUM_THREADS=1, or set_num_threads(1)) it is fn(0, n). Chunk
+boundaries depend only on n and the thread count, so a run is reproducible at a fixed thread count; across thread counts, sums over chunks agree to
 float32 reduction order. Chunks of a nested call, or of a call from a second Python
 thread while the pool is busy, run serially in the calling thread.
 May import: backend.
