@@ -4,7 +4,9 @@ Time is 0-based: `t` is an integer array of shape (N,) and t = 0 is the paper's 
 t = T - 1 its step T. The forward process q (Eq. 2, 4, 6-7), the reverse process p (Eq. 11,
 15, Algorithm 2), the losses (L_simple Eq. 14 / Algorithm 1; the bound Eq. 5 with the decoder
 Eq. 13) and DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 and 16) follow the original code's
-names (hojonathanho/diffusion, kept by improved-diffusion). Coefficients are float64 host arrays,
+names (hojonathanho/diffusion, kept by improved-diffusion). Beyond the paper, two few-step samplers
+of the probability-flow ODE: DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095) and Karras et al.'s
+Heun and Euler on the sigma schedule (EDM, arXiv:2206.00364, Algorithm 1). Coefficients are float64 host arrays,
 cast to the activations' dtype and backend once, in `_extract`.
 `model` is any callable model(x_t, t, **model_kwargs) returning an array or a Tensor shaped like x_t.
 Class-conditional models take labels as model_kwargs={"y": labels (N,)}, NO_LABEL meaning "no label";
@@ -18,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import backend, ops
 from .losses import discretized_gaussian_log_likelihood, normal_kl
-from .schedule import check_betas, respace_betas, space_timesteps
+from .schedule import (check_betas, ddim_timesteps, dpm_solver_timesteps, karras_sigmas, respace_betas,
+                       space_timesteps)
 from .tensor import Tensor, no_grad
 
 host = backend.host  # numpy, for the float64 coefficient tables only
@@ -27,6 +30,7 @@ MEAN_TYPES = ("eps", "x0", "v")  # what the model predicts: the noise (the paper
 VAR_TYPES = ("fixed_small", "fixed_large")  # sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2)
 LOSS_TYPES = ("mse", "kl")  # L_simple (Eq. 14) or the true variational bound (Eq. 5)
 NO_LABEL = -1  # the label meaning "no label" (the unconditional model of classifier-free guidance)
+KARRAS_SOLVERS = ("heun", "euler")  # Karras et al. 2022, Algorithm 1 (second order) and its first-order case
 
 
 def _data(a):
@@ -71,6 +75,19 @@ class GaussianDiffusion:
         if betas.size < 2:
             raise ValueError("GaussianDiffusion needs at least 2 timesteps (beta_tilde at code t = 1 fills in code t = 0)")
         self.num_timesteps = int(betas.size)
+        self.zero_terminal_snr = bool(betas[-1] == 1.0)   # alpha_bar_T = 0 (schedule.rescale_zero_terminal_snr)
+        if self.zero_terminal_snr and model_mean_type == "eps":
+            raise ValueError("this schedule has zero terminal SNR (beta_T = 1, alpha_bar_T = 0): an eps model cannot "
+                             "give x_0 = (x_T - eps) / sqrt(alpha_bar_T) there; use model_mean_type 'v' (or 'x0')")
+        # alpha_bar_T = 0 makes the tables of 1 / sqrt(alpha_bar) (and 1 / sqrt(alpha_T)) infinite at the last step;
+        # only the eps route (refused above) uses them there, so they may hold inf without a warning.
+        with host.errstate(divide="ignore"):
+            self._tables(betas, model_var_type)
+        self.timestep_map = None  # on a respaced chain: index -> original timestep the model was trained on
+        self._device_copies = {}  # (name, backend, dtype) -> coefficient table on that backend
+
+    def _tables(self, betas, model_var_type):
+        """The coefficient tables of every formula below, float64 host arrays indexed by code t."""
         alphas = 1.0 - betas
         self.alphas_cumprod = host.cumprod(alphas)  # alpha_bar_t = prod_{s <= t} alpha_s (Eq. 4)
         self.alphas_cumprod_prev = host.append(1.0, self.alphas_cumprod[:-1])  # alpha_bar_{t-1}; 1 before step 1
@@ -111,9 +128,6 @@ class GaussianDiffusion:
             self.model_variance = betas
             self.model_log_variance = host.log(host.append(self.posterior_variance[1], betas[1:]))
 
-        self.timestep_map = None  # on a respaced chain: index -> original timestep the model was trained on
-        self._device_copies = {}  # (name, backend, dtype) -> coefficient table on that backend
-
     # ------------------------------------------------------------------ helpers
 
     def _extract(self, name, t, x):
@@ -130,11 +144,18 @@ class GaussianDiffusion:
         return self._device_copies[key][xp.asarray(_data(t))].reshape(-1, *([1] * (x.ndim - 1)))
 
     def _model_timesteps(self, t):
-        """The timesteps to show the model: on a respaced chain, the original ones it was trained on."""
+        """The timesteps to show the model: on a respaced chain, the original ones it was trained on.
+
+        A fractional t (the Karras sampler's sigmas between grid points) maps by linear interpolation.
+        """
         if self.timestep_map is None:
             return t
         t = _data(t)
-        return backend.xp_of(t).asarray(self.timestep_map)[t]
+        xp = backend.xp_of(t)
+        if t.dtype.kind == "f":
+            index = xp.arange(self.num_timesteps, dtype=host.float64)
+            return xp.interp(t, index, xp.asarray(self.timestep_map, dtype=host.float64))
+        return xp.asarray(self.timestep_map)[t]
 
     def _call_model(self, model, x, t, model_kwargs=None, guidance=0.0):
         """model(x_t, t, **model_kwargs) as an array of x's dtype, without recording a graph (sampling, evaluation).
@@ -219,9 +240,12 @@ class GaussianDiffusion:
                 - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def predict_noise_from_start(self, x_t, t, x_start):
-        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1): the inverse of Eq. 15."""
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x_start)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+        """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t): Eq. 4 solved for eps (the inverse of Eq. 15).
+
+        Written without 1 / alpha_bar, so it stays finite at alpha_bar_T = 0 (zero terminal SNR).
+        """
+        return ((x_t - self._extract("sqrt_alphas_cumprod", t, x_t) * x_start)
+                / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t))
 
     def predict_start_from_v(self, x_t, t, v):
         """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v (Salimans & Ho 2022, Sec. 4)."""
@@ -358,32 +382,36 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ DDIM
 
-    def ddim_timesteps(self, num_steps):
-        """The DDIM paper's uniform spacing: 0, c, 2c, ..., (num_steps - 1) c with c = T // num_steps."""
-        if not 1 <= num_steps <= self.num_timesteps:
-            raise ValueError(f"num_steps must be between 1 and {self.num_timesteps}, got {num_steps}")
-        return host.arange(num_steps) * (self.num_timesteps // num_steps)
+    def ddim_timesteps(self, num_steps, spacing="leading", steps_offset=0):
+        """DDIM's kept timesteps, increasing: "leading" is the DDIM paper's 0, c, .., (n - 1) c with c = T // n
+        (see schedule.ddim_timesteps for "trailing" and "linspace", and steps_offset)."""
+        return ddim_timesteps(self.num_timesteps, num_steps, spacing, steps_offset)
 
     def ddim_sample_loop_progressive(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
-                                     clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0):
+                                     clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0,
+                                     spacing="leading", set_alpha_to_one=True, steps_offset=0):
         """DDIM (Song et al. 2021) step by step: yields {"t", "sample", "pred_xstart"}; one model call per step.
 
         From x_T ~ N(0, I), for the kept timesteps t from last to first (ddim_timesteps), with
-        alpha_bar_prev the next kept step's alpha_bar (1 after the last step):
+        alpha_bar_prev the next kept step's alpha_bar (after the last step: 1, or alpha_bar at code
+        t = 0 with set_alpha_to_one=False, as diffusers' DDIMScheduler offers):
             x_0_hat, eps_hat = the model's predictions at (x_t, t)
             sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) sqrt(1 - alpha_bar / alpha_bar_prev)   (Eq. 16)
             x_prev = sqrt(alpha_bar_prev) x_0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z    (Eq. 12)
         eta = 0 is deterministic; eta = 1 is the DDPM-like sampler. When clip_denoised clips x_0_hat,
         eps_hat is recomputed from the clipped x_0_hat (the original DDIM and improved-diffusion convention).
+        Every step goes to the next point of its own grid, whatever the spacing (diffusers steps to
+        t - T // n instead, which is off the "linspace" and "trailing" grids when n does not divide T).
         """
         generator = _generator(seed)
         x = self._initial_noise(shape, noise, generator)
-        timesteps = self.ddim_timesteps(num_steps)
+        timesteps = self.ddim_timesteps(num_steps, spacing, steps_offset)
+        final_alpha_bar = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         for i in tqdm(range(num_steps - 1, -1, -1), desc="ddim", disable=not progress):
             t = self._full_t(x, int(timesteps[i]))
             # Python floats: a float64 numpy scalar would promote the float32 chain.
             alpha_bar = float(self.alphas_cumprod[timesteps[i]])
-            alpha_bar_prev = float(self.alphas_cumprod[timesteps[i - 1]]) if i > 0 else 1.0
+            alpha_bar_prev = float(self.alphas_cumprod[timesteps[i - 1]]) if i > 0 else final_alpha_bar
             model_output = self._call_model(model, x, t, model_kwargs, guidance)
             pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
             eps = self.predict_noise_from_start(x, t, pred_xstart)
@@ -394,10 +422,171 @@ class GaussianDiffusion:
             yield {"t": int(timesteps[i]), "sample": x, "pred_xstart": pred_xstart}
 
     def ddim_sample_loop(self, model, shape, num_steps=50, eta=0.0, noise=None, seed=None,
-                         clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0):
+                         clip_denoised=True, progress=False, model_kwargs=None, guidance=0.0,
+                         spacing="leading", set_alpha_to_one=True, steps_offset=0):
         """DDIM sampling (Song et al. 2021, Eq. 12) with exactly num_steps model calls; returns x_0."""
-        for step in self.ddim_sample_loop_progressive(model, shape, num_steps, eta, noise, seed,
-                                                      clip_denoised, progress, model_kwargs, guidance):
+        for step in self.ddim_sample_loop_progressive(model, shape, num_steps, eta, noise, seed, clip_denoised,
+                                                      progress, model_kwargs, guidance, spacing, set_alpha_to_one,
+                                                      steps_offset):
+            pass
+        return step["sample"]
+
+    # ------------------------------------------------------------------ DPM-Solver++
+
+    def dpm_solver_sample_loop_progressive(self, model, shape, num_steps=20, order=2, spacing="linspace", noise=None,
+                                           seed=None, clip_denoised=False, progress=False, model_kwargs=None,
+                                           guidance=0.0):
+        """DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), multistep, in data-prediction form: yields per step.
+
+        It integrates the probability-flow ODE in lambda_t = log(alpha_t / sigma_t), half the log-SNR, with
+        alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t). From s to t (h = lambda_t - lambda_s > 0),
+        with D_i the model's x_0 predictions at the last grid points s = s_0, s_1, s_2 (newest first):
+            order 1:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D_0                       (Eq. 9; = DDIM, eta 0)
+            order 2:  ... - alpha_t (e^-h - 1) D_1 / 2,  D_1 = (D_0 - D_s1) h / h_0               (Algorithm 2)
+            order 3:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D_0 + alpha_t ((e^-h - 1) / h + 1) D_1
+                            - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D_2
+        with h_0 = lambda_s0 - lambda_s1, h_1 = lambda_s1 - lambda_s2, r_0 = h_0 / h, r_1 = h_1 / h and
+        D1_0 = (D_0 - D_s1) / r_0, D1_1 = (D_s1 - D_s2) / r_1, D_1 = D1_0 + r_0 (D1_0 - D1_1) / (r_0 + r_1),
+        D_2 = (D1_0 - D1_1) / (r_0 + r_1): order 3 as DPM-Solver's reference code and diffusers compute it
+        (the multistep order-3 update of DPM-Solver's Appendix; the DPM-Solver++ paper states orders 1 and 2).
+        On the Gaussian oracle (tests/test_diffusion.py) it converges at order 3 on a schedule with log
+        sigma linear in t; a model that changes abruptly between grid points keeps any multistep
+        method from its full order.
+        Lower orders where the history is short or the step is long, as the paper and diffusers do:
+        step 1 is order 1, step 2 at most order 2; the last step goes to sigma = 0 (h = infinity, where only
+        order 1 is finite: x_0 = D_0), and with fewer than 15 steps the one before it is at most order 2.
+        The grid is schedule.dpm_solver_timesteps (n network calls, at integer timesteps of this chain,
+        respaced or not). clip_denoised clips each D_i to [-1, 1]. With alpha_bar_T = 0 (zero terminal
+        SNR) lambda_T = -infinity and the first step's h is infinite: x = sigma_t x_T + alpha_t D_0, still finite.
+        Yields {"t", "sample", "pred_xstart"}.
+        """
+        if order not in (1, 2, 3):
+            raise ValueError(f"DPM-Solver++ has orders 1, 2 and 3, got order={order!r}")
+        generator = _generator(seed)
+        x = self._initial_noise(shape, noise, generator)
+        grid = dpm_solver_timesteps(self.num_timesteps, num_steps, spacing)[::-1]         # T - 1 side first
+        alpha_bar = host.append(self.alphas_cumprod[grid], 1.0)                          # sigma = 0 after the last
+        one_minus = host.append(self.one_minus_alphas_cumprod[grid], 0.0)
+        alpha, sigma = host.sqrt(alpha_bar), host.sqrt(one_minus)
+        with host.errstate(divide="ignore"):
+            lam = host.log(alpha) - host.log(sigma)                                       # -inf / +inf at the ends
+        history = []                                                                      # (lambda, D), newest last
+        for i in tqdm(range(num_steps), desc="dpm++", disable=not progress):
+            t = self._full_t(x, int(grid[i]))
+            model_output = self._call_model(model, x, t, model_kwargs, guidance)
+            pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
+            history = (history + [(float(lam[i]), pred_xstart)])[-3:]
+            k = min(order, i + 1)
+            if i == num_steps - 1:
+                k = 1
+            elif i == num_steps - 2 and num_steps < 15:
+                k = min(k, 2)
+            x = self._dpm_solver_update(x, history[-k:], float(lam[i + 1]),
+                                        float(sigma[i + 1] / sigma[i]), float(alpha[i + 1]))
+            yield {"t": int(grid[i]), "sample": x, "pred_xstart": pred_xstart}
+
+    @staticmethod
+    def _dpm_solver_update(x, history, lam_t, sigma_ratio, alpha_t):
+        """One DPM-Solver++ step of order len(history) from the newest point of history to lambda_t (see above)."""
+        (lam_s0, d0) = history[-1]
+        h = lam_t - lam_s0
+        phi = math.expm1(-h)                                                              # e^-h - 1, exact near 0
+        x = sigma_ratio * x - (alpha_t * phi) * d0
+        if len(history) == 2:
+            (lam_s1, d_s1) = history[0]
+            d1 = (h / (lam_s0 - lam_s1)) * (d0 - d_s1)                                    # (D_0 - D_s1) / r_0
+            x = x - (0.5 * alpha_t * phi) * d1
+        elif len(history) == 3:
+            (lam_s2, d_s2), (lam_s1, d_s1) = history[0], history[1]
+            h_0, h_1 = lam_s0 - lam_s1, lam_s1 - lam_s2
+            r0, r1 = h_0 / h, h_1 / h
+            d1_0, d1_1 = (h / h_0) * (d0 - d_s1), (h / h_1) * (d_s1 - d_s2)
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+            x = x + (alpha_t * (phi / h + 1.0)) * d1 - (alpha_t * ((phi + h) / h ** 2 - 0.5)) * d2
+        return x
+
+    def dpm_solver_sample_loop(self, model, shape, num_steps=20, order=2, spacing="linspace", noise=None, seed=None,
+                               clip_denoised=False, progress=False, model_kwargs=None, guidance=0.0):
+        """DPM-Solver++ sampling (Lu et al. 2022) with exactly num_steps model calls; returns x_0. Order 1 is DDIM."""
+        for step in self.dpm_solver_sample_loop_progressive(model, shape, num_steps, order, spacing, noise, seed,
+                                                            clip_denoised, progress, model_kwargs, guidance):
+            pass
+        return step["sample"]
+
+    # ------------------------------------------------------------------ the Karras (EDM) ODE sampler
+
+    def karras_sigmas(self, num_steps, rho=7.0):
+        """Karras et al.'s noise levels (EDM Eq. 5) between this chain's sigma_min and sigma_max, then 0.
+
+        On the VP model, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps.
+        """
+        if self.zero_terminal_snr:
+            raise ValueError("the Karras sampler starts at sigma_max = sqrt((1 - alpha_bar_T) / alpha_bar_T), which is "
+                             "infinite with zero terminal SNR: use the dpm++ or ddim sampler")
+        sigma = self.sqrt_recipm1_alphas_cumprod
+        return karras_sigmas(float(sigma[0]), float(sigma[-1]), num_steps, rho)
+
+    def _denoise(self, model, x, sigma, clip_denoised, model_kwargs, guidance):
+        """EDM's denoiser D(x; sigma) from the VP model: its x_0 prediction at x = x_0 + sigma eps.
+
+        The model sees x_t = x / sqrt(1 + sigma^2) (alpha_bar = 1 / (1 + sigma^2)) and the timestep whose
+        sigma_t this is: a fractional t, linear in log sigma between the two grid points around it
+        (as k-diffusion and diffusers' Euler and Heun schedulers do); the sinusoidal timestep embedding
+        takes real t. Eq. 15 (and the x_0 and v forms) then use this alpha_bar, not a grid point's.
+        """
+        log_sigmas = host.log(self.sqrt_recipm1_alphas_cumprod)
+        t_frac = float(host.interp(math.log(sigma), log_sigmas, host.arange(self.num_timesteps, dtype=host.float64)))
+        xp = backend.xp_of(x)
+        t = xp.full((x.shape[0],), t_frac, dtype=host.float64)
+        alpha_bar = 1.0 / (1.0 + sigma ** 2)
+        x_t = x * math.sqrt(alpha_bar)
+        out = self._call_model(model, x_t, t, model_kwargs, guidance)
+        if self.model_mean_type == "eps":
+            pred_xstart = x - sigma * out                                                 # Eq. 15 at this sigma
+        elif self.model_mean_type == "x0":
+            pred_xstart = out
+        else:
+            pred_xstart = math.sqrt(alpha_bar) * x_t - math.sqrt(1.0 - alpha_bar) * out
+        return pred_xstart.clip(-1.0, 1.0) if clip_denoised else pred_xstart
+
+    def karras_sample_loop_progressive(self, model, shape, num_steps=20, solver="heun", rho=7.0, noise=None,
+                                       seed=None, clip_denoised=False, progress=False, model_kwargs=None,
+                                       guidance=0.0):
+        """Karras et al. 2022 (EDM, arXiv:2206.00364), Algorithm 1: the deterministic ODE sampler on the VP model.
+
+        In x = x_t / sqrt(alpha_bar_t) the probability-flow ODE is dx / dsigma = (x - D(x; sigma)) / sigma
+        (EDM Eq. 3 with sigma(t) = t), D the denoiser (_denoise). From x = sqrt(1 + sigma_max^2) x_T, x_T ~ N(0, I),
+        over the sigmas of karras_sigmas (sigma_0 = sigma_max > .. > sigma_{n-1} = sigma_min > sigma_n = 0):
+            d_i = (x_i - D(x_i; sigma_i)) / sigma_i,   x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i          (Euler)
+            heun, if sigma_{i+1} > 0:  d' = (x_{i+1} - D(x_{i+1}; sigma_{i+1})) / sigma_{i+1},
+                                       x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d') / 2           (line 7-8)
+        Network calls: euler n, heun 2 n - 1 (its last step, to sigma = 0, is an Euler step).
+        Yields {"t" (the model's fractional timestep), "sigma", "sample" (x_t, i.e. x / sqrt(1 + sigma^2)), "pred_xstart"}.
+        """
+        if solver not in KARRAS_SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(map(repr, KARRAS_SOLVERS))}")
+        sigmas = self.karras_sigmas(num_steps, rho)
+        generator = _generator(seed)
+        x = self._initial_noise(shape, noise, generator) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+        log_sigmas = host.log(self.sqrt_recipm1_alphas_cumprod)
+        for i in tqdm(range(num_steps), desc=solver, disable=not progress):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = self._denoise(model, x, s, clip_denoised, model_kwargs, guidance)
+            d = (x - denoised) / s
+            x_next = x + (s_next - s) * d
+            if solver == "heun" and s_next > 0:
+                d_next = (x_next - self._denoise(model, x_next, s_next, clip_denoised, model_kwargs, guidance)) / s_next
+                x_next = x + (s_next - s) * 0.5 * (d + d_next)
+            x = x_next
+            t = float(host.interp(math.log(s), log_sigmas, host.arange(self.num_timesteps, dtype=host.float64)))
+            yield {"t": t, "sigma": s_next, "sample": x / math.sqrt(1.0 + s_next ** 2), "pred_xstart": denoised}
+
+    def karras_sample_loop(self, model, shape, num_steps=20, solver="heun", rho=7.0, noise=None, seed=None,
+                           clip_denoised=False, progress=False, model_kwargs=None, guidance=0.0):
+        """The Karras (EDM) ODE sampler (Heun, or Euler with solver="euler") on sigma_t of this chain; returns x_0."""
+        for step in self.karras_sample_loop_progressive(model, shape, num_steps, solver, rho, noise, seed,
+                                                        clip_denoised, progress, model_kwargs, guidance):
             pass
         return step["sample"]
 

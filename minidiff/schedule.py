@@ -66,30 +66,136 @@ def check_betas(betas):
     """Validate a user-supplied schedule; return it as a float64 host array of shape (T,).
 
     The forward process needs 0 < beta_t < 1: beta = 0 adds no noise (and makes the
-    posterior variance 0), beta = 1 destroys the signal and alpha_bar stays 0 after it.
+    posterior variance 0), beta = 1 destroys the signal and alpha_bar stays 0 after it. The last
+    step alone may have beta_T = 1: a zero-terminal-SNR schedule (rescale_zero_terminal_snr).
     """
     betas = host.array(backend.to_numpy(getattr(betas, "data", betas)), dtype=host.float64)
     if betas.ndim != 1 or betas.size == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-    bad = ~(host.isfinite(betas) & (betas > 0) & (betas < 1))
+    below_one = betas < 1
+    below_one[-1] = betas[-1] <= 1
+    bad = ~(host.isfinite(betas) & (betas > 0) & below_one)
     if bad.any():
         i = int(host.flatnonzero(bad)[0])
-        raise ValueError(f"betas must satisfy 0 < beta < 1; betas[{i}] = {betas[i]!r} "
-                         f"({int(bad.sum())} of {betas.size} entries are out of range)")
+        raise ValueError(f"betas must satisfy 0 < beta < 1 (beta_T = 1 allowed: zero terminal SNR); "
+                         f"betas[{i}] = {betas[i]!r} ({int(bad.sum())} of {betas.size} entries are out of range)")
     return betas
 
 
 def space_timesteps(num_timesteps, num_steps):
-    """num_steps of the timesteps 0 .. T-1, evenly strided, first and last included (sorted host int64).
+    """num_steps of the timesteps 0 .. T-1, evenly strided from 0 (sorted host int64): the steps a respaced chain keeps.
 
-    improved-diffusion's `space_timesteps` with one section: round(i * (T - 1) / (num_steps - 1)).
+    improved-diffusion's `space_timesteps` with one section, tie rule included: a running sum
+    cur += (T - 1) / (num_steps - 1) from 0, rounded half to even at each kept step, so the last
+    is T - 1 (and num_steps = 1 keeps step 0, as there). Rounding the running sum, not the exact
+    product i (T - 1) / (num_steps - 1), decides the ties where the sum's rounding error falls on
+    x.5 (n = 21 at T = 1000 keeps 499, not 500). numpy's cumsum adds in order, as that loop does.
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be between 1 and num_timesteps = {num_timesteps}, got {num_steps}")
-    if num_steps == 1:
-        return host.array([num_timesteps - 1], dtype=host.int64)
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    return host.round(host.arange(num_steps) * stride).astype(host.int64)
+    stride = (num_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1.0
+    running = host.cumsum(host.append(0.0, host.full(num_steps - 1, stride)))
+    return host.round(running).astype(host.int64)
+
+
+SPACINGS = ("leading", "trailing", "linspace")  # diffusers' names (Lin et al. 2023, Table 2)
+
+
+def _check_grid(timesteps, num_timesteps, num_steps, spacing, what):
+    """Refuse a grid that is not num_steps distinct timesteps in 0 .. T-1 (the anchors' duplicate-step bugs)."""
+    if (len(timesteps) != num_steps or len(host.unique(timesteps)) != num_steps
+            or timesteps.min() < 0 or timesteps.max() > num_timesteps - 1):
+        raise ValueError(f"{what} with spacing {spacing!r} cannot place {num_steps} distinct timesteps in "
+                         f"0 .. {num_timesteps - 1}: use fewer steps or another spacing")
+    return timesteps
+
+
+def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
+    """DDIM's grid of num_steps timesteps, increasing (host int64), as diffusers' DDIMScheduler places them.
+
+    "leading" (the DDIM paper's, minidiff's default): 0, c, .., (n - 1) c with c = T // n, plus steps_offset;
+    "trailing": round(T - k T / n) - 1 for k = n-1 .. 0, ending at T - 1; "linspace": round(linspace(0, T - 1, n)).
+    steps_offset shifts the "leading" grid only (diffusers ignores it for the others).
+    """
+    T, n = num_timesteps, num_steps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    if isinstance(n, bool) or int(n) != n or not 1 <= n <= T:
+        raise ValueError(f"num_steps must be between 1 and T = {T}, got {n}")
+    if spacing == "leading":
+        grid = host.arange(n) * (T // n) + int(steps_offset)
+    elif spacing == "trailing":
+        grid = _trailing(T, n)
+    else:
+        grid = host.round(host.linspace(0, T - 1, n)).astype(host.int64)
+    return _check_grid(grid.astype(host.int64), T, n, spacing, "DDIM")
+
+
+def dpm_solver_timesteps(num_timesteps, num_steps, spacing="linspace", steps_offset=0):
+    """DPM-Solver++'s grid of num_steps timesteps, increasing, as diffusers' DPMSolverMultistepScheduler places them.
+
+    It builds n + 1 points and drops the one nearest t = 0 (the solver's last step goes to sigma = 0
+    instead), so its grids are not DDIM's: "linspace": round(linspace(0, T - 1, n + 1))[1:];
+    "leading": k (T // (n + 1)) + steps_offset for k = 1 .. n; "trailing": as DDIM's.
+    """
+    T, n = num_timesteps, num_steps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    if isinstance(n, bool) or int(n) != n or not 1 <= n <= T:
+        raise ValueError(f"num_steps must be between 1 and T = {T}, got {n}")
+    if spacing == "linspace":
+        grid = host.round(host.linspace(0, T - 1, n + 1))[1:]
+    elif spacing == "leading":
+        grid = host.arange(1, n + 1) * (T // (n + 1)) + int(steps_offset)
+    else:
+        grid = _trailing(T, n)
+    return _check_grid(grid.astype(host.int64), T, n, spacing, "DPM-Solver++")
+
+
+def _trailing(T, n):
+    """round(T - k T / n) - 1 for k = n-1 .. 0, rounded half to even in exact integer arithmetic.
+
+    diffusers computes np.arange(T, 0, -T / n) in floats, whose error decides the ties (T = 1000,
+    n = 48: 186 or 187) and can add an (n + 1)-th point, timestep -1 (n = 61); exact rounding does neither.
+    """
+    q, r = host.divmod(T * host.arange(1, n + 1, dtype=host.int64), n)    # T (n - k) / n = q + r / n
+    up = (2 * r > n) | ((2 * r == n) & (q % 2 == 1))
+    return q + up - 1
+
+
+def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
+    """Karras et al. 2022's noise levels (EDM, Eq. 5): n sigmas from sigma_max down to sigma_min, then 0.
+
+        sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0 .. n-1
+
+    rho = 7 spends most steps at low noise, where the ODE's curvature is. Returns (n + 1,) float64.
+    """
+    if not 0 < sigma_min < sigma_max < float("inf"):
+        raise ValueError(f"Karras sigmas need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    ramp = host.linspace(0.0, 1.0, num_steps) if num_steps > 1 else host.zeros(1)
+    hi, lo = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return host.append((hi + ramp * (lo - hi)) ** rho, 0.0)
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2023 (arXiv:2305.08891), Algorithm 1: rescale betas so alpha_bar_T = 0 (zero terminal SNR).
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is unchanged; the
+    last step then sees pure noise, as sampling starts from it. beta_T becomes 1, which check_betas
+    accepts for the last step only; an eps model cannot recover x_0 there (alpha_bar_T = 0), so train
+    a v (or x_0) model with it, as the paper does.
+    """
+    betas = check_betas(betas)
+    sqrt_ab = host.sqrt(host.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    alphas = host.append(ab[0], ab[1:] / ab[:-1])
+    return check_betas(1.0 - alphas)
 
 
 def respace_betas(alphas_cumprod, timesteps):

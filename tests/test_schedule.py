@@ -74,8 +74,8 @@ def test_bad_lengths_raise(T, error):
         get_named_beta_schedule("linear", T)
 
 
-@pytest.mark.parametrize("betas", [[0.1, 0.0], [0.1, 1.0], [0.1, -0.2], [0.1, float("nan")], [1.5],
-                                   [], [[0.1, 0.2]]])
+@pytest.mark.parametrize("betas", [[0.1, 0.0], [1.0, 0.1], [0.1, 1.0, 0.2], [0.1, 1.5], [0.1, -0.2],
+                                   [0.1, float("nan")], [1.5], [], [[0.1, 0.2]]])
 def test_invalid_user_betas_are_rejected(betas):
     with pytest.raises(ValueError, match="beta"):
         check_betas(np.array(betas))
