@@ -680,6 +680,12 @@ def check_model_state(path, state):
     if info.get("image_size") != mc.get("image_size") or info.get("channels") != mc.get("in_channels") or \
             not isinstance(info.get("clip_denoised"), bool):
         bad("info must give the model's image_size and channels and clip_denoised true or false")
+    ddim = info.get("ddim", {})   # a DDIM scheduler's settings (absent in files converted before they were read)
+    if not isinstance(ddim, dict) or ddim.get("spacing", "leading") not in ("leading", "trailing", "linspace") or \
+            not isinstance(ddim.get("set_alpha_to_one", True), bool) or \
+            not isinstance(ddim.get("steps_offset", 0), int) or not 0 <= ddim.get("steps_offset", 0) < len(betas):
+        bad("info's ddim settings must give spacing leading, trailing or linspace, set_alpha_to_one true or false "
+            "and steps_offset an integer step")
     check_finite(path, model, "model")
     return state
 

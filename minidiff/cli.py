@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError
 from .config import (MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits, config_from_dict,
                      make_config, option, validate)
 from .data import DataError
-from .schedule import get_named_beta_schedule
+from .schedule import SPACINGS, get_named_beta_schedule
 
 EXIT_USAGE = 2         # bad arguments, missing or corrupt inputs (argparse's own code)
 EXIT_INTERRUPTED = 130  # Ctrl-C, after the checkpoint was saved (128 + SIGINT; SIGTERM 143, SIGHUP 129)
@@ -44,6 +44,12 @@ GUIDANCE_HELP = ("with --label: classifier-free guidance weight w, eps = (1 + w)
                  "Salimans 2022, Eq. 6); 0 is plain conditional sampling, larger w gives more typical, less varied "
                  "images (default 2; see BENCHMARKS.md)")
 DEFAULT_GUIDANCE = 2.0
+SAMPLER_HELP = ("ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021; dpm++: DPM-Solver++ (Lu et al. "
+                "2022); heun, euler: the Karras et al. 2022 ODE sampler (heun's N steps cost 2N - 1 network calls). "
+                "Default: ddpm with all T steps, ddim when --steps asks for fewer (docs/CLI.md compares them)")
+STEPS_HELP = ("reverse steps: 0 means each sampler's default (ddpm all T, ddim 50, dpm++ 20, heun 10, euler 20); "
+              "fewer than T run ddim unless --sampler says otherwise; --sampler ddpm respaces the ancestral chain "
+              "(Nichol & Dhariwal 2021)")
 PRETRAINED_HELP = ("a diffusers DDPM folder instead of --checkpoint, e.g. one of the paper's models fetched with "
                    "'hf download google/ddpm-cifar10-32 --local-dir DIR'")
 
@@ -57,10 +63,12 @@ class SampleConfig:
                                      "and with --label the labels as arr_1")
     label: str = option(None, LABEL_HELP)
     guidance: float = option(None, GUIDANCE_HELP, type=float)
-    sampler: str = option(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
-                                "with all T steps, ddim when --steps asks for fewer", choices=sampling.SAMPLERS)
-    steps: int = option(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
-                           "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
+    sampler: str = option(None, SAMPLER_HELP, choices=sampling.SAMPLERS)
+    steps: int = option(0, STEPS_HELP)
+    order: int = option(None, "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3", type=int,
+                        choices=sampling.ORDERS)
+    spacing: str = option(None, "ddim and dpm++ only: where the steps go, as diffusers names them: leading "
+                                "(ddim's default), trailing or linspace (dpm++'s default)", choices=SPACINGS)
     eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     ema: bool = option(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
     progressive: bool = option(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
@@ -101,6 +109,13 @@ class InterpolateConfig:
     out: str = option("interpolate.png", ".png picture")
     label: str = option(None, "class-conditional model: decode every pair as this class (0 .. K-1); without it the "
                               "decoding is unconditional")
+    sampler: str = option("ddpm", "the decoder from t: ddpm (Algorithm 2 from step t, the paper's Fig. 8) or a "
+                                  "deterministic one, ddim, dpm++, heun or euler, on the chain's first t + 1 steps",
+                          choices=sampling.SAMPLERS)
+    steps: int = option(0, "decoder steps from t to 0 (0: all t + 1 for ddpm, the sampler's default otherwise)")
+    order: int = option(None, "dpm++ only: 1, 2 (default) or 3", type=int, choices=sampling.ORDERS)
+    spacing: str = option(None, "ddim and dpm++ only: trailing (default here: the first step is t itself) or "
+                                "linspace", choices=SPACINGS)
     guidance: float = option(None, GUIDANCE_HELP, type=float)
     ema: bool = option(True, "use the EMA weights")
     seed: int = option(0, "seed of the pairs and the noise")
@@ -117,10 +132,12 @@ class EvalConfig:
                              "with --samples and no --checkpoint (with --bpd also an image PATH)")
     num: int = option(None, "samples to draw (default 1000); with --samples, score the first N of the file "
                             "(default all)", type=int)
-    sampler: str = option(None, "ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021. Default: ddpm "
-                                "with all T steps, ddim when --steps asks for fewer", choices=sampling.SAMPLERS)
-    steps: int = option(0, "reverse steps: 0 means all T for ddpm and 50 for ddim; fewer than T run ddim unless "
-                           "--sampler ddpm asks for a respaced ancestral chain (Nichol & Dhariwal 2021)")
+    sampler: str = option(None, SAMPLER_HELP, choices=sampling.SAMPLERS)
+    steps: int = option(0, STEPS_HELP)
+    order: int = option(None, "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3", type=int,
+                        choices=sampling.ORDERS)
+    spacing: str = option(None, "ddim and dpm++ only: where the steps go, as diffusers names them: leading "
+                                "(ddim's default), trailing or linspace (dpm++'s default)", choices=SPACINGS)
     eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     label: str = option(None, LABEL_HELP + "; the report adds how often minidiff's classifier agrees with the label, "
                                            "per class (--samples: read from the file's arr_1)")
@@ -555,12 +572,14 @@ def cmd_train(args):
 # ---------------------------------------------------------------- sample
 
 
-def _sampling_plan(diffusion, sampler, steps):
-    """sampling.sampling_plan for --sampler/--steps, with its error as a usage error."""
+def _sampling_plan(diffusion, cfg, info=None, sampler=None, spacing=None):
+    """sampling.sampling_plan for --sampler/--steps/--eta/--order/--spacing (and a converted model's DDIM
+    settings), with its error as a usage error naming the option."""
     try:
-        return sampling.sampling_plan(diffusion, sampler, steps)
+        return sampling.sampling_plan(diffusion, sampler or cfg.sampler, cfg.steps, getattr(cfg, "eta", 0.0),
+                                      cfg.order, spacing or cfg.spacing, (info or {}).get("ddim"))
     except ValueError as err:
-        raise UsageError(f"--{err}") from None
+        raise UsageError(re.sub(r"^(steps|eta|order|spacing) ", r"--\1 ", str(err))) from None
 
 
 def _load_source(cfg):
@@ -584,7 +603,8 @@ def cmd_sample(args):
     ext = _check_output(cfg.out, (".png", ".npz") if not cfg.progressive else (".png",))
     backend.use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
-    chain, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)   # the diffusion to run (respaced?)
+    plan = _sampling_plan(diffusion, cfg, info)   # the sampler and the diffusion it runs on (respaced?)
+    steps = plan.steps
     labels, guidance, nrow = _requested_labels(cfg, model, cfg.num)
     num = cfg.num if labels is None else len(labels)
     points = info["channels"] is None
@@ -593,11 +613,10 @@ def cmd_sample(args):
     if cfg.progressive:
         if points:
             raise UsageError("--progressive needs an image model; this checkpoint models 2-D points")
-        return _sample_progressive(cfg, model, chain, steps, ddim, shape, info.get("clip_denoised", True),
-                                   labels, guidance)
-    samples = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
-                                    cfg.batch_size, clip_denoised=info.get("clip_denoised", True), progress=True,
-                                    labels=labels, guidance=guidance)
+        return _sample_progressive(cfg, model, plan, shape, info.get("clip_denoised", True), labels, guidance)
+    samples = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, batch_size=cfg.batch_size,
+                                    clip_denoised=info.get("clip_denoised", True), progress=True,
+                                    labels=labels, guidance=guidance, plan=plan)
     with checkpoint.atomic_path(cfg.out) as tmp:
         if ext == ".npz":
             array = samples if points else images.to_uint8(samples)     # uint8 (N, H, W, C) for images
@@ -648,22 +667,19 @@ def _frame_indices(num_steps, frames):
     return sorted({round(k * (num_steps - 1) / max(frames - 1, 1)) for k in range(frames)})
 
 
-def _sample_progressive(cfg, model, diffusion, steps, ddim, shape, clip_denoised=True, labels=None, guidance=0.0):
+def _sample_progressive(cfg, model, plan, shape, clip_denoised=True, labels=None, guidance=0.0):
     """Fig. 6: the x_0 prediction at evenly spaced steps of one chain per row."""
     shape = (cfg.num if labels is None else len(labels), *shape)
-    kwargs = dict(seed=[cfg.seed, 0], clip_denoised=clip_denoised, progress=True, guidance=guidance,
-                  model_kwargs=None if labels is None else {"y": backend.to_active(labels)})
-    if ddim:
-        chain = diffusion.ddim_sample_loop_progressive(model, shape, num_steps=steps, eta=cfg.eta, **kwargs)
-    else:
-        chain = diffusion.p_sample_loop_progressive(model, shape, **kwargs)
+    diffusion, steps = plan.diffusion, plan.steps
+    chain = plan.run(model, shape, progressive=True, seed=[cfg.seed, 0], clip_denoised=clip_denoised, progress=True,
+                     guidance=guidance, model_kwargs=None if labels is None else {"y": backend.to_active(labels)})
     keep = set(_frame_indices(steps, min(cfg.frames, steps)))   # at most one column per step
     frames, labels = [], []
     for k, out in enumerate(chain):
         if k in keep:
             frames.append(backend.to_numpy(out["pred_xstart"]))
             t = out["t"] if diffusion.timestep_map is None else int(diffusion.timestep_map[out["t"]])
-            labels.append(f"t={t}")
+            labels.append(f"t={t:.0f}")   # the Karras sampler's t lies between grid points
     with checkpoint.atomic_path(cfg.out) as tmp:
         images.filmstrip(frames, tmp, labels=labels)
     print(f"wrote the x_0 predictions of {cfg.num} chains to {cfg.out}", file=sys.stderr)
@@ -812,8 +828,26 @@ def cmd_interpolate(args):
     x_b = backend.to_active(images_[pick[cfg.pairs:]])
     lambdas = [k / (cfg.lambdas - 1) for k in range(cfg.lambdas)]
     labels, guidance, _ = _requested_labels(cfg, model, cfg.pairs)
+    clip = info.get("clip_denoised", True)
+    decode = None
+    if cfg.sampler == "ddpm" and (cfg.steps or cfg.order or cfg.spacing):
+        raise UsageError("--sampler ddpm decodes all t + 1 ancestral steps, with the noise shared across the mixing "
+                         "weights; for fewer steps choose a deterministic --sampler (ddim, dpm++, heun, euler)")
+    if cfg.sampler != "ddpm":   # a deterministic decoder on the chain's first t + 1 steps
+        if cfg.t < 1:
+            raise UsageError(f"--sampler {cfg.sampler} decodes a chain of t + 1 >= 2 steps: use --t 1 or more, "
+                             f"or --sampler ddpm")
+        spacing = cfg.spacing or ("trailing" if cfg.sampler in ("ddim", "dpm++") else None)
+        if cfg.spacing == "leading":
+            raise UsageError("--spacing leading does not start at step t, so the mix would be decoded as a less "
+                             "noisy image: use trailing or linspace")
+        plan = _sampling_plan(diffusion.truncated(cfg.t), cfg, info, spacing=spacing)
+
+        def decode(x_t, model_kwargs):
+            return plan.run(model, x_t.shape, noise=x_t, seed=[cfg.seed, 1], clip_denoised=clip, progress=True,
+                            model_kwargs=model_kwargs, guidance=guidance)
     mixed = diffusion.interpolate(model, x_a, x_b, cfg.t, lambdas, seed=[cfg.seed, 1], progress=True,
-                                  clip_denoised=info.get("clip_denoised", True), guidance=guidance,
+                                  clip_denoised=clip, guidance=guidance, decode=decode,
                                   model_kwargs=None if labels is None else {"y": backend.to_active(labels)})
     columns = [x_a] + [mixed[k] for k in range(len(lambdas))] + [x_b]
     labels = ["source"] + [f"{lam:.2g}" for lam in lambdas] + ["source"]
@@ -826,6 +860,8 @@ def cmd_interpolate(args):
 # ---------------------------------------------------------------- eval
 
 
+# eval's sampler when none is asked for: DDPM-1000's quality at 20 network calls, 1/50 of its time (BENCHMARKS.md)
+EVAL_SAMPLER = "dpm++"
 DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size BENCHMARKS.md's quality targets are stated at
 MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/recall
 
@@ -927,16 +963,17 @@ def cmd_eval(args):
             if num < MIN_EVAL_SAMPLES:
                 raise UsageError(f"--num must be at least {MIN_EVAL_SAMPLES} for the metrics (k-NN "
                                  f"precision/recall), got {num}")
-            _, steps, ddim = _sampling_plan(diffusion, cfg.sampler, cfg.steps)
+            default = EVAL_SAMPLER if not (cfg.steps or cfg.eta) else None
+            plan = _sampling_plan(diffusion, cfg, info, sampler=cfg.sampler or default)
             shape = (2,) if points else (info["channels"], info["image_size"], info["image_size"])
             _check_affordable(num, shape)
             labels, guidance, _ = _requested_labels(cfg, model, num)
             num = num if labels is None else len(labels)
             began = time.perf_counter()
-            drawn = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, cfg.sampler, cfg.steps, cfg.eta,
-                                          cfg.batch_size, progress=True, labels=labels, guidance=guidance)
-            report["sampling"] = {"sampler": "ddim" if ddim else "ddpm", "steps": steps,
-                                  **({"eta": cfg.eta} if ddim else {}),
+            drawn = sampling.draw_samples(diffusion, model, shape, num, cfg.seed, batch_size=cfg.batch_size,
+                                          progress=True, labels=labels, guidance=guidance, plan=plan)
+            report["sampling"] = {"sampler": plan.sampler, "steps": plan.steps, "network_calls": plan.network_calls,
+                                  **{k: v for k, v in plan.options.items() if k != "solver"},
                                   **({"label": cfg.label, "guidance": guidance} if labels is not None else {}),
                                   "num": num, "seed": cfg.seed, "seconds": round(time.perf_counter() - began, 3)}
             samples = drawn if points else images.to_uint8(drawn)   # uint8 NHWC, as sample --out x.npz

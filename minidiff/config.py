@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 
 from . import backend, data
-from .diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, GaussianDiffusion
+from .diffusion import LOSS_TYPES, MEAN_TYPES, SAMPLERS, VAR_TYPES, GaussianDiffusion
 from .schedule import NAMES as BETA_SCHEDULES
-from .schedule import get_named_beta_schedule
+from .schedule import get_named_beta_schedule, rescale_zero_terminal_snr
 from .unet import MLPDenoiser, UNet
 
 
@@ -37,6 +37,9 @@ def backend_option():
     """--backend of every command: $MINIDIFF_BACKEND when set (read when the config is created), else numpy."""
     return option(backend.default_name, "array backend: numpy (CPU) or cupy (NVIDIA GPU); default "
                                         "$MINIDIFF_BACKEND or numpy", choices=backend.NAMES)
+
+
+FINAL_SAMPLER = "dpm++"   # the final samples.png: DDPM-1000's quality at 20 network calls (BENCHMARKS.md)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class TrainConfig:
     schedule: str = option("linear", "beta schedule: linear (paper), quad, cosine or sigmoid", choices=BETA_SCHEDULES)
     num_timesteps: int = option(1000, "T, the number of diffusion steps (paper: 1000)")
     mean_type: str = option("eps", "what the network predicts: eps (paper), x0 or v", choices=MEAN_TYPES)
+    zero_terminal_snr: bool = option(False, "rescale the schedule so alpha_bar_T = 0: the last step sees pure noise, "
+                                            "as sampling starts from it (Lin et al. 2023); needs --mean-type v")
     var_type: str = option("fixed_large", "reverse variance sigma_t^2: fixed_large (beta_t, the paper's CIFAR-10 "
                                           "setting) or fixed_small (beta_tilde_t)", choices=VAR_TYPES)
     loss_type: str = option("mse", "mse (L_simple, Eq. 14) or kl (the variational bound, Eq. 5)", choices=LOSS_TYPES)
@@ -96,8 +101,11 @@ class TrainConfig:
     sample_every: int = option(500, "write an EMA sample grid DIR/samples/step_N.png every this many steps, "
                                      "drawn with 50 DDIM steps to stay cheap (0: off)")
     num_samples: int = option(64, "images in the final DIR/samples.png (and, up to 64, in the periodic grids)")
-    sample_steps: int = option(0, "reverse steps for the final DIR/samples.png: 0 = all T (DDPM, Algorithm 2); "
-                                  "K < T uses DDIM with K steps (faster)")
+    sampler: str = option(FINAL_SAMPLER, "sampler of the final DIR/samples.png: ddpm (Algorithm 2), ddim, dpm++, "
+                                         "heun or euler (see 'minidiff sample --help'; default chosen in BENCHMARKS.md)",
+                          choices=SAMPLERS)
+    sample_steps: int = option(0, "reverse steps for the final DIR/samples.png: 0 = the sampler's default (all T for "
+                                  "ddpm, 20 for dpm++)")
 
 
 # Presets: overrides of the defaults above (the "digits" preset is the defaults themselves).
@@ -224,6 +232,14 @@ def validate(config):
         raise ValueError(f"log_format must be jsonl or csv, got {config.log_format!r}")
     if config.backend not in ("numpy", "cupy"):
         raise ValueError(f'unknown backend {config.backend!r}: use "numpy" or "cupy"')
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {config.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if config.zero_terminal_snr and config.mean_type == "eps":
+        raise ValueError("zero_terminal_snr needs mean_type v (or x0): at alpha_bar_T = 0 an eps model cannot give "
+                         "x_0 (Lin et al. 2023 train v); add --mean-type v")
+    if config.zero_terminal_snr and config.sampler in ("heun", "euler"):
+        raise ValueError(f"sampler {config.sampler} starts at sigma_max, which zero terminal SNR makes infinite: "
+                         f"use dpm++ or ddim")
 
 
 def config_to_dict(config):
@@ -278,5 +294,7 @@ def build_model(config, channels, image_size, num_classes=None):
 def build_diffusion(config, num_bins=256):
     """The GaussianDiffusion of a run; `num_bins` is the data's grey levels for the decoder L_0 (Eq. 13)."""
     betas = get_named_beta_schedule(config.schedule, config.num_timesteps)
+    if config.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)   # Lin et al. 2023, Algorithm 1
     return GaussianDiffusion(betas, model_mean_type=config.mean_type, model_var_type=config.var_type,
                              loss_type=config.loss_type, num_bins=num_bins)

@@ -30,6 +30,8 @@ MEAN_TYPES = ("eps", "x0", "v")  # what the model predicts: the noise (the paper
 VAR_TYPES = ("fixed_small", "fixed_large")  # sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2)
 LOSS_TYPES = ("mse", "kl")  # L_simple (Eq. 14) or the true variational bound (Eq. 5)
 NO_LABEL = -1  # the label meaning "no label" (the unconditional model of classifier-free guidance)
+# The samplers (sampling.sampling_plan runs them by name): Algorithm 2, DDIM, DPM-Solver++, Karras's Heun and Euler.
+SAMPLERS = ("ddpm", "ddim", "dpm++", "heun", "euler")
 KARRAS_SOLVERS = ("heun", "euler")  # Karras et al. 2022, Algorithm 1 (second order) and its first-order case
 
 
@@ -679,14 +681,26 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ interpolation
 
+    def truncated(self, t):
+        """The chain of code steps 0 .. t alone (the same alpha_bars and model timesteps): its sampler run from
+        noise=x_t decodes x_t, e.g. an interpolation's mix, with any sampler."""
+        if not 1 <= t < self.num_timesteps:
+            raise ValueError(f"t must lie in 1 .. {self.num_timesteps - 1} for a chain of its first t + 1 steps, got {t}")
+        short = GaussianDiffusion(self.betas[:t + 1], self.model_mean_type, self.model_var_type, self.loss_type,
+                                  self.num_bins)
+        short.timestep_map = None if self.timestep_map is None else self.timestep_map[:t + 1]
+        return short
+
     def interpolate(self, model, x_a, x_b, t, lambdas, noise=None, seed=None, clip_denoised=True, progress=False,
-                    model_kwargs=None, guidance=0.0):
+                    model_kwargs=None, guidance=0.0, decode=None):
         """Interpolate in latent space (Sec. 4.4, Fig. 8): returns x_0 for each lambda, shape (L, N, ...).
 
         Both batches are encoded with q at timestep t using the same noise (Eq. 4), mixed as
         (1 - lambda) x_t + lambda x'_t, and decoded by the reverse process from t down to 0. The
         reverse noise is shared across lambdas, so only the mix differs between the outputs.
         model_kwargs["y"] (N,) labels the N pairs (the same label for every lambda), with `guidance` as in p_sample.
+        `decode(x_t, model_kwargs)` -> x_0 replaces the ancestral decoder, e.g. a deterministic sampler run
+        on truncated(t) (which needs no shared noise).
         """
         x_a, x_b = _data(x_a), _data(x_b)
         xp = backend.xp_of(x_a)
@@ -700,6 +714,8 @@ class GaussianDiffusion:
         x = mixed
         if model_kwargs and model_kwargs.get("y") is not None:   # one label per pair, repeated for each lambda
             model_kwargs = {**model_kwargs, "y": xp.concatenate([xp.asarray(_data(model_kwargs["y"]))] * len(lambdas))}
+        if decode is not None:
+            return decode(x, model_kwargs).reshape(len(lambdas), *x_a.shape)
         for i in tqdm(range(int(t), -1, -1), desc="sampling", disable=not progress):   # Algorithm 2 from step t
             z = xp.concatenate([generator.normal(x_a.shape, dtype=x_a.dtype, like=x_a)] * len(lambdas))  # one z, every lambda
             x = self.p_sample(model, x, self._full_t(x, i), z, clip_denoised, model_kwargs, guidance)["sample"]

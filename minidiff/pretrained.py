@@ -33,7 +33,7 @@ import os
 from . import backend, checkpoint
 from .checkpoint import CheckpointError
 from .diffusion import GaussianDiffusion
-from .schedule import betas_for_alpha_bar, check_betas, cosine_alpha_bar
+from .schedule import SPACINGS, betas_for_alpha_bar, check_betas, cosine_alpha_bar, rescale_zero_terminal_snr
 from .unet import UNet
 
 host = backend.host
@@ -65,6 +65,7 @@ SCHEDULER_DEFAULTS = {
     "thresholding": False, "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0,
     "rescale_betas_zero_snr": False,
 }
+DDIM_DEFAULTS = {"set_alpha_to_one": True}   # DDIMScheduler's own field (a DDPMScheduler config never has it)
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # diffusers' *_log variants compute the same sigma_t through a log; "learned*" needs a second output head.
@@ -278,15 +279,29 @@ def unet_kwargs(config, where="config.json"):
 
 
 def scheduler_settings(config, where="scheduler_config.json"):
-    """(betas float64 (T,), GaussianDiffusion keyword arguments, clip_denoised) from a scheduler config."""
+    """(betas float64 (T,), GaussianDiffusion keyword arguments, sampling settings) from a scheduler config.
+
+    The sampling settings are {"clip_denoised": clip_sample, "ddim": {"spacing", "set_alpha_to_one",
+    "steps_offset"}}: how diffusers' DDIMScheduler places its steps (timestep_spacing, steps_offset, which
+    shifts the "leading" grid only) and ends (set_alpha_to_one: alpha_bar = 1 after the last step, or
+    alpha_bar at t = 0), the defaults of minidiff's DDIM for this model. rescale_betas_zero_snr rescales
+    the betas (schedule.rescale_zero_terminal_snr), for v and x_0 models.
+    """
     name = config.get("_class_name", "DDPMScheduler")
     if name not in SCHEDULERS:
         _refuse(where, "_class_name", name, f"minidiff reads {' and '.join(SCHEDULERS)} configs")
-    c = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in SCHEDULER_DEFAULTS}}
+    known = {**SCHEDULER_DEFAULTS, **DDIM_DEFAULTS}
+    c = {**known, **{k: v for k, v in config.items() if k in known}}
     if c["thresholding"]:
         _refuse(where, "thresholding", c["thresholding"], "minidiff clips x_0 to [-1, 1] (clip_sample) only")
-    if c["rescale_betas_zero_snr"]:
-        _refuse(where, "rescale_betas_zero_snr", c["rescale_betas_zero_snr"], "minidiff uses the betas as given")
+    for field in ("rescale_betas_zero_snr", "set_alpha_to_one"):
+        if not isinstance(c[field], bool):
+            _refuse(where, field, c[field], "expected true or false")
+    if c["rescale_betas_zero_snr"] and c["prediction_type"] == "epsilon":
+        _refuse(where, "rescale_betas_zero_snr", True, "zero terminal SNR needs prediction_type v_prediction or "
+                "sample: an epsilon model cannot give x_0 from pure noise (alpha_bar_T = 0)")
+    if c["timestep_spacing"] not in SPACINGS:
+        _refuse(where, "timestep_spacing", c["timestep_spacing"], f"use one of {', '.join(SPACINGS)}")
     if not isinstance(c["clip_sample"], bool):
         _refuse(where, "clip_sample", c["clip_sample"], "expected true or false")
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
@@ -321,13 +336,19 @@ def scheduler_settings(config, where="scheduler_config.json"):
             betas = 1.0 / (1.0 + host.exp(-host.linspace(-6.0, 6.0, T, dtype=host.float64))) * (end - start) + start
         else:
             _refuse(where, "beta_schedule", schedule, "use linear, scaled_linear, squaredcos_cap_v2 or sigmoid")
+    offset = c["steps_offset"]
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < T:
+        _refuse(where, "steps_offset", offset, f"needs an integer from 0 to {T - 1}")
     try:
         betas = check_betas(betas)
+        if c["rescale_betas_zero_snr"]:
+            betas = rescale_zero_terminal_snr(betas)   # Lin et al. 2023, Algorithm 1
     except ValueError as err:
         raise PretrainedError(f"{where}: {err}") from None
     kwargs = dict(model_mean_type=PREDICTION_TYPES[c["prediction_type"]],
                   model_var_type=VARIANCE_TYPES[c["variance_type"]])
-    return betas, kwargs, bool(c["clip_sample"])
+    ddim = {"spacing": c["timestep_spacing"], "set_alpha_to_one": c["set_alpha_to_one"], "steps_offset": offset}
+    return betas, kwargs, {"clip_denoised": bool(c["clip_sample"]), "ddim": ddim}
 
 
 def _pos_int(v):
@@ -453,14 +474,14 @@ def load(path):
 
 
 def load_with_info(path):
-    """(model, diffusion, info); info has "source", "image_size", "channels" and "clip_denoised".
+    """(model, diffusion, info); info has "source", "image_size", "channels", "clip_denoised" and "ddim".
 
     clip_denoised is the scheduler's clip_sample: whether the x_0 prediction is clipped to [-1, 1]
-    while sampling (True for the DDPM models).
+    while sampling (True for the DDPM models); "ddim" are its DDIM settings (scheduler_settings).
     """
     files = find_files(path)
     kwargs = _parse(unet_kwargs, files["unet_config"])  # every number checked, the size affordable
-    betas, diffusion_kwargs, clip = _parse(scheduler_settings, files["scheduler_config"])
+    betas, diffusion_kwargs, settings = _parse(scheduler_settings, files["scheduler_config"])
     plan = plan_weights(files["weights"], checkpoint.model_shapes(kwargs))  # the header matches, data unread
     try:
         model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
@@ -469,7 +490,7 @@ def load_with_info(path):
     model.load_state_dict(read_planned(files["weights"], plan))
     model.eval()
     info = {"source": os.path.abspath(os.fspath(path)), "image_size": kwargs["image_size"],
-            "channels": kwargs["in_channels"], "clip_denoised": clip}
+            "channels": kwargs["in_channels"], **settings}
     return model, GaussianDiffusion(betas, **diffusion_kwargs), info
 
 

@@ -1,16 +1,59 @@
-"""Sampling for callers: load a finished model and draw from it (Algorithm 2, or DDIM with fewer steps).
+"""Sampling for callers: load a finished model and draw from it (Algorithm 2, DDIM, DPM-Solver++, Heun, Euler).
 
 `load_model` rebuilds the model and diffusion of a checkpoint: a training run's (its EMA
 weights by default, as the paper samples) or a converted diffusers model's. `sampling_plan`
 is the one policy for "sample with fewer steps"; `draw_samples` applies it in seeded
 batches, for the CLI, the examples, the benchmarks and the Trainer's sample grids alike.
-May import: backend, checkpoint, config, pretrained.
+May import: backend, checkpoint, config, pretrained, schedule.
 """
+from typing import NamedTuple
+
 from . import backend, checkpoint, pretrained
 from .checkpoint import CheckpointError
 from .config import build_diffusion, build_model, config_from_dict
+from .diffusion import SAMPLERS
+from .schedule import SPACINGS, dpm_solver_timesteps
 
-SAMPLERS = ("ddpm", "ddim")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "heun": 10, "euler": 20}   # the few-step samplers' defaults (BENCHMARKS.md)
+ORDERS = (1, 2, 3)
+
+
+class SamplingPlan(NamedTuple):
+    """What to run: `sampler` on `diffusion` (a respaced chain for ddpm with fewer steps) with `steps` steps.
+
+    `options` are the sampler's own settings (eta, order, spacing, ...), keyword arguments of its loop.
+    """
+    diffusion: object
+    sampler: str
+    steps: int
+    options: dict
+
+    @property
+    def network_calls(self):
+        """Model evaluations per sample batch (doubled batch under guidance, still one call): Heun 2 n - 1."""
+        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+
+    def describe(self):
+        """A short name for reports and picture titles, e.g. 'dpm++ 20 steps (order 2)'."""
+        extra = {k: v for k, v in self.options.items() if k in ("eta", "order", "spacing") and
+                 not (k == "eta" and v == 0.0)}
+        return f"{self.sampler} {self.steps} steps" + (f" ({', '.join(f'{k} {v}' for k, v in extra.items())})"
+                                                       if extra else "")
+
+    def run(self, model, shape, progressive=False, **kwargs):
+        """The sampler's loop (its _progressive twin with progressive=True) with kwargs such as seed,
+        noise, clip_denoised, progress, model_kwargs and guidance."""
+        d, name = self.diffusion, self.sampler
+        if name == "ddpm":
+            loop = d.p_sample_loop_progressive if progressive else d.p_sample_loop
+            return loop(model, shape, **kwargs)
+        if name == "ddim":
+            loop = d.ddim_sample_loop_progressive if progressive else d.ddim_sample_loop
+        elif name == "dpm++":
+            loop = d.dpm_solver_sample_loop_progressive if progressive else d.dpm_solver_sample_loop
+        else:
+            loop = d.karras_sample_loop_progressive if progressive else d.karras_sample_loop
+        return loop(model, shape, num_steps=self.steps, **self.options, **kwargs)
 
 
 def load_model(path, use_ema=True):
@@ -45,25 +88,56 @@ def load_model(path, use_ema=True):
     return model, build_diffusion(config), config, info
 
 
-def sampling_plan(diffusion, sampler=None, steps=0):
-    """The one policy for "sample with fewer steps": (diffusion to run, its number of steps, DDIM?).
+def sampling_plan(diffusion, sampler=None, steps=0, eta=0.0, order=None, spacing=None, ddim_settings=None):
+    """The one policy for "sample with fewer steps": a SamplingPlan.
 
-    All T steps (steps 0 or T) run Algorithm 2 unless sampler="ddim" (then 50 DDIM steps). Fewer
-    steps run DDIM (Song et al. 2021) by default, whose 50 steps match the full chain's quality
-    (BENCHMARKS.md); sampler="ddpm" respaces the ancestral chain instead (Nichol & Dhariwal 2021).
+    All T steps (steps 0 or T) run Algorithm 2 unless another sampler is named. Fewer steps run DDIM
+    (Song et al. 2021) by default, whose 50 steps match the full chain's quality (BENCHMARKS.md);
+    sampler="ddpm" respaces the ancestral chain instead (Nichol & Dhariwal 2021). "dpm++" (order 2
+    unless `order` says otherwise), "heun" and "euler" are the ODE samplers; steps 0 means each one's
+    DEFAULT_STEPS (heun's n steps cost 2 n - 1 network calls). `spacing` places DDIM's and
+    DPM-Solver++'s timesteps (schedule.SPACINGS; DDIM "leading", DPM-Solver++ "linspace" by default);
+    `ddim_settings` are a diffusers DDIMScheduler's spacing, set_alpha_to_one and steps_offset
+    (pretrained.scheduler_settings), the defaults of a converted model's DDIM. An option the sampler
+    does not have is a ValueError naming it.
     """
     T = diffusion.num_timesteps
-    if not 0 <= steps <= T:
+    if isinstance(steps, bool) or int(steps) != steps or not 0 <= steps <= T:
         raise ValueError(f"steps must be between 1 and T = {T} (0: the sampler's default), got {steps}")
+    steps = int(steps)
     if sampler is None:
         sampler = "ddim" if 0 < steps < T else "ddpm"
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise; the {sampler} sampler has none: drop it or use sampler ddim")
+    if order is not None and sampler != "dpm++":
+        raise ValueError(f"order is DPM-Solver++'s; the {sampler} sampler has one order: drop it or use dpm++")
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++), got {order}")
+    if spacing is not None and sampler not in ("ddim", "dpm++"):
+        raise ValueError(f"spacing places DDIM's and DPM-Solver++'s timesteps; {sampler} "
+                         + ("keeps evenly strided steps (Nichol & Dhariwal 2021)" if sampler == "ddpm" else
+                            "uses the Karras sigma schedule"))
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    if sampler == "ddpm":
+        if steps and steps < T:
+            return SamplingPlan(diffusion.respaced(steps), "ddpm", steps, {})
+        return SamplingPlan(diffusion, "ddpm", T, {})
+    steps = steps or min(DEFAULT_STEPS[sampler], T - 1 if sampler == "dpm++" else T)   # dpm++ drops a point of n + 1
     if sampler == "ddim":
-        return diffusion, steps or min(50, T), True
-    if steps and steps < T:
-        return diffusion.respaced(steps), steps, False
-    return diffusion, T, False
+        options = {"eta": float(eta), **dict(ddim_settings or {})}
+        if spacing is not None:
+            options["spacing"] = spacing
+        diffusion.ddim_timesteps(steps, options.get("spacing", "leading"), options.get("steps_offset", 0))
+    elif sampler == "dpm++":
+        options = {"order": 2 if order is None else int(order), "spacing": spacing or "linspace"}
+        dpm_solver_timesteps(T, steps, options["spacing"])            # n distinct timesteps, or the error now
+    else:
+        options = {"solver": sampler}
+        diffusion.karras_sigmas(steps)                                # zero terminal SNR refused now
+    return SamplingPlan(diffusion, sampler, steps, options)
 
 
 def every_class(num_classes, num):
@@ -72,16 +146,17 @@ def every_class(num_classes, num):
 
 
 def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=0.0, batch_size=256,
-                 clip_denoised=True, progress=False, labels=None, guidance=0.0):
+                 clip_denoised=True, progress=False, labels=None, guidance=0.0, plan=None):
     """`num` samples of `shape` (per sample) as one host array, drawn in batches by sampling_plan's policy.
 
     Batch i has its own stream [seed, i], so the first samples are the same whatever `num` is (and
     whatever the labels are). Images clip the x_0 prediction to their range [-1, 1] unless
     clip_denoised=False (a pretrained scheduler's clip_sample=False); 2-D points (shape (2,)) are never
     clipped. `labels` (num,) ask a class-conditional model for those classes, with classifier-free
-    guidance weight `guidance` (Ho & Salimans 2022, Eq. 6; 0: plain conditional sampling).
+    guidance weight `guidance` (Ho & Salimans 2022, Eq. 6; 0: plain conditional sampling). A given
+    `plan` (sampling_plan's, with order, spacing, ...) replaces sampler, steps and eta.
     """
-    diffusion, steps, ddim = sampling_plan(diffusion, sampler, steps)
+    plan = plan or sampling_plan(diffusion, sampler, steps, eta)
     clip = clip_denoised and len(shape) > 1
     if labels is not None and len(labels) != num:
         raise ValueError(f"{len(labels)} labels for {num} samples: give one label per sample")
@@ -93,9 +168,5 @@ def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=
         kwargs = dict(seed=[seed, i], clip_denoised=clip, progress=progress, guidance=guidance)
         if labels is not None:
             kwargs["model_kwargs"] = {"y": backend.to_active(backend.host.asarray(labels[start:start + batch[0]]))}
-        if ddim:
-            x = diffusion.ddim_sample_loop(model, batch, num_steps=steps, eta=eta, **kwargs)
-        else:
-            x = diffusion.p_sample_loop(model, batch, **kwargs)
-        chunks.append(backend.to_numpy(x))  # host copy (GPU sync)
+        chunks.append(backend.to_numpy(plan.run(model, batch, **kwargs)))  # host copy (GPU sync)
     return backend.host.concatenate(chunks)

@@ -179,10 +179,11 @@ class Trainer:
         opt = self.optimizer
         return [opt.flat.data, opt.flat_exp_avg, opt.flat_exp_avg_sq, self.ema.flat_shadow]
 
-    def sample(self, num, seed, steps=0, progress=False):
+    def sample(self, num, seed, steps=0, progress=False, sampler=None):
         """`num` samples from the EMA weights, with their own seed (the training streams are untouched).
 
-        steps 0 runs all T steps of Algorithm 2; fewer run DDIM (sampling.sampling_plan's policy). A
+        `sampler` and `steps` as sampling.sampling_plan: without a sampler, steps 0 runs all T steps of
+        Algorithm 2 and fewer run DDIM; steps 0 with a sampler is that sampler's default. A
         conditional run draws num // K of every class in label order (a grid row per class when
         num // K is its width), guided with config.guidance."""
         shape = (2,) if self.info["channels"] is None else (
@@ -192,7 +193,7 @@ class Trainer:
             self.model.eval()
             try:
                 return draw_samples(self.diffusion, self.model, shape, len(labels) if labels is not None else num,
-                                    seed, steps=steps, progress=progress, labels=labels,
+                                    seed, sampler=sampler, steps=steps, progress=progress, labels=labels,
                                     guidance=self.config.guidance if labels is not None else 0.0)
             finally:
                 self.model.train()
@@ -310,14 +311,15 @@ def _run(trainer, config, out_dir, resume, progress, world, write):
         if write:
             log.close()
     if write:  # the final grid, drawn once the last step's record is out
-        samples = trainer.sample(config.num_samples, seed=config.seed, steps=config.sample_steps, progress=progress)
+        samples = trainer.sample(config.num_samples, seed=config.seed, steps=config.sample_steps, progress=progress,
+                                 sampler=config.sampler)
         _save_picture(samples, os.path.join(out_dir, "samples.png"), trainer.data, trainer.grid_width(len(samples)))
 
 
 def check_resumable(state, config):
     """Refuse to resume with a changed model, data or recipe (only step counts and outputs may change)."""
     saved = state["config"]
-    free = {"steps", "backend", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps",
+    free = {"steps", "backend", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps", "sampler",
             "log_format", "guidance"}
     now = config_to_dict(config)
     defaults = config_to_dict(TrainConfig())   # a checkpoint older than an option ran with its default

@@ -21,7 +21,7 @@ from conftest import compat_import
 from safetensors.numpy import load_file, save_file
 from safetensors.numpy import save as save_safetensors
 
-from minidiff import backend, checkpoint, pretrained
+from minidiff import backend, checkpoint, images, pretrained
 from minidiff.cli import main
 from minidiff.diffusion import GaussianDiffusion
 from minidiff.pretrained import PretrainedError
@@ -142,6 +142,10 @@ def test_missing_config_fields_take_diffusers_defaults(diffusers):
     params = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
     defaults = {k: p.default for k, p in params.items() if k in pretrained.SCHEDULER_DEFAULTS}
     assert defaults == pretrained.SCHEDULER_DEFAULTS
+    params = inspect.signature(diffusers.DDIMScheduler.__init__).parameters
+    shared = {**pretrained.SCHEDULER_DEFAULTS, **pretrained.DDIM_DEFAULTS}
+    shared = {k: v for k, v in shared.items() if k not in ("variance_type",)}   # DDIM has no variance
+    assert {k: p.default for k, p in params.items() if k in shared} == shared
 
 
 def test_older_attention_names_load(diffusers, tmp_path):
@@ -276,6 +280,52 @@ def diffusion_for(scheduler_config, tmp_path):
     return GaussianDiffusion(betas, **kwargs)
 
 
+def test_ddim_scheduler_settings_are_honoured_and_the_inexpressible_refused(tmp_path):
+    """A DDIMScheduler's timestep_spacing, steps_offset and set_alpha_to_one become minidiff's DDIM defaults for
+    the model; rescale_betas_zero_snr rescales the betas (Lin et al. 2023); what cannot be expressed is one
+    PretrainedError naming the field."""
+    def settings(**fields):
+        return pretrained.scheduler_settings({"_class_name": "DDIMScheduler", **fields}, "s.json")
+
+    betas, kwargs, sampling_settings = settings()
+    assert sampling_settings == {"clip_denoised": True,
+                                 "ddim": {"spacing": "leading", "set_alpha_to_one": True, "steps_offset": 0}}
+    _, _, s = settings(timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    assert s == {"clip_denoised": False, "ddim": {"spacing": "trailing", "set_alpha_to_one": False, "steps_offset": 1}}
+    betas, kwargs, _ = settings(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    d = GaussianDiffusion(betas, **kwargs)
+    assert d.zero_terminal_snr and d.alphas_cumprod[-1] == 0 and kwargs["model_mean_type"] == "v"
+    np.testing.assert_allclose(np.sqrt(d.alphas_cumprod[0]), np.sqrt(1 - 1e-4))   # the first step is kept
+    for fields, field in [({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),   # an eps model
+                          ({"timestep_spacing": "even"}, "timestep_spacing"),
+                          ({"steps_offset": -1}, "steps_offset"), ({"steps_offset": 1000}, "steps_offset"),
+                          ({"set_alpha_to_one": "no"}, "set_alpha_to_one")]:
+        with pytest.raises(pretrained.PretrainedError, match=f"s.json.*{field}"):
+            settings(**fields)
+
+
+def test_a_converted_ddim_model_samples_with_its_schedulers_settings(diffusers, tmp_path):
+    """sample --sampler ddim on a diffusers folder whose DDIM config says trailing and set_alpha_to_one=False
+    draws exactly ddim_sample_loop with those settings (and --spacing overrides the spacing)."""
+    scheduler = diffusers.DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)
+    folder = save_folder(diffusers, perturbed_unet(diffusers, CIFAR10_NARROW), str(tmp_path / "ddim"), "flat",
+                         scheduler)
+    model, d, info = pretrained.load_with_info(folder)
+    assert info["ddim"] == {"spacing": "trailing", "set_alpha_to_one": False, "steps_offset": 0}
+    converted = tmp_path / "converted.safetensors"
+    pretrained.save_converted(converted, model, d, info)
+    _, _, again = pretrained.load_converted(converted)
+    assert again["ddim"] == info["ddim"]
+    shape = (2, model.in_channels, model.image_size, model.image_size)
+    for extra, spacing in (([], "trailing"), (["--spacing", "linspace"], "linspace")):
+        out = tmp_path / f"{spacing}.npz"
+        assert main(["sample", "--checkpoint", str(converted), "--sampler", "ddim", "--steps", "3", "--num", "2",
+                     "--out", str(out), *extra]) == 0
+        want = d.ddim_sample_loop(model, shape, num_steps=3, seed=[0, 0], clip_denoised=False, spacing=spacing,
+                                  set_alpha_to_one=False)
+        np.testing.assert_array_equal(np.load(out)["arr_0"], images.to_uint8(backend.to_numpy(want)))
+
+
 def eps_model(x, t):
     """A fixed stand-in for eps_theta: smooth in x, different at every t."""
     x = x.data if isinstance(x, Tensor) else x
@@ -336,8 +386,9 @@ def test_ddim_loop_equals_ddim_scheduler_where_conventions_coincide(diffusers, t
 def test_documented_differences_from_diffusers(diffusers, tmp_path):
     """Where minidiff differs from diffusers by design; pinned so that a change is noticed.
 
-    1. DDIM spacing: diffusers' "linspace" and "trailing" spacings end at T - 1; minidiff's (and the DDIM
-       paper's, and diffusers' default "leading") use 0, c, ..., (n - 1) c with c = T // n.
+    1. DDIM spacing: both default to "leading", 0, c, ..., (n - 1) c with c = T // n (the DDIM paper's);
+       "linspace" and "trailing" end at T - 1 in both (spacing=...; tests/test_sampler_conformance.py
+       holds their grids and steps to diffusers').
     2. Fewer DDPM steps: minidiff respaces the chain over round(i (T - 1) / (n - 1)) (improved-diffusion,
        first and last step kept); DDPMScheduler.set_timesteps(n) takes "leading" steps that stop short of T - 1.
     3. DDIMScheduler.step defaults to use_clipped_model_output=False: with clipping it keeps the raw eps;
@@ -349,6 +400,7 @@ def test_documented_differences_from_diffusers(diffusers, tmp_path):
         scheduler = diffusers.DDIMScheduler(timestep_spacing=spacing)
         scheduler.set_timesteps(10)
         assert scheduler.timesteps[0] == 999 and ours.ddim_timesteps(10).max() == 900
+        assert ours.ddim_timesteps(10, spacing).max() == 999
     scheduler = diffusers.DDPMScheduler()
     scheduler.set_timesteps(10)
     assert scheduler.timesteps.max() == 900 and ours.respaced(10).timestep_map.max() == 999

@@ -76,18 +76,56 @@ def test_load_model_names_a_checkpoint_it_cannot_rebuild(tmp_path):
 
 
 def test_one_policy_for_sampling_with_fewer_steps():
-    """All T steps: Algorithm 2. Fewer: DDIM by default; ancestral only when asked, on a respaced chain."""
+    """All T steps: Algorithm 2. Fewer: DDIM by default; ancestral only when asked, on a respaced chain;
+    each few-step sampler's own default number of steps and options."""
     d = GaussianDiffusion(get_named_beta_schedule("linear", 100))
-    assert sampling_plan(d) == (d, 100, False)
-    assert sampling_plan(d, steps=100) == (d, 100, False)
-    assert sampling_plan(d, steps=10) == (d, 10, True)
-    assert sampling_plan(d, "ddim") == (d, 50, True)
-    spaced, steps, ddim = sampling_plan(d, "ddpm", 10)
-    assert (spaced.num_timesteps, steps, ddim) == (10, 10, False) and spaced.timestep_map is not None
+    assert sampling_plan(d) == (d, "ddpm", 100, {})
+    assert sampling_plan(d, steps=100) == (d, "ddpm", 100, {})
+    assert sampling_plan(d, steps=10) == (d, "ddim", 10, {"eta": 0.0})
+    assert sampling_plan(d, "ddim") == (d, "ddim", 50, {"eta": 0.0})
+    assert sampling_plan(d, "ddim", 10, eta=1.0, spacing="trailing") == (d, "ddim", 10,
+                                                                          {"eta": 1.0, "spacing": "trailing"})
+    spaced, sampler, steps, options = sampling_plan(d, "ddpm", 10)
+    assert (spaced.num_timesteps, sampler, steps) == (10, "ddpm", 10) and spaced.timestep_map is not None
+    assert sampling_plan(d, "dpm++") == (d, "dpm++", 20, {"order": 2, "spacing": "linspace"})
+    assert sampling_plan(d, "dpm++", 5, order=3, spacing="trailing").options == {"order": 3, "spacing": "trailing"}
+    assert sampling_plan(d, "heun") == (d, "heun", 10, {"solver": "heun"})
+    assert sampling_plan(d, "heun").network_calls == 19 and sampling_plan(d, "euler").network_calls == 20
+    settings = {"spacing": "trailing", "set_alpha_to_one": False, "steps_offset": 0}   # a converted DDIM's
+    assert sampling_plan(d, "ddim", 10, ddim_settings=settings).options == {"eta": 0.0, **settings}
+    assert sampling_plan(d, "ddim", 10, spacing="linspace", ddim_settings=settings).options["spacing"] == "linspace"
+    assert sampling_plan(d, "dpm++", ddim_settings=settings).options == {"order": 2, "spacing": "linspace"}
     with pytest.raises(ValueError, match="between 1 and T = 100"):
         sampling_plan(d, steps=101)
     with pytest.raises(ValueError, match="unknown sampler"):
-        sampling_plan(d, "euler")
+        sampling_plan(d, "plms")
+    for sampler, kwargs, match in [("ddpm", {"eta": 1.0}, "^eta is DDIM's"), ("heun", {"order": 2}, "^order is"),
+                                   ("dpm++", {"order": 4}, "^order must be 1, 2 or 3"),
+                                   ("euler", {"spacing": "trailing"}, "^spacing places"),
+                                   ("ddpm", {"spacing": "trailing"}, "^spacing places"),
+                                   ("ddim", {"spacing": "even"}, "unknown spacing"),
+                                   ("dpm++", {"steps": 100}, "cannot place 100 distinct timesteps")]:
+        with pytest.raises(ValueError, match=match):
+            sampling_plan(d, sampler, **kwargs)
+
+
+def test_every_sampler_runs_through_its_plan_with_the_calls_it_announces():
+    """plan.run reaches each loop (and its progressive twin) with the plan's steps and options."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 30))
+    calls = []
+
+    def model(x, t):
+        calls.append(np.asarray(t)[0])
+        return 0.1 * x
+
+    for sampler in ("ddpm", "ddim", "dpm++", "heun", "euler"):
+        plan = sampling_plan(d, sampler, 6)
+        calls.clear()
+        x = plan.run(model, (3, 2), seed=0, clip_denoised=False)
+        assert x.shape == (3, 2) and len(calls) == plan.network_calls, sampler
+        steps = list(plan.run(model, (3, 2), progressive=True, seed=0, clip_denoised=False))
+        assert len(steps) == 6 and np.array_equal(steps[-1]["sample"], x), sampler
+    assert sampling_plan(d, "heun", 6).network_calls == 11
 
 
 def test_draw_samples_batches_are_seeded_streams():
