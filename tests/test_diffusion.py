@@ -8,7 +8,10 @@ Oracles, cheapest first:
 - a small point set: the optimal predictor is a softmax-weighted average; samples land on the points;
 - classifier-free guidance (Ho & Salimans 2022): a labelled mixture of Gaussians, whose conditional
   predictor is the Gaussian oracle of its component and whose unconditional one is the posterior-weighted
-  mixture of those; guided linear predictors are linear again, so their moments are exact too.
+  mixture of those; guided linear predictors are linear again, so their moments are exact too;
+- the few-step ODE samplers (DPM-Solver++, Karras's Heun and Euler, DDIM at eta 0): for Gaussian data the
+  probability-flow ODE maps x_T to x_0 by a known affine map, so each sampler's global error is exact and
+  its order of convergence measurable; the labelled mixture at 10 and 20 network calls.
 """
 import math
 
@@ -20,7 +23,8 @@ from hypothesis import strategies as st
 from minidiff import backend
 from minidiff.diffusion import LOSS_TYPES, GaussianDiffusion
 from minidiff.losses import discretized_gaussian_log_likelihood
-from minidiff.schedule import get_named_beta_schedule
+from minidiff.schedule import (ddim_timesteps, dpm_solver_timesteps, get_named_beta_schedule,
+                               rescale_zero_terminal_snr)
 from minidiff.tensor import Tensor
 from strategies import betas_arrays, finite_arrays, image_shapes, timesteps
 
@@ -664,7 +668,7 @@ def mixture_oracle(alphas_cumprod, means=MIX_MEANS, s=MIX_S, weights=None, mean_
     def model(x, t, y=None):
         xp = backend.xp_of(x.data)                                          # answer on x's backend
         x = backend.to_numpy(x.data).astype(np.float64)                      # (N, 2)
-        a = np.asarray(alphas_cumprod)[backend.to_numpy(t)][:, None, None]  # (N, 1, 1)
+        a = alpha_bar_at(alphas_cumprod, t)[:, None, None]                   # (N, 1, 1)
         var = a * s * s + 1 - a
         diff = x[:, None, :] - np.sqrt(a) * means[None]                     # (N, K, 2)
         eps_c = np.sqrt(1 - a) / var * diff                                 # each component's oracle
@@ -682,6 +686,18 @@ def mixture_oracle(alphas_cumprod, means=MIX_MEANS, s=MIX_S, weights=None, mean_
             eps = np.sqrt(a) * eps - np.sqrt(1 - a) * (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         return xp.asarray(eps.astype(np.float32))
     return model
+
+
+def alpha_bar_at(alphas_cumprod, t):
+    """alpha_bar at the model's timesteps t (N,): a table entry for integer t; for the Karras sampler's
+    fractional t, the alpha_bar whose log sigma is linear in t between the grid points (the rule by
+    which the sampler chose t, so the oracle sees the very sigma the sampler meant)."""
+    t = backend.to_numpy(t)
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    if t.dtype.kind != "f":
+        return abar[t]
+    log_sigma = np.interp(t, np.arange(len(abar)), 0.5 * np.log((1 - abar) / abar))
+    return 1.0 / (1.0 + np.exp(2 * log_sigma))
 
 
 def mixture_chain():
@@ -719,7 +735,7 @@ def test_guidance_zero_is_conditional_sampling_and_no_label_is_the_unconditional
     assert np.abs(backend.to_numpy(guided) - backend.to_numpy(unconditional)).max() > 0.1
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "respaced", "ddim"])
+@pytest.mark.parametrize("sampler", ["ancestral", "respaced", "ddim", "dpm++", "heun"])
 def test_guidance_calls_the_model_once_per_step_on_a_doubled_batch(sampler):
     d = GaussianDiffusion(LINEAR_100)
     counter = CallCounter(mixture_oracle(d.alphas_cumprod))
@@ -731,9 +747,15 @@ def test_guidance_calls_the_model_once_per_step_on_a_doubled_batch(sampler):
     elif sampler == "respaced":
         d.respaced(10).p_sample_loop(counter, (4, 2), **kwargs)
         steps = 10
-    else:
+    elif sampler == "ddim":
         d.ddim_sample_loop(counter, (4, 2), num_steps=10, eta=0.5, **kwargs)
         steps = 10
+    elif sampler == "dpm++":
+        d.respaced(20).dpm_solver_sample_loop(counter, (4, 2), num_steps=10, order=3, **kwargs)
+        steps = 10
+    else:
+        d.karras_sample_loop(counter, (4, 2), num_steps=5, **kwargs)
+        steps = 9   # Heun: 2 per step but the last
     assert len(counter.calls) == steps
     for n, labels in counter.calls:   # [labels; no label] in one batch of 2N
         assert n == 8 and labels.tolist() == [0, 2, 1, 2, -1, -1, -1, -1]
@@ -846,3 +868,234 @@ def test_default_noise_is_drawn_on_the_backend_of_x(standin):
     assert isinstance(d.p_sample(model, x, t)["sample"], standin.ndarray)
     assert isinstance(d.q_step(x, t), standin.ndarray)
     assert isinstance(d.training_losses(model, x, t)["loss"].data, standin.ndarray)
+
+
+# ---------------------------------------------------------------- few-step ODE samplers: orders of convergence
+
+
+def log_sigma_linear_betas(num_timesteps, sigma_min=0.02, sigma_max=80.0):
+    """A schedule whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is geometric in t (log sigma linear):
+    the grid points of every spacing are then evenly spaced in lambda = -log sigma, and the Karras
+    sampler's fractional timesteps are exact, so the measured error ratios are clean."""
+    sigma = sigma_min * (sigma_max / sigma_min) ** (np.arange(num_timesteps) / (num_timesteps - 1))
+    abar = 1.0 / (1.0 + sigma ** 2)
+    return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
+LOGLIN = GaussianDiffusion(log_sigma_linear_betas(1001))   # T - 1 = 1000: linspace grids of 25 .. 200 steps are exact
+FLOW_X = np.linspace(-3.0, 3.0, 101).reshape(-1, 1)        # the x_T of every chain: errors are deterministic
+
+
+def gaussian_flow_model(alphas_cumprod, mu, s):
+    """E[eps | x_t] for x_0 ~ N(mu, s^2) (as gaussian_optimal_model), at integer or fractional t, in float64."""
+    def model(x, t):
+        a = alpha_bar_at(alphas_cumprod, t).reshape(-1, *([1] * (x.ndim - 1)))
+        return np.sqrt(1 - a) * (x.data - np.sqrt(a) * mu) / (a * s * s + 1 - a)
+    return model
+
+
+def exact_flow(d, mu, s, x_T, alpha_bar):
+    """The probability-flow ODE's solution from x_T at noise level alpha_bar, for x_0 ~ N(mu, s^2).
+
+    Every marginal is Gaussian, N(sqrt(a) mu, a s^2 + 1 - a), and the ODE's flow between two of them
+    is the monotone (affine) map between them: the standardised value z stays constant.
+    """
+    a_T = d.alphas_cumprod[-1]
+    z = (x_T - math.sqrt(a_T) * mu) / math.sqrt(a_T * s * s + 1 - a_T)
+    return math.sqrt(alpha_bar) * mu + math.sqrt(alpha_bar * s * s + 1 - alpha_bar) * z
+
+
+def flow_error(d, sampler, n, mu=0.3, s=0.5):
+    """Max |x - exact| at the solver's last noise level before its final denoising step.
+
+    The final step of every ODE sampler here maps to sigma = 0 by x_0 = D(x) (the model's x_0 prediction),
+    whose error is O(sigma_min^2) whatever n is; the integration error is measured before it.
+    """
+    model = gaussian_flow_model(d.alphas_cumprod, mu, s)
+    kwargs = dict(noise=FLOW_X, clip_denoised=False)
+    if sampler.startswith("dpm"):
+        chain = list(d.dpm_solver_sample_loop_progressive(model, FLOW_X.shape, n, order=int(sampler[-1]), **kwargs))
+        alpha_bar = d.alphas_cumprod[dpm_solver_timesteps(d.num_timesteps, n, "linspace")[0]]
+    elif sampler == "ddim":
+        chain = list(d.ddim_sample_loop_progressive(model, FLOW_X.shape, n, spacing="linspace", **kwargs))
+        alpha_bar = d.alphas_cumprod[ddim_timesteps(d.num_timesteps, n, "linspace")[0]]
+    else:
+        chain = list(d.karras_sample_loop_progressive(model, FLOW_X.shape, n, solver=sampler, **kwargs))
+        alpha_bar = 1.0 / (1.0 + chain[-2]["sigma"] ** 2)
+    return float(np.abs(chain[-2]["sample"] - exact_flow(d, mu, s, FLOW_X, alpha_bar)).max())
+
+
+# Measured ratios err(n) / err(2n) at n = 25, 50, 100 on LOGLIN (2.0 = order 1, 4.0 = order 2, 8.0 = order 3):
+#   ddim 2.00 2.00 2.00   dpm1 1.96 1.98 1.99   euler 1.99 1.99 2.00
+#   dpm2 3.81 3.96 3.99   heun 4.34 4.16 4.08   dpm3 4.88 4.26 4.09
+# On the paper's linear schedule the same ratios are erratic (dpm2 1.28 2.40 3.03, dpm3 69.6 0.30 5.63):
+# its lambda_t is far from linear in t, so the rounded grid points are unevenly spaced in lambda.
+ORDERS = {"ddim": 1, "dpm1": 1, "euler": 1, "dpm2": 2, "heun": 2, "dpm3": 2}
+
+
+@pytest.mark.usefixtures("numpy_backend")
+@pytest.mark.parametrize("sampler", sorted(ORDERS))
+def test_each_ode_sampler_converges_at_its_order_on_the_gaussian_flow(sampler):
+    """Halving the step halves the error of a first-order sampler and quarters that of a second-order one.
+
+    DPM-Solver++ order 3 (computed as DPM-Solver's reference code and diffusers do) shows order 2 here:
+    its first step is first-order and its second second-order (there is no history yet), and a first-order
+    step's local error O(h^2) stays in the global error; it is still the most accurate at every n.
+    """
+    errors = [flow_error(LOGLIN, sampler, n) for n in (50, 100)]
+    ratio = errors[0] / errors[1]
+    expected = 2.0 ** ORDERS[sampler]
+    assert expected * 0.9 < ratio < expected * 1.25, (sampler, errors, ratio)
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_dpm_solver_order_3_is_the_most_accurate_and_a_wrong_update_fails_the_order_test(monkeypatch):
+    errors = {k: flow_error(LOGLIN, k, 100) for k in ("dpm1", "dpm2", "dpm3")}
+    assert errors["dpm3"] < errors["dpm2"] < errors["dpm1"] / 10
+    # The order test can fail: drop the second-order correction's factor 1/2 and order 2 is lost.
+    original = GaussianDiffusion._dpm_solver_update
+
+    def wrong(x, history, lam_t, sigma_ratio, alpha_t):
+        if len(history) != 2:
+            return original(x, history, lam_t, sigma_ratio, alpha_t)
+        (lam_s1, d_s1), (lam_s0, d0) = history
+        h = lam_t - lam_s0
+        x = original(x, history[-1:], lam_t, sigma_ratio, alpha_t)
+        return x - alpha_t * math.expm1(-h) * (h / (lam_s0 - lam_s1)) * (d0 - d_s1)   # 1 instead of 1/2
+    monkeypatch.setattr(GaussianDiffusion, "_dpm_solver_update", staticmethod(wrong))
+    errors = [flow_error(LOGLIN, "dpm2", n) for n in (50, 100)]
+    assert errors[0] / errors[1] < 2.5
+
+
+@pytest.mark.usefixtures("numpy_backend")
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("mean_type", ["eps", "v"])
+def test_dpm_solver_order_1_is_ddim(clip, mean_type):
+    """First-order DPM-Solver++ is DDIM with eta = 0 (Lu et al. 2022, Sec. 4.1): the same x on the same grid,
+    also with x_0 clipped (DDIM recomputes eps from the clipped x_0, DPM-Solver++ steps with it)."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 200), model_mean_type=mean_type)
+    model = mixture_oracle(d.alphas_cumprod, mean_type=mean_type)
+    x_T = np.random.default_rng(0).standard_normal((50, 2)) * 3
+    for n in (1, 7, 20):
+        ours = d.dpm_solver_sample_loop(model, x_T.shape, n, order=1, spacing="trailing", noise=x_T, clip_denoised=clip)
+        ddim = d.ddim_sample_loop(model, x_T.shape, n, spacing="trailing", noise=x_T, clip_denoised=clip)
+        np.testing.assert_allclose(ours, ddim, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(d.dpm_solver_sample_loop(model, x_T.shape, 7, order=2, spacing="trailing", noise=x_T),
+                           ddim, atol=1e-3)
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_the_ode_samplers_use_every_parameterisation_alike():
+    """eps, x_0 and v models of the same Gaussian oracle give the same ODE samples."""
+    outs = {}
+    for mean_type in ("eps", "x0", "v"):
+        d = GaussianDiffusion(get_named_beta_schedule("cosine", 300), model_mean_type=mean_type)
+        model = mixture_oracle(d.alphas_cumprod, [[0.2, -0.4]], 0.5, mean_type=mean_type)
+        outs[mean_type] = [d.dpm_solver_sample_loop(model, FLOW_X.shape[:1] + (2,), 10, order=3, seed=1),
+                           d.karras_sample_loop(model, FLOW_X.shape[:1] + (2,), 8, seed=1)]
+    for mean_type in ("x0", "v"):
+        for a, b in zip(outs[mean_type], outs["eps"]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+# (sampler, network calls) -> the largest relative error of the components' spread allowed. Measured with
+# 6,000 samples (standard error of a spread ~1.6%): dpm2 and dpm3 0.58-0.60 at 20 calls, 0.51-0.53 at 10 (the
+# data's 0.6); ddim 0.54 and 0.47, euler 0.52 and 0.44: first-order samplers lose spread at few steps;
+# heun 0.75 at 19 calls and 0.64 at 39: on the paper's chain sigma_max = 157, and its second-order step
+# overshoots where few Karras steps span a large ratio of sigmas (it is 1.67 at 9 calls).
+MIXTURE_SPREAD = {("dpm2", 20): 0.05, ("dpm3", 20): 0.05, ("dpm2", 10): 0.2, ("dpm3", 10): 0.2,
+                  ("ddim", 20): 0.15, ("euler", 20): 0.15, ("ddim", 10): 0.25, ("euler", 10): 0.3,
+                  ("heun", 39): 0.1, ("heun", 19): 0.3}
+
+
+@pytest.mark.parametrize("sampler,calls", sorted(MIXTURE_SPREAD))
+def test_few_step_samplers_follow_each_component_of_the_mixture(sampler, calls, backend_name):
+    """Labelled mixture, exact predictors, 10 or 20 network calls on the paper's 1000-step chain: label c's
+    samples have component c's mean (within 0.05) and its spread (within MIXTURE_SPREAD; the ODE's target
+    is the data itself), and the unconditional predictor's samples split over the components as the data does."""
+    base, _ = mixture_chain()
+    oracle = mixture_oracle(base.alphas_cumprod)
+    n = 3 * 2000
+    y = np.arange(n) % 3
+    kwargs = dict(seed=5, clip_denoised=False)
+
+    def draw(shape, **extra):
+        if sampler == "ddim":
+            x = base.ddim_sample_loop(oracle, shape, calls, **kwargs, **extra)
+        elif sampler.startswith("dpm"):
+            x = base.dpm_solver_sample_loop(oracle, shape, calls, order=int(sampler[-1]), **kwargs, **extra)
+        else:
+            x = base.karras_sample_loop(oracle, shape, (calls + 1) // 2 if sampler == "heun" else calls,
+                                        solver=sampler, **kwargs, **extra)
+        return backend.to_numpy(x).astype(np.float64)
+
+    samples = draw((n, 2), model_kwargs={"y": backend.to_active(y)})
+    for c in range(3):
+        np.testing.assert_allclose(samples[y == c].mean(0), MIX_MEANS[c], atol=0.05)
+        np.testing.assert_allclose(samples[y == c].std(0), MIX_S, rtol=MIXTURE_SPREAD[sampler, calls])
+    free = draw((3000, 2))
+    share = np.bincount(np.argmin(((free[:, None] - MIX_MEANS[None]) ** 2).sum(-1), axis=1), minlength=3) / 3000
+    np.testing.assert_allclose(share, 1 / 3, atol=0.06)
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_a_wrong_mixture_oracle_fails_the_few_step_check():
+    base, _ = mixture_chain()
+    wrong = mixture_oracle(base.alphas_cumprod, MIX_MEANS * 1.3)
+    x = base.dpm_solver_sample_loop(wrong, (3000, 2), 20, seed=5, model_kwargs={"y": np.zeros(3000, np.int64)})
+    assert abs(float(np.asarray(x)[:, 0].mean()) - MIX_MEANS[0, 0]) > 0.2
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_karras_sigmas_span_the_chain_and_the_model_sees_their_timesteps():
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 1000))
+    sigmas = d.karras_sigmas(10)
+    sigma_t = np.sqrt((1 - d.alphas_cumprod) / d.alphas_cumprod)
+    assert sigmas.shape == (11,) and sigmas[-1] == 0 and np.all(np.diff(sigmas) < 0)
+    np.testing.assert_allclose(sigmas[[0, 9]], sigma_t[[-1, 0]], rtol=1e-12)
+    # rho = 7: the steps in sigma^(1/7) are even (EDM Eq. 5)
+    np.testing.assert_allclose(np.diff(sigmas[:-1] ** (1 / 7)), np.diff(sigmas[:-1] ** (1 / 7))[0], rtol=1e-9)
+    seen = []
+
+    def model(x, t):
+        seen.append(float(np.asarray(t)[0]))
+        return np.zeros_like(x.data)
+    steps = list(d.karras_sample_loop_progressive(model, (2, 1), 10, noise=np.ones((2, 1))))
+    assert len(seen) == 19 and len(steps) == 10 and steps[-1]["sigma"] == 0
+    # each model call's t is where its sigma falls on the chain's own log sigma(t), between grid points
+    expected = np.interp(np.log(sigmas[:-1]), np.log(sigma_t), np.arange(1000))
+    np.testing.assert_allclose(seen[0::2], expected, rtol=1e-12, atol=1e-9)
+    assert seen[0] == pytest.approx(999) and seen[-1] == pytest.approx(0, abs=1e-9)
+    # a respaced chain maps its fractional index onto the original timesteps
+    spaced = d.respaced(50)
+    seen.clear()
+    spaced.karras_sample_loop(model, (2, 1), 3, noise=np.ones((2, 1)), solver="euler")
+    assert seen[0] == pytest.approx(999) and 0 <= min(seen) and max(seen) <= 999
+    with pytest.raises(ValueError, match="unknown solver"):
+        d.karras_sample_loop(model, (2, 1), 3, solver="rk4")
+
+
+@pytest.mark.usefixtures("numpy_backend")
+def test_zero_terminal_snr_chains_stay_finite_for_v_models_and_refuse_eps():
+    """Lin et al. 2023: alpha_bar_T = 0. A v model's DDIM and DPM-Solver++ steps stay finite at the last
+    step (lambda_T = -inf for DPM-Solver++, whose first step is then x = sigma_t x_T + alpha_t D);
+    an eps model, and the Karras sampler (sigma_max = inf), are refused with one clear error."""
+    betas = rescale_zero_terminal_snr(get_named_beta_schedule("linear", 1000))
+    with pytest.raises(ValueError, match="zero terminal SNR.*'v'"):
+        GaussianDiffusion(betas)
+    d = GaussianDiffusion(betas, model_mean_type="v")
+    assert d.alphas_cumprod[-1] == 0 and d.betas[-1] == 1
+    for name in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "posterior_log_variance_clipped", "model_log_variance"):
+        assert np.isfinite(getattr(d, name)).all(), name
+    model = mixture_oracle(np.maximum(d.alphas_cumprod, 1e-12), mean_type="v")
+    x_T = np.random.default_rng(1).standard_normal((2000, 2))
+    y = {"y": np.zeros(2000, np.int64)}
+    for x in (d.ddim_sample_loop(model, x_T.shape, 20, noise=x_T, clip_denoised=False, spacing="trailing",
+                                 model_kwargs=y),
+              d.dpm_solver_sample_loop(model, x_T.shape, 20, order=3, spacing="trailing", noise=x_T, model_kwargs=y),
+              d.p_sample_loop(model, x_T.shape, seed=0, clip_denoised=False, model_kwargs=y)):
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x.mean(0), MIX_MEANS[0], atol=0.06)
+    with pytest.raises(ValueError, match="infinite with zero terminal SNR"):
+        d.karras_sample_loop(model, x_T.shape, 5, noise=x_T)
