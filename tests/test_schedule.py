@@ -4,6 +4,8 @@ Oracles: the formulas written out independently here (improved-diffusion's cosin
 one-step recursion of Eq. 2), in float64. Tolerances carry their reason.
 """
 import math
+import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidiff.diffusion import GaussianDiffusion
-from minidiff.schedule import (NAMES, check_betas, get_named_beta_schedule, respace_betas,
+from minidiff.schedule import (NAMES, SPACINGS, check_betas, ddim_timesteps, dpm_solver_timesteps,
+                               get_named_beta_schedule, karras_sigmas, rescale_zero_terminal_snr, respace_betas,
                                space_timesteps)
 from strategies import betas_arrays, random_betas
 
@@ -219,3 +222,111 @@ def test_every_named_schedule_is_valid_for_tiny_and_long_chains(name):
     for T in (1, 2, 4000):
         betas = get_named_beta_schedule(name, T)
         assert betas.shape == (T,) and np.all((betas > 0) & (betas < 1))
+
+
+def improved_diffusion_steps(T, n):
+    """improved-diffusion's space_timesteps(T, [n]) rule, step by step: a running float sum of the stride,
+    each kept step Python's round() of it (half to even)."""
+    stride = 1 if n <= 1 else (T - 1) / (n - 1)
+    kept, cur = [], 0.0
+    for _ in range(n):
+        kept.append(round(cur))
+        cur += stride
+    return kept
+
+
+@pytest.mark.parametrize("T", [50, 1000])
+def test_space_timesteps_keeps_improved_diffusions_steps_for_every_n(T):
+    """Ties decide: n = 21 at T = 1000 keeps 499 (the running sum 499.49999...), not round(10 * 49.95) = 500."""
+    for n in range(1, T + 1):
+        assert space_timesteps(T, n).tolist() == improved_diffusion_steps(T, n), n
+    assert 499 in space_timesteps(1000, 21) and 500 not in space_timesteps(1000, 21)
+    assert space_timesteps(T, 1).tolist() == [0]   # improved-diffusion keeps step 0 for one step
+
+
+# ---------------------------------------------------------------- sampler grids (diffusers' spacings)
+
+
+def exact_trailing(T, n):
+    """round(T (n - k) / n) - 1, k = n-1 .. 0, in exact rational arithmetic (Python rounds Fractions half to even)."""
+    return [round(Fraction(T * (n - k), n)) - 1 for k in range(n - 1, -1, -1)]
+
+
+@pytest.mark.parametrize("T", [50, 1000, 4000])
+def test_every_spacing_gives_exactly_n_distinct_timesteps_or_refuses(T):
+    """DDIM and DPM-Solver++ grids for every n: n distinct increasing steps in 0 .. T-1, equal to the
+    spacing's formula; DPM-Solver++'s linspace and leading grids (n + 1 points, one dropped) cannot hold
+    n = T steps and say so."""
+    for n in range(1, T + 1):
+        for spacing in SPACINGS:
+            for grid_of, what in ((ddim_timesteps, "DDIM"), (dpm_solver_timesteps, "DPM-Solver++")):
+                if grid_of is dpm_solver_timesteps and spacing != "trailing" and n == T:
+                    with pytest.raises(ValueError, match=re.escape(f"{what} with spacing '{spacing}' cannot place {n}")):
+                        grid_of(T, n, spacing)
+                    continue
+                grid = grid_of(T, n, spacing)
+                assert grid.dtype == np.int64 and len(grid) == n and np.all(np.diff(grid) > 0), (what, spacing, n)
+                assert grid[0] >= 0 and grid[-1] <= T - 1, (what, spacing, n)
+        if n % (7 if T <= 1000 else 191) == 0 or n < 5 or n > T - 3:   # the formulas themselves, on a sample of n
+            assert ddim_timesteps(T, n, "leading").tolist() == [k * (T // n) for k in range(n)]
+            assert ddim_timesteps(T, n, "trailing").tolist() == exact_trailing(T, n)
+            assert dpm_solver_timesteps(T, n, "trailing").tolist() == exact_trailing(T, n)
+            # linspace is numpy's (diffusers'): within 1/2 of the exact k (T - 1) / (n - 1); float error may
+            # decide an exact tie (x.5) either way
+            exact = [Fraction(k * (T - 1), max(n - 1, 1)) for k in range(n)]
+            assert all(abs(g - e) <= Fraction(1, 2) for g, e in zip(ddim_timesteps(T, n, "linspace"), exact))
+            if n < T:
+                assert dpm_solver_timesteps(T, n, "leading").tolist() == [k * (T // (n + 1)) for k in range(1, n + 1)]
+                exact = [Fraction(k * (T - 1), n) for k in range(1, n + 1)]
+                assert all(abs(g - e) <= Fraction(1, 2) for g, e in zip(dpm_solver_timesteps(T, n, "linspace"), exact))
+
+
+def test_trailing_and_linspace_end_at_the_last_step_and_steps_offset_shifts_leading():
+    assert ddim_timesteps(1000, 10, "trailing")[-1] == 999 and ddim_timesteps(1000, 10, "linspace")[-1] == 999
+    assert ddim_timesteps(1000, 10, "leading")[-1] == 900
+    assert ddim_timesteps(1000, 10, "leading", steps_offset=1).tolist() == list(range(1, 1000, 100))
+    assert ddim_timesteps(1000, 10, "trailing", steps_offset=1)[-1] == 999   # diffusers ignores it there too
+    with pytest.raises(ValueError, match="cannot place 1000 distinct timesteps"):
+        ddim_timesteps(1000, 1000, "leading", steps_offset=1)                 # step 1000 does not exist
+    for bad, match in [(0, "between 1 and T"), (1001, "between 1 and T"), (2.5, "between 1 and T")]:
+        with pytest.raises(ValueError, match=match):
+            ddim_timesteps(1000, bad)
+    with pytest.raises(ValueError, match="unknown spacing 'even'"):
+        dpm_solver_timesteps(1000, 10, "even")
+
+
+def test_karras_sigmas_follow_eq_5():
+    sigmas = karras_sigmas(0.002, 80.0, 18, rho=7.0)
+    ramp = np.linspace(0, 1, 18)
+    expected = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(sigmas[:-1], expected, rtol=1e-12)
+    assert sigmas[-1] == 0 and sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.002)
+    assert karras_sigmas(0.1, 10.0, 1).tolist() == [pytest.approx(10.0, rel=1e-14), 0.0]
+    for args in [(0.0, 1.0, 5), (2.0, 1.0, 5), (0.1, float("inf"), 5), (0.1, 1.0, 0)]:
+        with pytest.raises(ValueError):
+            karras_sigmas(*args)
+
+
+@hsettings
+@given(random_betas)
+def test_rescale_zero_terminal_snr_is_lin_et_al_algorithm_1(betas):
+    """sqrt(alpha_bar) shifted to end at 0 and scaled to keep its first value (Lin et al. 2023, Algorithm 1)."""
+    rescaled = rescale_zero_terminal_snr(betas)
+    before, after = np.sqrt(np.cumprod(1 - betas)), np.sqrt(np.cumprod(1 - rescaled))
+    assert rescaled[-1] == 1.0 and after[-1] == 0.0
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-12)
+    expected = (before - before[-1]) * before[0] / (before[0] - before[-1])   # affine in sqrt(alpha_bar)
+    np.testing.assert_allclose(after, expected, rtol=1e-9, atol=1e-12)
+    assert np.all((rescaled > 0) & (rescaled <= 1))
+
+
+def test_zero_terminal_snr_diffusions_take_beta_T_of_one_and_stay_finite_where_they_divide():
+    betas = rescale_zero_terminal_snr(get_named_beta_schedule("cosine", 100))
+    d = GaussianDiffusion(betas, model_mean_type="v")
+    assert d.zero_terminal_snr and d.one_minus_alphas_cumprod[-1] == 1.0
+    x_t, x_0, v = np.full((1, 2), 0.7), np.full((1, 2), -0.3), np.full((1, 2), 0.2)
+    t = np.array([99])
+    eps = d.predict_noise_from_start(x_t, t, x_0)     # divides by sqrt(1 - alpha_bar) = 1: x_t itself
+    np.testing.assert_allclose(eps, x_t)
+    np.testing.assert_allclose(d.predict_start_from_v(x_t, t, v), -v)   # alpha_bar = 0: x_0 = -v
+    assert GaussianDiffusion(get_named_beta_schedule("linear", 100)).zero_terminal_snr is False
