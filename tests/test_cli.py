@@ -75,6 +75,34 @@ def test_sample_png_and_npz(trained, tmp_path):
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (3, 8, 8, 1)
 
 
+@pytest.mark.parametrize("sampler", [["--sampler", "dpm++", "--order", "3", "--spacing", "trailing"],
+                                     ["--sampler", "dpm++", "--steps", "5"], ["--sampler", "heun", "--steps", "3"],
+                                     ["--sampler", "euler"], ["--sampler", "ddim", "--spacing", "linspace"]])
+def test_sample_with_every_sampler_is_what_its_loop_draws(trained, tmp_path, sampler):
+    """--sampler/--steps/--order/--spacing reach the sampler: the .npz is exactly its loop's output."""
+    from minidiff import backend, images, sampling
+    assert run("sample", "--checkpoint", trained, "--num", 3, *sampler, "--out", tmp_path / "s.npz") == 0
+    model, diffusion, _, _ = sampling.load_model(trained)
+    args = dict(zip(sampler[::2], sampler[1::2]))
+    plan = sampling.sampling_plan(diffusion, args["--sampler"], int(args.get("--steps", 0)),
+                                  order=int(args["--order"]) if "--order" in args else None,
+                                  spacing=args.get("--spacing"))
+    want = plan.run(model, (3, 1, 8, 8), seed=[0, 0], clip_denoised=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], images.to_uint8(backend.to_numpy(want)))
+    assert run("sample", "--checkpoint", trained, "--num", 2, *sampler, "--progressive", "--frames", 3,
+               "--out", tmp_path / "p.png") == 0
+
+
+def test_eval_reports_the_sampler_and_interpolate_decodes_with_one(trained, tmp_path):
+    assert run("eval", "--checkpoint", trained, "--num", 8, "--sampler", "heun", "--steps", 3,
+               "--out", tmp_path / "r.json") == 0
+    sampling_report = json.loads((tmp_path / "r.json").read_text())["sampling"]
+    assert sampling_report == {**sampling_report, "sampler": "heun", "steps": 3, "network_calls": 5}
+    for sampler in (["--sampler", "dpm++", "--steps", 4], ["--sampler", "ddim", "--steps", 3], ["--sampler", "euler"]):
+        assert run("interpolate", "--checkpoint", trained, "--t", 6, "--pairs", 2, "--lambdas", 3, *sampler,
+                   "--out", tmp_path / "i.png") == 0
+
+
 def test_sample_is_reproducible_and_seeded(trained, tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         assert run("sample", "--checkpoint", trained, "--num", 2, "--seed", seed, "--out", tmp_path / f"{name}.npz") == 0
@@ -225,6 +253,20 @@ def test_ctrl_c_saves_and_resume_matches_a_straight_run(tmp_path, monkeypatch, c
         np.testing.assert_array_equal(a["model"][key], b["model"][key])
 
 
+def test_train_with_zero_terminal_snr_needs_v_prediction_and_refuses_the_karras_sampler(tmp_path, capsys):
+    out = tmp_path / "zsnr"
+    assert run("train", "--out", out, "--steps", 2, "--zero-terminal-snr", *TINY) == 2
+    assert "--mean-type v" in one_error_line(capsys)
+    assert run("train", "--out", out, "--steps", 2, "--zero-terminal-snr", "--mean-type", "v", "--sampler", "ddim",
+               *TINY) == 0
+    assert checkpoint.load(out)["config"]["zero_terminal_snr"] is True
+    for sampler in ("dpm++", "ddim", "ddpm"):
+        assert run("sample", "--checkpoint", out, "--num", 2, "--sampler", sampler, "--out", tmp_path / "z.npz") == 0
+    capsys.readouterr()
+    assert run("sample", "--checkpoint", out, "--num", 2, "--sampler", "heun", "--out", tmp_path / "z.png") == 2
+    assert "zero terminal SNR" in one_error_line(capsys)
+
+
 def test_resume_refuses_changed_model_options(trained, capsys):
     before = (trained / "checkpoint.safetensors").read_bytes()
     assert run("train", "--out", trained, "--resume", "--steps", 6, "--ch", 16) == 2
@@ -289,6 +331,18 @@ def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     (["eval", "--data", "nosuchdata"], "unknown data set"),
     (["eval", "--out", "/no/such/folder/r.json"], "does not exist"),
     (["eval", "--data", "mnist"], "takes 1x8x8"),
+    (["sample", "--sampler", "heun", "--order", 2], "--order is DPM-Solver++'s"),
+    (["sample", "--sampler", "euler", "--spacing", "trailing"], "--spacing places"),
+    (["sample", "--sampler", "ddpm", "--spacing", "trailing"], "--spacing places"),
+    (["sample", "--sampler", "dpm++", "--eta", 0.5], "--eta is DDIM's noise"),
+    (["sample", "--sampler", "dpm++", "--steps", 10], "cannot place 10 distinct timesteps"),
+    (["sample", "--sampler", "dpm++", "--order", 4], "invalid choice"),
+    (["sample", "--sampler", "plms"], "invalid choice"),
+    (["sample", "--spacing", "even"], "invalid choice"),
+    (["eval", "--sampler", "heun", "--order", 3], "--order is DPM-Solver++'s"),
+    (["interpolate", "--t", 5, "--sampler", "ddpm", "--steps", 3], "decodes all t + 1 ancestral steps"),
+    (["interpolate", "--t", 5, "--sampler", "ddim", "--spacing", "leading"], "does not start at step t"),
+    (["interpolate", "--sampler", "dpm++", "--t", 0], "--t 1 or more"),
 ])
 def test_bad_arguments_with_a_checkpoint(trained, argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

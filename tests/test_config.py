@@ -28,6 +28,9 @@ def test_every_non_finite_float_setting_is_refused_by_name(name, value):
     ({"attn_resolutions": (0,)}, "attn_resolutions"), ({"ch": True}, "ch must be a whole number"),
     ({"ch_mult": ("1", "2")}, "ch_mult must be a list of whole numbers"), ({"lr": "0.1"}, "lr must be a number"),
     ({"hflip": 1}, "hflip must be true or false"),
+    ({"zero_terminal_snr": True}, "zero_terminal_snr needs mean_type v"),
+    ({"zero_terminal_snr": True, "mean_type": "v", "sampler": "heun"}, "sampler heun starts at sigma_max"),
+    ({"sampler": "plms"}, "unknown sampler 'plms'"), ({"zero_terminal_snr": 1}, "zero_terminal_snr must be true"),
 ])
 def test_out_of_range_and_wrongly_typed_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -71,3 +74,11 @@ def test_the_limits_agree_with_the_checkpoint_reader():
     assert config.MAX_IMAGE_SIZE == checkpoint.MAX_IMAGE_SIZE
     assert config.MAX_WIDTH == checkpoint.MAX_WIDTH and config.MAX_LEVELS == checkpoint.MAX_LEVELS
     assert config.MAX_RES_BLOCKS == checkpoint.MAX_RES_BLOCKS
+
+
+def test_zero_terminal_snr_builds_the_rescaled_chain():
+    """--zero-terminal-snr (with v prediction, Lin et al. 2023): alpha_bar_T = 0, the first step unchanged."""
+    plain = config.build_diffusion(make_config(mean_type="v"))
+    rescaled = config.build_diffusion(make_config(mean_type="v", zero_terminal_snr=True))
+    assert rescaled.zero_terminal_snr and rescaled.alphas_cumprod[-1] == 0 and not plain.zero_terminal_snr
+    assert rescaled.alphas_cumprod[0] == pytest.approx(plain.alphas_cumprod[0], rel=1e-12)
