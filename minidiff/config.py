@@ -102,7 +102,7 @@ class TrainConfig:
                                      "drawn with 50 DDIM steps to stay cheap (0: off)")
     num_samples: int = option(64, "images in the final DIR/samples.png (and, up to 64, in the periodic grids)")
     sampler: str = option(FINAL_SAMPLER, "sampler of the final DIR/samples.png: ddpm (Algorithm 2), ddim, dpm++, "
-                                         "heun or euler (see 'minidiff sample --help'; default chosen in BENCHMARKS.md)",
+                                         "heun or euler (see 'minidiff sample --help'; the default: docs/CLI.md)",
                           choices=SAMPLERS)
     sample_steps: int = option(0, "reverse steps for the final DIR/samples.png: 0 = the sampler's default (all T for "
                                   "ddpm, 20 for dpm++)")

@@ -443,8 +443,8 @@ class GaussianDiffusion:
         It integrates the probability-flow ODE in lambda_t = log(alpha_t / sigma_t), half the log-SNR, with
         alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t). From s to t (h = lambda_t - lambda_s > 0),
         with D_i the model's x_0 predictions at the last grid points s = s_0, s_1, s_2 (newest first):
-            order 1:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D_0                       (Eq. 9; = DDIM, eta 0)
-            order 2:  ... - alpha_t (e^-h - 1) D_1 / 2,  D_1 = (D_0 - D_s1) h / h_0               (Algorithm 2)
+            order 1:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D_0              (Sec. 4.1; = DDIM, eta 0)
+            order 2:  ... - alpha_t (e^-h - 1) D_1 / 2,  D_1 = (D_0 - D_s1) h / h_0      (Algorithm 2, "2M")
             order 3:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D_0 + alpha_t ((e^-h - 1) / h + 1) D_1
                             - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D_2
         with h_0 = lambda_s0 - lambda_s1, h_1 = lambda_s1 - lambda_s2, r_0 = h_0 / h, r_1 = h_1 / h and
@@ -564,7 +564,8 @@ class GaussianDiffusion:
             heun, if sigma_{i+1} > 0:  d' = (x_{i+1} - D(x_{i+1}; sigma_{i+1})) / sigma_{i+1},
                                        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d') / 2           (line 7-8)
         Network calls: euler n, heun 2 n - 1 (its last step, to sigma = 0, is an Euler step).
-        Yields {"t" (the model's fractional timestep), "sigma", "sample" (x_t, i.e. x / sqrt(1 + sigma^2)), "pred_xstart"}.
+        Yields {"t" (the model's fractional timestep), "sigma", "sample" (x_t = x / sqrt(1 + sigma^2)),
+        "pred_xstart"}.
         """
         if solver not in KARRAS_SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(map(repr, KARRAS_SOLVERS))}")
@@ -685,7 +686,8 @@ class GaussianDiffusion:
         """The chain of code steps 0 .. t alone (the same alpha_bars and model timesteps): its sampler run from
         noise=x_t decodes x_t, e.g. an interpolation's mix, with any sampler."""
         if not 1 <= t < self.num_timesteps:
-            raise ValueError(f"t must lie in 1 .. {self.num_timesteps - 1} for a chain of its first t + 1 steps, got {t}")
+            raise ValueError(f"t must lie in 1 .. {self.num_timesteps - 1} for a chain of its first t + 1 steps, "
+                             f"got {t}")
         short = GaussianDiffusion(self.betas[:t + 1], self.model_mean_type, self.model_var_type, self.loss_type,
                                   self.num_bins)
         short.timestep_map = None if self.timestep_map is None else self.timestep_map[:t + 1]

@@ -91,8 +91,8 @@ def load_model(path, use_ema=True):
 def sampling_plan(diffusion, sampler=None, steps=0, eta=0.0, order=None, spacing=None, ddim_settings=None):
     """The one policy for "sample with fewer steps": a SamplingPlan.
 
-    All T steps (steps 0 or T) run Algorithm 2 unless another sampler is named. Fewer steps run DDIM
-    (Song et al. 2021) by default, whose 50 steps match the full chain's quality (BENCHMARKS.md);
+    All T steps (steps 0 or T) run Algorithm 2 unless another sampler is named. Fewer steps (or an
+    eta) run DDIM (Song et al. 2021) by default, whose 50 steps match the full chain's quality (BENCHMARKS.md);
     sampler="ddpm" respaces the ancestral chain instead (Nichol & Dhariwal 2021). "dpm++" (order 2
     unless `order` says otherwise), "heun" and "euler" are the ODE samplers; steps 0 means each one's
     DEFAULT_STEPS (heun's n steps cost 2 n - 1 network calls). `spacing` places DDIM's and
@@ -106,7 +106,7 @@ def sampling_plan(diffusion, sampler=None, steps=0, eta=0.0, order=None, spacing
         raise ValueError(f"steps must be between 1 and T = {T} (0: the sampler's default), got {steps}")
     steps = int(steps)
     if sampler is None:
-        sampler = "ddim" if 0 < steps < T else "ddpm"
+        sampler = "ddim" if 0 < steps < T or eta else "ddpm"   # eta alone asks for DDIM's noise
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if eta and sampler != "ddim":

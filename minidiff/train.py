@@ -319,8 +319,8 @@ def _run(trainer, config, out_dir, resume, progress, world, write):
 def check_resumable(state, config):
     """Refuse to resume with a changed model, data or recipe (only step counts and outputs may change)."""
     saved = state["config"]
-    free = {"steps", "backend", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps", "sampler",
-            "log_format", "guidance"}
+    free = {"steps", "backend", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps",
+            "sampler", "log_format", "guidance"}
     now = config_to_dict(config)
     defaults = config_to_dict(TrainConfig())   # a checkpoint older than an option ran with its default
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}

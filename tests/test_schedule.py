@@ -261,7 +261,8 @@ def test_every_spacing_gives_exactly_n_distinct_timesteps_or_refuses(T):
         for spacing in SPACINGS:
             for grid_of, what in ((ddim_timesteps, "DDIM"), (dpm_solver_timesteps, "DPM-Solver++")):
                 if grid_of is dpm_solver_timesteps and spacing != "trailing" and n == T:
-                    with pytest.raises(ValueError, match=re.escape(f"{what} with spacing '{spacing}' cannot place {n}")):
+                    refusal = re.escape(f"{what} with spacing '{spacing}' cannot place {n}")
+                    with pytest.raises(ValueError, match=refusal):
                         grid_of(T, n, spacing)
                     continue
                 grid = grid_of(T, n, spacing)
