@@ -47,6 +47,9 @@ DEFAULT_GUIDANCE = 2.0
 SAMPLER_HELP = ("ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021; dpm++: DPM-Solver++ (Lu et al. "
                 "2022); heun, euler: the Karras et al. 2022 ODE sampler (heun's N steps cost 2N - 1 network calls). "
                 "Default: ddpm with all T steps, ddim when --steps asks for fewer (docs/CLI.md compares them)")
+ORDER_HELP = "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3"
+SPACING_HELP = ("ddim and dpm++ only: where the steps go, as diffusers names them: leading (ddim's default), "
+                "trailing or linspace (dpm++'s default)")
 STEPS_HELP = ("reverse steps: 0 means each sampler's default (ddpm all T, ddim 50, dpm++ 20, heun 10, euler 20); "
               "fewer than T run ddim unless --sampler says otherwise; --sampler ddpm respaces the ancestral chain "
               "(Nichol & Dhariwal 2021)")
@@ -65,10 +68,8 @@ class SampleConfig:
     guidance: float = option(None, GUIDANCE_HELP, type=float)
     sampler: str = option(None, SAMPLER_HELP, choices=sampling.SAMPLERS)
     steps: int = option(0, STEPS_HELP)
-    order: int = option(None, "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3", type=int,
-                        choices=sampling.ORDERS)
-    spacing: str = option(None, "ddim and dpm++ only: where the steps go, as diffusers names them: leading "
-                                "(ddim's default), trailing or linspace (dpm++'s default)", choices=SPACINGS)
+    order: int = option(None, ORDER_HELP, type=int, choices=sampling.ORDERS)
+    spacing: str = option(None, SPACING_HELP, choices=SPACINGS)
     eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     ema: bool = option(True, "sample from the EMA weights (the paper's choice) or, with --no-ema, the live ones")
     progressive: bool = option(False, "write the x_0 predictions along the chain as a strip (Fig. 6) instead of a grid")
@@ -134,10 +135,8 @@ class EvalConfig:
                             "(default all)", type=int)
     sampler: str = option(None, SAMPLER_HELP, choices=sampling.SAMPLERS)
     steps: int = option(0, STEPS_HELP)
-    order: int = option(None, "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3", type=int,
-                        choices=sampling.ORDERS)
-    spacing: str = option(None, "ddim and dpm++ only: where the steps go, as diffusers names them: leading "
-                                "(ddim's default), trailing or linspace (dpm++'s default)", choices=SPACINGS)
+    order: int = option(None, ORDER_HELP, type=int, choices=sampling.ORDERS)
+    spacing: str = option(None, SPACING_HELP, choices=SPACINGS)
     eta: float = option(0.0, "DDIM noise: 0 is deterministic, 1 is DDPM-like")
     label: str = option(None, LABEL_HELP + "; the report adds how often minidiff's classifier agrees with the label, "
                                            "per class (--samples: read from the file's arr_1)")

@@ -101,6 +101,15 @@ def space_timesteps(num_timesteps, num_steps):
 SPACINGS = ("leading", "trailing", "linspace")  # diffusers' names (Lin et al. 2023, Table 2)
 
 
+def _check_request(num_timesteps, num_steps, spacing):
+    """(T, n) once the spacing is known and 1 <= n <= T is a whole number."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be between 1 and T = {num_timesteps}, got {num_steps}")
+    return num_timesteps, int(num_steps)
+
+
 def _check_grid(timesteps, num_timesteps, num_steps, spacing, what):
     """Refuse a grid that is not num_steps distinct timesteps in 0 .. T-1 (the anchors' duplicate-step bugs)."""
     if (len(timesteps) != num_steps or len(host.unique(timesteps)) != num_steps
@@ -117,11 +126,7 @@ def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
     "trailing": round(T - k T / n) - 1 for k = n-1 .. 0, ending at T - 1; "linspace": round(linspace(0, T - 1, n)).
     steps_offset shifts the "leading" grid only (diffusers ignores it for the others).
     """
-    T, n = num_timesteps, num_steps
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-    if isinstance(n, bool) or int(n) != n or not 1 <= n <= T:
-        raise ValueError(f"num_steps must be between 1 and T = {T}, got {n}")
+    T, n = _check_request(num_timesteps, num_steps, spacing)
     if spacing == "leading":
         grid = host.arange(n) * (T // n) + int(steps_offset)
     elif spacing == "trailing":
@@ -138,11 +143,7 @@ def dpm_solver_timesteps(num_timesteps, num_steps, spacing="linspace", steps_off
     instead), so its grids are not DDIM's: "linspace": round(linspace(0, T - 1, n + 1))[1:];
     "leading": k (T // (n + 1)) + steps_offset for k = 1 .. n; "trailing": as DDIM's.
     """
-    T, n = num_timesteps, num_steps
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-    if isinstance(n, bool) or int(n) != n or not 1 <= n <= T:
-        raise ValueError(f"num_steps must be between 1 and T = {T}, got {n}")
+    T, n = _check_request(num_timesteps, num_steps, spacing)
     if spacing == "linspace":
         grid = host.round(host.linspace(0, T - 1, n + 1))[1:]
     elif spacing == "leading":
