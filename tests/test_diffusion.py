@@ -870,6 +870,24 @@ def test_default_noise_is_drawn_on_the_backend_of_x(standin):
     assert isinstance(d.training_losses(model, x, t)["loss"].data, standin.ndarray)
 
 
+def test_the_ode_samplers_stay_on_the_device_backend(standin):
+    """DPM-Solver++ and the Karras sampler on the strict CuPy stand-in, respaced (fractional timesteps mapped
+    by xp.interp) and guided: the chain stays on the device, every coefficient a host float."""
+    d = GaussianDiffusion(get_named_beta_schedule("linear", 100)).respaced(20)
+    seen = []
+
+    def model(x_t, t, y=None):
+        seen.append(t)
+        return Tensor(x_t.data * 0.5)
+    kwargs = dict(seed=0, model_kwargs={"y": standin.asarray(np.array([1, 2]))}, guidance=1.0)
+    for x in (d.dpm_solver_sample_loop(model, (2, 1, 2, 2), 5, order=3, **kwargs),
+              d.karras_sample_loop(model, (2, 1, 2, 2), 3, **kwargs)):
+        assert isinstance(x, standin.ndarray) and x.dtype == np.float32
+    assert all(isinstance(t, standin.ndarray) for t in seen)
+    fractional = [backend.to_numpy(t) for t in seen[5:]]
+    assert all(t.dtype == np.float64 and 0 <= t.min() <= t.max() <= 99 for t in fractional)
+
+
 # ---------------------------------------------------------------- few-step ODE samplers: orders of convergence
 
 
