@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
 from . import train as training
 from .checkpoint import CheckpointError
-from .config import (MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits, config_from_dict,
-                     make_config, option, validate)
+from .config import (FINAL_SAMPLER, MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits,
+                     config_from_dict, make_config, option, validate)
 from .data import DataError
 from .schedule import SPACINGS, get_named_beta_schedule
 
@@ -859,8 +859,8 @@ def cmd_interpolate(args):
 # ---------------------------------------------------------------- eval
 
 
-# eval's sampler when none is asked for: DDPM-1000's quality at 20 network calls, 1/50 of its time (BENCHMARKS.md)
-EVAL_SAMPLER = "dpm++"
+# eval's sampler when none is asked for: the final samples.png's, chosen by the same benchmark (BENCHMARKS.md)
+EVAL_SAMPLER = FINAL_SAMPLER
 DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size BENCHMARKS.md's quality targets are stated at
 MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/recall
 

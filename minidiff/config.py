@@ -39,7 +39,7 @@ def backend_option():
                                         "$MINIDIFF_BACKEND or numpy", choices=backend.NAMES)
 
 
-FINAL_SAMPLER = "dpm++"   # the final samples.png: DDPM-1000's quality at 20 network calls (BENCHMARKS.md)
+FINAL_SAMPLER = "dpm++"   # the final samples.png (and eval): DDPM-1000's confidence at 20 calls (BENCHMARKS.md)
 
 
 @dataclass

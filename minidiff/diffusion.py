@@ -451,9 +451,9 @@ class GaussianDiffusion:
         D1_0 = (D_0 - D_s1) / r_0, D1_1 = (D_s1 - D_s2) / r_1, D_1 = D1_0 + r_0 (D1_0 - D1_1) / (r_0 + r_1),
         D_2 = (D1_0 - D1_1) / (r_0 + r_1): order 3 as DPM-Solver's reference code and diffusers compute it
         (the multistep order-3 update of DPM-Solver's Appendix; the DPM-Solver++ paper states orders 1 and 2).
-        On the Gaussian oracle (tests/test_diffusion.py) it converges at order 3 on a schedule with log
-        sigma linear in t; a model that changes abruptly between grid points keeps any multistep
-        method from its full order.
+        On the Gaussian oracle (tests/test_diffusion.py, log sigma linear in t) order 3 converges at
+        order 2: its first step has no history and is first-order, and that step's local error O(h^2)
+        stays in the global error; it is still the most accurate of the three at every n.
         Lower orders where the history is short or the step is long, as the paper and diffusers do:
         step 1 is order 1, step 2 at most order 2; the last step goes to sigma = 0 (h = infinity, where only
         order 1 is finite: x_0 = D_0), and with fewer than 15 steps the one before it is at most order 2.
@@ -529,6 +529,11 @@ class GaussianDiffusion:
         sigma = self.sqrt_recipm1_alphas_cumprod
         return karras_sigmas(float(sigma[0]), float(sigma[-1]), num_steps, rho)
 
+    def _sigma_to_t(self, sigma):
+        """The fractional code timestep whose sigma_t is `sigma`: linear in log sigma between grid points."""
+        log_sigmas = host.log(self.sqrt_recipm1_alphas_cumprod)   # increasing in t
+        return float(host.interp(math.log(sigma), log_sigmas, host.arange(self.num_timesteps, dtype=host.float64)))
+
     def _denoise(self, model, x, sigma, clip_denoised, model_kwargs, guidance):
         """EDM's denoiser D(x; sigma) from the VP model: its x_0 prediction at x = x_0 + sigma eps.
 
@@ -537,10 +542,8 @@ class GaussianDiffusion:
         (as k-diffusion and diffusers' Euler and Heun schedulers do); the sinusoidal timestep embedding
         takes real t. Eq. 15 (and the x_0 and v forms) then use this alpha_bar, not a grid point's.
         """
-        log_sigmas = host.log(self.sqrt_recipm1_alphas_cumprod)
-        t_frac = float(host.interp(math.log(sigma), log_sigmas, host.arange(self.num_timesteps, dtype=host.float64)))
         xp = backend.xp_of(x)
-        t = xp.full((x.shape[0],), t_frac, dtype=host.float64)
+        t = xp.full((x.shape[0],), self._sigma_to_t(sigma), dtype=host.float64)
         alpha_bar = 1.0 / (1.0 + sigma ** 2)
         x_t = x * math.sqrt(alpha_bar)
         out = self._call_model(model, x_t, t, model_kwargs, guidance)
@@ -572,7 +575,6 @@ class GaussianDiffusion:
         sigmas = self.karras_sigmas(num_steps, rho)
         generator = _generator(seed)
         x = self._initial_noise(shape, noise, generator) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
-        log_sigmas = host.log(self.sqrt_recipm1_alphas_cumprod)
         for i in tqdm(range(num_steps), desc=solver, disable=not progress):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             denoised = self._denoise(model, x, s, clip_denoised, model_kwargs, guidance)
@@ -582,8 +584,7 @@ class GaussianDiffusion:
                 d_next = (x_next - self._denoise(model, x_next, s_next, clip_denoised, model_kwargs, guidance)) / s_next
                 x_next = x + (s_next - s) * 0.5 * (d + d_next)
             x = x_next
-            t = float(host.interp(math.log(s), log_sigmas, host.arange(self.num_timesteps, dtype=host.float64)))
-            yield {"t": t, "sigma": s_next, "sample": x / math.sqrt(1.0 + s_next ** 2), "pred_xstart": denoised}
+            yield {"t": self._sigma_to_t(s), "sigma": s_next, "sample": x / math.sqrt(1.0 + s_next ** 2), "pred_xstart": denoised}
 
     def karras_sample_loop(self, model, shape, num_steps=20, solver="heun", rho=7.0, noise=None, seed=None,
                            clip_denoised=False, progress=False, model_kwargs=None, guidance=0.0):
