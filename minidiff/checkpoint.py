@@ -55,6 +55,7 @@ MAX_WIDTH = 1 << 16  # channels of any one layer
 MAX_LEVELS = 11  # resolutions of a U-Net: 1024 down to 1
 MAX_RES_BLOCKS = 64  # residual blocks per resolution (the paper: 2)
 MAX_CLASSES = 1 << 20
+LEARNED_VAR_TYPES = ("learned", "learned_range")   # diffusion.LEARNED_VAR_TYPES (this module imports backend only)
 BYTES_PER_PARAMETER = 8  # loading holds the model's float32 weights and one float32 copy read from the file
 
 # safetensors dtype codes numpy can hold (always little-endian)
@@ -741,10 +742,11 @@ def train_model_config(config, info):
     """The model config that train.build_model(config, channels, image_size, num_classes) builds, from a
     training checkpoint's config and data_info tables: an MLPDenoiser's for 2-D points (channels None),
     else the U-Net's constructor arguments. Mirrors build_model (tested against it)."""
+    learned = config.get("var_type") in LEARNED_VAR_TYPES   # a second set of output channels for the variance
     try:
         if info.get("channels") is None:
             return {"kind": "mlp", "dim": 2, "hidden": config["mlp_hidden"], "layers": config["mlp_layers"],
-                    "time_dim": 32}
+                    "time_dim": 32, **({"out_dim": 4} if learned else {})}
         kwargs = dict(image_size=info["image_size"], in_channels=info["channels"], ch=config["ch"],
                       ch_mult=config["ch_mult"], num_res_blocks=config["num_res_blocks"],
                       attn_resolutions=config["attn_resolutions"], dropout=config["dropout"])
@@ -754,6 +756,8 @@ def train_model_config(config, info):
         if info.get("num_classes") is None:
             raise ValueError("it is conditional, but its data_info has no num_classes")
         kwargs["num_classes"] = info["num_classes"]
+    if learned:
+        kwargs["out_channels"] = 2 * info["channels"]
     return kwargs
 
 
@@ -782,12 +786,13 @@ def model_shapes(config):
     if config.get("kind") == "mlp":
         dim, hidden = count("dim", MAX_WIDTH), count("hidden", MAX_WIDTH)
         layers, time_dim = count("layers", MAX_RES_BLOCKS), count("time_dim", MAX_WIDTH)
+        out_dim = dim if config.get("out_dim") is None else count("out_dim", MAX_WIDTH)
         linear("temb", time_dim, hidden)
         linear("inp", dim, hidden)
         for kind in ("temb_proj", "hidden"):
             for i in range(layers):
                 linear(f"{kind}.{i}", hidden, hidden)
-        linear("out", hidden, dim)
+        linear("out", hidden, out_dim)
         return shapes
 
     image_size, ch = count("image_size", MAX_IMAGE_SIZE), count("ch", MAX_WIDTH)

@@ -210,7 +210,8 @@ EXAMPLES = {
              "  minidiff train --conditional --out runs/digits-cond   # class-conditional, for --label 7\n"
              "  minidiff train --data mnist --backend cupy        # writes runs/mnist\n"
              "  minidiff train --data swissroll --out toy-run     # --out: a new folder in an existing one\n"
-             "  minidiff train --out runs/digits --resume --steps 8000",
+             "  minidiff train --out runs/digits --resume --steps 8000\n"
+             "  minidiff train --learn-sigma --out runs/digits-iddpm   # Improved DDPM's learned variance",
     "sample": "examples:\n  minidiff sample --checkpoint runs/digits --num 64 --out samples.png\n"
               "  minidiff sample --checkpoint runs/digits --num 1000 --sampler ddim --steps 50 --out samples.npz\n"
               "  minidiff sample --checkpoint runs/digits --num 8 --progressive --out fig6.png\n"
@@ -249,6 +250,9 @@ def build_parser():
     p.add_argument("--out", default=None, metavar="DIR", help="run folder; its parent must exist (default: runs/DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    p.add_argument("--learn-sigma", action="store_true",
+                   help="learn the reverse variance (Improved DDPM): --var-type learned_range --loss-type hybrid, "
+                        "with --vlb-weight (lambda) and optionally --timestep-sampler importance")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     _add_options(p, TrainConfig, suppress=True)
     p.set_defaults(run=cmd_train)
@@ -452,6 +456,15 @@ def train_config_from_args(args):
     """(TrainConfig, out_dir, start step) from the options, the preset and, on --resume, the checkpoint."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    if getattr(args, "learn_sigma", False):   # shorthand for the two options it sets; the config stores those
+        clash = [f"--{k.replace('_', '-')} {given[k]}" for k, ok in (("var_type", ("learned", "learned_range")),
+                                                                      ("loss_type", ("hybrid", "kl")))
+                 if k in given and given[k] not in ok]
+        if clash:
+            raise UsageError(f"--learn-sigma learns the variance, which {' and '.join(clash)} contradicts: "
+                             f"drop one of them")
+        given.setdefault("var_type", "learned_range")
+        given.setdefault("loss_type", "hybrid")
     preset = given.pop("preset", None)
     try:
         base = make_config(preset, **({"data": given["data"]} if "data" in given else {}))

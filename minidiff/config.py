@@ -4,14 +4,16 @@ Each knob is a dataclass field made by `option`: its default and its help text, 
 cli.py turns into a command-line option (the other commands' configs in cli.py use the
 same helper). `build_model` and `build_diffusion` turn a config into the denoiser and the
 GaussianDiffusion, for the Trainer and for loading a finished run alike (sampling.py).
-May import: backend, schedule, data, diffusion, unet.
+May import: backend, schedule, data, diffusion, resample, unet.
 """
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from . import backend, data
-from .diffusion import LOSS_TYPES, MEAN_TYPES, SAMPLERS, VAR_TYPES, GaussianDiffusion
+from .diffusion import (LEARNED_VAR_TYPES, LOSS_TYPES, MEAN_TYPES, SAMPLERS, VAR_TYPES, VLB_WEIGHT, GaussianDiffusion,
+                        check_variance_and_loss)
+from .resample import TIMESTEP_SAMPLERS
 from .schedule import NAMES as BETA_SCHEDULES
 from .schedule import get_named_beta_schedule, rescale_zero_terminal_snr
 from .unet import MLPDenoiser, UNet
@@ -80,8 +82,15 @@ class TrainConfig:
     zero_terminal_snr: bool = option(False, "rescale the schedule so alpha_bar_T = 0: the last step sees pure noise, "
                                             "as sampling starts from it (Lin et al. 2023); needs --mean-type v")
     var_type: str = option("fixed_large", "reverse variance sigma_t^2: fixed_large (beta_t, the paper's CIFAR-10 "
-                                          "setting) or fixed_small (beta_tilde_t)", choices=VAR_TYPES)
-    loss_type: str = option("mse", "mse (L_simple, Eq. 14) or kl (the variational bound, Eq. 5)", choices=LOSS_TYPES)
+                                          "setting), fixed_small (beta_tilde_t), or learned by the network (Improved "
+                                          "DDPM): learned_range (Eq. 15's interpolation; --learn-sigma) or learned "
+                                          "(log sigma^2 itself)", choices=VAR_TYPES)
+    loss_type: str = option("mse", "mse (L_simple, Eq. 14), kl (the variational bound, Eq. 5) or hybrid (L_simple + "
+                                   "lambda L_vlb, Improved DDPM; needs a learned --var-type)", choices=LOSS_TYPES)
+    vlb_weight: float = option(VLB_WEIGHT, "lambda of the hybrid loss L_simple + lambda L_vlb (Improved DDPM: 0.001)")
+    timestep_sampler: str = option("uniform", "how Algorithm 1 draws t: uniform (the paper) or importance (p_t ~ "
+                                              "sqrt(E[L_t^2]), Improved DDPM Eq. 17-18, for the kl and hybrid losses)",
+                                   choices=TIMESTEP_SAMPLERS)
     # --- optimisation: Adam, linear warmup, clipping, EMA (Algorithm 1, App. B)
     batch_size: int = option(128, "images per step (paper: 128)")
     steps: int = option(2600, "optimizer steps in total (paper: 800k on CIFAR-10)")
@@ -234,6 +243,19 @@ def validate(config):
         raise ValueError(f'unknown backend {config.backend!r}: use "numpy" or "cupy"')
     if config.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {config.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if config.var_type not in VAR_TYPES or config.loss_type not in LOSS_TYPES or config.mean_type not in MEAN_TYPES:
+        check_variance_and_loss(config.mean_type, config.var_type, config.loss_type)   # the unknown name
+    if config.loss_type == "hybrid" and config.var_type not in LEARNED_VAR_TYPES:
+        raise ValueError(f"loss_type hybrid trains a learned variance, but var_type is {config.var_type}: use "
+                         f"--learn-sigma (var_type learned_range, loss_type hybrid), or loss_type mse")
+    if config.loss_type == "mse" and config.var_type in LEARNED_VAR_TYPES:
+        raise ValueError(f"var_type {config.var_type} is learned, and loss_type mse (L_simple) gives it no gradient: "
+                         f"use --learn-sigma (loss_type hybrid) or --loss-type kl")
+    if not config.vlb_weight > 0:
+        raise ValueError(f"vlb_weight must be positive, got {config.vlb_weight}")
+    if config.timestep_sampler not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"unknown timestep_sampler {config.timestep_sampler!r}: use one of "
+                         f"{', '.join(TIMESTEP_SAMPLERS)}")
     if config.zero_terminal_snr and config.mean_type == "eps":
         raise ValueError("zero_terminal_snr needs mean_type v (or x0): at alpha_bar_T = 0 an eps model cannot give "
                          "x_0 (Lin et al. 2023 train v); add --mean-type v")
@@ -282,10 +304,13 @@ def build_model(config, channels, image_size, num_classes=None):
     """The denoiser a config asks for: the U-Net for images, the MLP for 2-D points (channels=None).
 
     A conditional config's U-Net gets `num_classes` (the data's) and a label embedding."""
+    learned = config.var_type in LEARNED_VAR_TYPES   # the variance takes a second set of output channels
     if channels is None:
-        return MLPDenoiser(2, config.mlp_hidden, config.mlp_layers)
+        return MLPDenoiser(2, config.mlp_hidden, config.mlp_layers, **({"out_dim": 4} if learned else {}))
     check_fits(config, image_size)
     extra = {"num_classes": num_classes} if config.conditional else {}
+    if learned:
+        extra["out_channels"] = 2 * channels
     return UNet(image_size=image_size, in_channels=channels, ch=config.ch, ch_mult=tuple(config.ch_mult),
                 num_res_blocks=config.num_res_blocks, attn_resolutions=tuple(config.attn_resolutions),
                 dropout=config.dropout, **extra)
@@ -297,4 +322,4 @@ def build_diffusion(config, num_bins=256):
     if config.zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)   # Lin et al. 2023, Algorithm 1
     return GaussianDiffusion(betas, model_mean_type=config.mean_type, model_var_type=config.var_type,
-                             loss_type=config.loss_type, num_bins=num_bins)
+                             loss_type=config.loss_type, num_bins=num_bins, vlb_weight=config.vlb_weight)

@@ -4,7 +4,9 @@ Time is 0-based: `t` is an integer array of shape (N,) and t = 0 is the paper's 
 t = T - 1 its step T. The forward process q (Eq. 2, 4, 6-7), the reverse process p (Eq. 11,
 15, Algorithm 2), the losses (L_simple Eq. 14 / Algorithm 1; the bound Eq. 5 with the decoder
 Eq. 13) and DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 and 16) follow the original code's
-names (hojonathanho/diffusion, kept by improved-diffusion). Beyond the paper, two few-step samplers
+names (hojonathanho/diffusion, kept by improved-diffusion). Beyond the paper: learned variances trained by
+the hybrid loss (Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672, Eq. 15-16; p_variance and
+training_losses; their importance-sampled timesteps, Eq. 17-18, are resample.py's), and two few-step samplers
 of the probability-flow ODE: DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095) and Karras et al.'s
 Heun and Euler on the sigma schedule (EDM, arXiv:2206.00364, Algorithm 1). Coefficients are float64 host arrays,
 cast to the activations' dtype and backend once, in `_extract`.
@@ -27,8 +29,13 @@ from .tensor import Tensor, no_grad
 host = backend.host  # numpy, for the float64 coefficient tables only
 
 MEAN_TYPES = ("eps", "x0", "v")  # what the model predicts: the noise (the paper), x_0, or v (Salimans & Ho 2022)
-VAR_TYPES = ("fixed_small", "fixed_large")  # sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2)
-LOSS_TYPES = ("mse", "kl")  # L_simple (Eq. 14) or the true variational bound (Eq. 5)
+# sigma_t^2 = beta_tilde_t or beta_t (Sec. 3.2), or learned (Improved DDPM): the model's second half of channels
+# is log sigma_t^2 itself ("learned") or the v of their Eq. 15 in [-1, 1] ("learned_range").
+VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+# L_simple (Eq. 14), the true variational bound (Eq. 5), or Improved DDPM's L_simple + lambda L_vlb (their Eq. 16)
+LOSS_TYPES = ("mse", "kl", "hybrid")
+VLB_WEIGHT = 0.001  # lambda of L_hybrid (Improved DDPM, Sec. 3.1)
 NO_LABEL = -1  # the label meaning "no label" (the unconditional model of classifier-free guidance)
 # The samplers (sampling.sampling_plan runs them by name): Algorithm 2, DDIM, DPM-Solver++, Karras's Heun and Euler.
 SAMPLERS = ("ddpm", "ddim", "dpm++", "heun", "euler")
@@ -51,25 +58,52 @@ def mean_flat(x):
     return x.mean(axis=axes) if axes else x
 
 
+def check_variance_and_loss(model_mean_type, model_var_type, loss_type, vlb_weight=VLB_WEIGHT):
+    """ValueError, naming the working combination, unless the mean, variance and loss types can train together.
+
+    A fixed variance has nothing for L_vlb's variance half to train ("hybrid" is refused with it), and
+    L_simple gives a learned variance no gradient at all ("mse" is refused with one).
+    """
+    for value, allowed, what in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
+                                 (model_var_type, VAR_TYPES, "model_var_type"),
+                                 (loss_type, LOSS_TYPES, "loss_type")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, allowed))}")
+    learned = model_var_type in LEARNED_VAR_TYPES
+    if loss_type == "hybrid" and not learned:
+        raise ValueError(f"loss_type 'hybrid' (L_simple + lambda L_vlb) trains a learned variance, and "
+                         f"model_var_type {model_var_type!r} is fixed: use model_var_type 'learned_range' with it "
+                         f"(--learn-sigma), or loss_type 'mse' for a fixed variance")
+    if loss_type == "mse" and learned:
+        raise ValueError(f"loss_type 'mse' (L_simple) gives a learned variance ({model_var_type!r}) no gradient: "
+                         f"use loss_type 'hybrid' with it (--learn-sigma), or 'kl' to train the bound alone")
+    if not (isinstance(vlb_weight, (int, float)) and math.isfinite(vlb_weight) and vlb_weight > 0):
+        raise ValueError(f"vlb_weight (lambda of the hybrid loss) must be a positive finite number, got {vlb_weight!r}")
+
+
 class GaussianDiffusion:
     """The diffusion process for a fixed schedule betas (T,), and everything computed from it.
 
     Args:
         betas: beta_1 .. beta_T, e.g. schedule.get_named_beta_schedule("linear", 1000).
         model_mean_type: "eps", "x0" or "v": what the model's output means.
-        model_var_type: "fixed_small" (beta_tilde_t) or "fixed_large" (beta_t).
-        loss_type: "mse" (L_simple, Eq. 14) or "kl" (the bound's term for t, Eq. 5, in bits/dim).
+        model_var_type: "fixed_small" (beta_tilde_t), "fixed_large" (beta_t), or learned (Improved DDPM):
+            "learned" (the model outputs log sigma_t^2) or "learned_range" (it outputs v of their Eq. 15).
+            A learned variance doubles the model's output channels: the first C are eps, x_0 or v, the
+            last C the variance (build it with UNet(..., out_channels=2 * C); `output_channels` says how many).
+        loss_type: "mse" (L_simple, Eq. 14), "kl" (the bound's term for t, Eq. 5, in bits/dim) or "hybrid"
+            (L_simple + lambda L_vlb, Improved DDPM Sec. 3.1; needs a learned variance, which "mse" cannot train).
         num_bins: grey levels of the data for the decoder L_0 (Eq. 13): 256 for 8-bit images, 17 for
             the bundled 8x8 digits, 2 for binary data.
+        vlb_weight: lambda of the hybrid loss (Improved DDPM: 0.001).
     """
 
-    def __init__(self, betas, model_mean_type="eps", model_var_type="fixed_small", loss_type="mse", num_bins=256):
-        for value, allowed, what in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
-                                     (model_var_type, VAR_TYPES, "model_var_type"),
-                                     (loss_type, LOSS_TYPES, "loss_type")):
-            if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, allowed))}")
+    def __init__(self, betas, model_mean_type="eps", model_var_type="fixed_small", loss_type="mse", num_bins=256,
+                 vlb_weight=VLB_WEIGHT):
+        check_variance_and_loss(model_mean_type, model_var_type, loss_type, vlb_weight)
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
+        self.learn_sigma = model_var_type in LEARNED_VAR_TYPES
+        self.vlb_weight = float(vlb_weight)
         if int(num_bins) != num_bins or num_bins < 2:
             raise ValueError(f"num_bins must be an integer of at least 2 (grey levels of the data), got {num_bins}")
         self.num_bins = int(num_bins)
@@ -126,9 +160,11 @@ class GaussianDiffusion:
         if model_var_type == "fixed_small":
             self.model_variance = self.posterior_variance
             self.model_log_variance = self.posterior_log_variance_clipped
-        else:
+        elif model_var_type == "fixed_large":
             self.model_variance = betas
             self.model_log_variance = host.log(host.append(self.posterior_variance[1], betas[1:]))
+        # The upper end of Improved DDPM's Eq. 15 (its lower end is posterior_log_variance_clipped).
+        self.log_betas = host.log(betas)
 
     # ------------------------------------------------------------------ helpers
 
@@ -159,8 +195,12 @@ class GaussianDiffusion:
             return xp.interp(t, index, xp.asarray(self.timestep_map, dtype=host.float64))
         return xp.asarray(self.timestep_map)[t]
 
-    def _call_model(self, model, x, t, model_kwargs=None, guidance=0.0):
+    def _call_model(self, model, x, t, model_kwargs=None, guidance=0.0, with_variance=False):
         """model(x_t, t, **model_kwargs) as an array of x's dtype, without recording a graph (sampling, evaluation).
+
+        With a learned variance the model's output has 2C channels: by default only the mean half
+        (eps, x_0 or v) is returned, which is all DDIM, DPM-Solver++ and the ODE sampler use;
+        with_variance=True returns both halves (p_mean_variance, the bound).
 
         With guidance w != 0, classifier-free guidance (Ho & Salimans 2022, Eq. 6):
             eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)
@@ -184,16 +224,37 @@ class GaussianDiffusion:
         with no_grad():
             out = _data(model(Tensor(x_in), t_in, **model_kwargs))
         self._check_output(out, x_in)
+        out, var_out = self._split_output(out)
         if guidance:
             cond, uncond = out[:len(x)], out[len(x):]
             out = (1.0 + guidance) * cond - guidance * uncond   # Eq. 6 (Python floats keep out's dtype)
-        return out.astype(x.dtype, copy=False)  # a float64 model output must not promote the chain
+            # Only the eps halves are guided; the variance is the conditional model's (GLIDE, guided-diffusion).
+            var_out = None if var_out is None else var_out[:len(x)]
+        out = out.astype(x.dtype, copy=False)  # a float64 model output must not promote the chain
+        if with_variance and var_out is not None:
+            return backend.xp_of(out).concatenate([out, var_out.astype(x.dtype, copy=False)], axis=1)
+        return out
 
-    @staticmethod
-    def _check_output(out, x):
-        if tuple(out.shape) != tuple(x.shape):
+    def _check_output(self, out, x):
+        expected = (x.shape[0], self.output_channels(x.shape[1]), *x.shape[2:])
+        if tuple(out.shape) != expected:
+            what = ("two values per input value: eps, x_0 or v, then the variance (a learned "
+                    f"{self.model_var_type!r} variance)" if self.learn_sigma else "one value per input value (eps, x_0 or v)")
             raise ValueError(f"the model returned shape {tuple(out.shape)} for x_t of shape {tuple(x.shape)}; "
-                             "it must predict one value per input value (eps, x_0 or v)")
+                             f"it must predict {what}, shape {expected}")
+
+    def output_channels(self, channels):
+        """The model's output channels for `channels` input channels: twice as many with a learned variance."""
+        return 2 * channels if self.learn_sigma else channels
+
+    def _split_output(self, model_output):
+        """(mean half, variance half) of a model output: the first C channels (eps, x_0 or v) and, with a
+        learned variance, the last C (log sigma^2 or Eq. 15's v); the variance half is None for a fixed one.
+        Works on arrays and Tensors (slicing a Tensor keeps the graph)."""
+        if not self.learn_sigma:
+            return model_output, None
+        c = model_output.shape[1] // 2
+        return model_output[:, :c], model_output[:, c:]
 
     def _full_t(self, x, i):
         """The timestep i for every sample of the batch x: an int64 array (N,) on x's backend."""
@@ -290,25 +351,50 @@ class GaussianDiffusion:
         return self._extract("sqrt_recip_alphas", t, x_t) * (
             x_t - self._extract("betas", t, x_t) / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * eps)
 
+    def p_variance(self, var_output, x, t):
+        """sigma_t^2 of p_theta(x_{t-1} | x_t) and its log: (variance, log_variance).
+
+        Fixed (Sec. 3.2): beta_tilde_t or beta_t, from the tables (var_output is None). Learned (Improved
+        DDPM): "learned" reads log sigma_t^2 from the model's variance half; "learned_range" reads v in
+        [-1, 1], mapped to [0, 1] as improved-diffusion does, and interpolates in the log domain (their Eq. 15):
+            log sigma_t^2 = v' log beta_t + (1 - v') log beta_tilde_t,   v' = (v + 1) / 2
+        so v = 1 gives beta_t and v = -1 beta_tilde_t. At code t = 0 (the paper's step 1) beta_tilde is 0;
+        its log is code t = 1's, as for the fixed variances (posterior_log_variance_clipped). On a respaced
+        chain both ends are the respaced chain's own beta and beta_tilde (the tables are built from its betas).
+        var_output may be an array or a Tensor (the bound's gradient flows into v).
+        """
+        if not self.learn_sigma:
+            return self._extract("model_variance", t, x), self._extract("model_log_variance", t, x)
+        if self.model_var_type == "learned":
+            log_variance = var_output
+        else:
+            frac = (var_output + 1.0) / 2.0
+            log_variance = (frac * self._extract("log_betas", t, x)                                  # Eq. 15
+                            + (1.0 - frac) * self._extract("posterior_log_variance_clipped", t, x))
+        variance = log_variance.exp() if isinstance(log_variance, Tensor) else backend.xp_of(log_variance).exp(
+            log_variance)
+        return variance, log_variance
+
     def p_mean_variance(self, model, x, t, clip_denoised=True, model_output=None, model_kwargs=None, guidance=0.0):
-        """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 11, sigma_t^2 fixed as in Sec. 3.2) and x_0_hat.
+        """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 11; sigma_t^2 fixed as in Sec. 3.2 or learned,
+        p_variance) and x_0_hat.
 
         Eq. 11's mean, mu_theta(x_t, t) (p_mean_from_noise), is computed here as the posterior mean
         mu_tilde_t(x_t, x_0_hat) of Eq. 7 at x_0_hat from Eq. 15: the same function of eps_theta when
         nothing is clipped, but this route lets x_0_hat be clipped to [-1, 1] first, as the original
         code does, and serves x_0 and v models too.
-        A given `model_output` (a Tensor while training on the bound) is used instead of calling `model`,
-        which otherwise gets `model_kwargs` (e.g. labels) and the guidance weight (see _call_model).
+        A given `model_output` (the whole output, both halves with a learned variance; a Tensor while
+        training on the bound) is used instead of calling `model`, which otherwise gets `model_kwargs`
+        (e.g. labels) and the guidance weight (see _call_model).
         Returns a dict with "mean", "variance", "log_variance" and "pred_xstart".
         """
         if model_output is None:
-            model_output = self._call_model(model, x, t, model_kwargs, guidance)
-        pred_xstart = self.predict_xstart(model_output, x, t, clip_denoised)
+            model_output = self._call_model(model, x, t, model_kwargs, guidance, with_variance=True)
+        mean_output, var_output = self._split_output(model_output)
+        pred_xstart = self.predict_xstart(mean_output, x, t, clip_denoised)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)    # = Eq. 11 when unclipped
-        return {"mean": mean,
-                "variance": self._extract("model_variance", t, x),          # sigma_t^2
-                "log_variance": self._extract("model_log_variance", t, x),
-                "pred_xstart": pred_xstart}
+        variance, log_variance = self.p_variance(var_output, x, t)        # sigma_t^2
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     def p_sample(self, model, x, t, noise=None, clip_denoised=True, model_kwargs=None, guidance=0.0):
         """Algorithm 2, line 4: one reverse step, and no noise at the last step.
@@ -369,16 +455,21 @@ class GaussianDiffusion:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)} was asked for")
         return _data(noise)
 
+    def _with_betas(self, betas):
+        """A chain of other betas with this one's model and loss settings."""
+        return GaussianDiffusion(betas, self.model_mean_type, self.model_var_type, self.loss_type, self.num_bins,
+                                 self.vlb_weight)
+
     def respaced(self, num_steps):
         """The same model sampled with num_steps ancestral steps (Nichol & Dhariwal 2021, Sec. 4).
 
         Keeps num_steps evenly spaced timesteps (schedule.space_timesteps) and recomputes the
         betas from their alpha_bars (schedule.respace_betas), so q(x_t | x_0) is unchanged at
-        the kept steps; the model is shown the original timesteps through `timestep_map`.
+        the kept steps; the model is shown the original timesteps through `timestep_map`. A learned
+        "learned_range" variance then spans the respaced chain's beta and beta_tilde (p_variance).
         """
         kept = space_timesteps(self.num_timesteps, num_steps)
-        spaced = GaussianDiffusion(respace_betas(self.alphas_cumprod, kept),
-                                   self.model_mean_type, self.model_var_type, self.loss_type, self.num_bins)
+        spaced = self._with_betas(respace_betas(self.alphas_cumprod, kept))
         spaced.timestep_map = kept if self.timestep_map is None else self.timestep_map[kept]
         return spaced
 
@@ -604,7 +695,13 @@ class GaussianDiffusion:
         Eq. 12's weight beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)): Eq. 14 drops it (Sec. 3.4),
         which down-weights the small-t terms, for better samples. "kl": the bound's term for t (Eq. 5)
         in bits/dim, L_0 (Eq. 13) where code t == 0 (the paper's step 1), computed without clipping x_0
-        as the original does; also as "vb".
+        as the original does; also as "vb". With a learned variance "kl" trains both halves on it.
+        "hybrid" (Improved DDPM, Sec. 3.1, their Eq. 16): L_hybrid = L_simple + lambda L_vlb, where
+        L_vlb = L_0 + .. + L_{T-1} is the whole bound, estimated from the sampled term as T L_t, so
+            loss = mse + vlb_weight * T * vb       (T: this chain's own number of steps)
+        which at T = 1000 and lambda = 0.001 is mse + vb, as improved-diffusion's rescaled MSE computes
+        (its vb * T / 1000). Inside L_vlb the mean half of the output is detached (stop-gradient): the
+        mean learns from L_simple alone and the variance from L_vlb alone.
         `model_kwargs` go to the model (labels y for a class-conditional model, NO_LABEL where
         Ho & Salimans' Algorithm 1 drops them). The model runs with gradients on, so a training step is
             losses = diffusion.training_losses(model, x_start, t)
@@ -619,7 +716,9 @@ class GaussianDiffusion:
         if not isinstance(model_output, Tensor):  # a plain array: still return Tensors, just without a graph
             model_output = Tensor(model_output)
         self._check_output(model_output, x_t)
-        if self.loss_type == "mse":
+        mean_output, var_output = self._split_output(model_output)
+        terms = {}
+        if self.loss_type in ("mse", "hybrid"):
             if self.model_mean_type == "eps":
                 target = noise
             elif self.model_mean_type == "x0":
@@ -627,10 +726,18 @@ class GaussianDiffusion:
             else:
                 target = self.velocity(x_start, t, noise)
             # ||eps - eps_theta(x_t, t)||^2, Eq. 14: no beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) weight (Eq. 12)
-            mse = mean_flat((model_output - target) ** 2)
-            return {"loss": mse, "mse": mse}
-        vb, _ = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)
-        return {"loss": vb, "vb": vb}
+            terms["mse"] = mean_flat((mean_output - target) ** 2)
+        if self.loss_type in ("kl", "hybrid"):
+            if self.loss_type == "hybrid":   # stop-gradient on the mean: L_vlb trains the variance only (Sec. 3.1)
+                model_output = ops.concatenate([mean_output.detach(), var_output], axis=1)
+            terms["vb"], _ = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)
+        if self.loss_type == "mse":
+            terms["loss"] = terms["mse"]
+        elif self.loss_type == "kl":
+            terms["loss"] = terms["vb"]
+        else:
+            terms["loss"] = terms["mse"] + (self.vlb_weight * self.num_timesteps) * terms["vb"]   # Eq. 16
+        return terms
 
     def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised):
         """The bound's term for timestep t in bits/dim (Tensor (N,)), and pred_xstart.
@@ -672,8 +779,8 @@ class GaussianDiffusion:
             noise = generator.normal(x_start.shape, dtype=x_start.dtype, like=x_start)
             x_t = self.q_sample(x_start, t, noise)
             with no_grad():
-                terms, pred_xstart = self._vb_terms_bpd(self._call_model(model, x_t, t, model_kwargs), x_start, x_t, t,
-                                                        clip_denoised)
+                output = self._call_model(model, x_t, t, model_kwargs, with_variance=True)
+                terms, pred_xstart = self._vb_terms_bpd(output, x_start, x_t, t, clip_denoised)
             vb[i] = terms.data
             eps = self.predict_noise_from_start(x_t, t, _data(pred_xstart))
             mse[i] = mean_flat((eps - noise) ** 2)
@@ -689,8 +796,7 @@ class GaussianDiffusion:
         if not 1 <= t < self.num_timesteps:
             raise ValueError(f"t must lie in 1 .. {self.num_timesteps - 1} for a chain of its first t + 1 steps, "
                              f"got {t}")
-        short = GaussianDiffusion(self.betas[:t + 1], self.model_mean_type, self.model_var_type, self.loss_type,
-                                  self.num_bins)
+        short = self._with_betas(self.betas[:t + 1])
         short.timestep_map = None if self.timestep_map is None else self.timestep_map[:t + 1]
         return short
 

@@ -139,6 +139,16 @@ class World:
         self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
         return [float(v) / self.size for v in buf]
 
+    def gather(self, values):
+        """The global batch's 1-D host array from this rank's share `values` (equal lengths on every rank):
+        the ranks' arrays concatenated in rank order, which is the global batch's order (shard)."""
+        if self.size == 1:
+            return values
+        values = backend.host.ascontiguousarray(values)
+        out = backend.host.empty(len(values) * self.size, dtype=values.dtype)
+        self._wait(self.comm.Iallgather(values, out))
+        return out
+
     def global_loss(self, value):
         """The global batch's loss from this rank's share's `value` (equal shares: the mean of the
         ranks' means), in the same small all-reduce that lets the ranks agree on a stop request:

@@ -32,7 +32,7 @@ import os
 
 from . import backend, checkpoint
 from .checkpoint import CheckpointError
-from .diffusion import GaussianDiffusion
+from .diffusion import LEARNED_VAR_TYPES, GaussianDiffusion
 from .schedule import SPACINGS, betas_for_alpha_bar, check_betas, cosine_alpha_bar, rescale_zero_terminal_snr
 from .unet import UNet
 
@@ -68,9 +68,13 @@ SCHEDULER_DEFAULTS = {
 DDIM_DEFAULTS = {"set_alpha_to_one": True}   # DDIMScheduler's own field (a DDPMScheduler config never has it)
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-# diffusers' *_log variants compute the same sigma_t through a log; "learned*" needs a second output head.
+# diffusers' *_log variants compute the same sigma_t through a log. The learned ones (Improved DDPM) need a
+# U-Net with out_channels = 2 * in_channels: "learned_range" is Eq. 15's v in [-1, 1], as diffusers and
+# improved-diffusion read it; "learned" is log sigma^2, as improved-diffusion (where such models come from)
+# defines it. (diffusers' DDPMScheduler.step takes a "learned" output's square root, as if it were sigma^2.)
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
-                  "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+                  "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+                  "learned": "learned", "learned_range": "learned_range"}
 
 
 class PretrainedError(CheckpointError):
@@ -307,8 +311,7 @@ def scheduler_settings(config, where="scheduler_config.json"):
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         _refuse(where, "clip_sample_range", c["clip_sample_range"], "minidiff clips x_0 to the data range [-1, 1]")
     if c["variance_type"] not in VARIANCE_TYPES:
-        _refuse(where, "variance_type", c["variance_type"],
-                f"minidiff's reverse variances are fixed ({', '.join(VARIANCE_TYPES)})")
+        _refuse(where, "variance_type", c["variance_type"], f"use one of {', '.join(VARIANCE_TYPES)}")
     if c["prediction_type"] not in PREDICTION_TYPES:
         _refuse(where, "prediction_type", c["prediction_type"], f"use one of {', '.join(PREDICTION_TYPES)}")
     T = c["num_train_timesteps"]
@@ -345,10 +348,17 @@ def scheduler_settings(config, where="scheduler_config.json"):
             betas = rescale_zero_terminal_snr(betas)   # Lin et al. 2023, Algorithm 1
     except ValueError as err:
         raise PretrainedError(f"{where}: {err}") from None
-    kwargs = dict(model_mean_type=PREDICTION_TYPES[c["prediction_type"]],
-                  model_var_type=VARIANCE_TYPES[c["variance_type"]])
+    var_type = VARIANCE_TYPES[c["variance_type"]]
+    kwargs = dict(model_mean_type=PREDICTION_TYPES[c["prediction_type"]], model_var_type=var_type,
+                  loss_type=_loss_for(var_type))
     ddim = {"spacing": c["timestep_spacing"], "set_alpha_to_one": c["set_alpha_to_one"], "steps_offset": offset}
     return betas, kwargs, {"clip_denoised": bool(c["clip_sample"]), "ddim": ddim}
+
+
+def _loss_for(var_type):
+    """The loss a GaussianDiffusion of this variance type is built with: a loaded model is sampled, not trained,
+    but a learned variance is only consistent with the hybrid loss (diffusion.check_variance_and_loss)."""
+    return "hybrid" if var_type in LEARNED_VAR_TYPES else "mse"
 
 
 def _pos_int(v):
@@ -482,6 +492,11 @@ def load_with_info(path):
     files = find_files(path)
     kwargs = _parse(unet_kwargs, files["unet_config"])  # every number checked, the size affordable
     betas, diffusion_kwargs, settings = _parse(scheduler_settings, files["scheduler_config"])
+    var_type = diffusion_kwargs["model_var_type"]
+    if var_type in LEARNED_VAR_TYPES and kwargs.get("out_channels") != 2 * kwargs["in_channels"]:
+        raise PretrainedError(f"{files['unet_config']}: out_channels={kwargs.get('out_channels')}, but the scheduler's "
+                              f"variance_type {var_type} needs the U-Net to output the variance too: out_channels = "
+                              f"2 * in_channels = {2 * kwargs['in_channels']}")
     plan = plan_weights(files["weights"], checkpoint.model_shapes(kwargs))  # the header matches, data unread
     try:
         model = UNet(**kwargs)  # the U-Net's own checks: group counts, sizes, levels
@@ -529,7 +544,7 @@ def load_converted(path):
         model.load_state_dict(state["model"])
         d = state["diffusion"]
         diffusion = GaussianDiffusion(d["betas"], model_mean_type=d["model_mean_type"],
-                                      model_var_type=d["model_var_type"])
+                                      model_var_type=d["model_var_type"], loss_type=_loss_for(d["model_var_type"]))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint.resolve(path)}: cannot rebuild the model ({err})") from None
     model.eval()

@@ -10,7 +10,9 @@ commented field of config.TrainConfig; presets bundle them.
 With `conditional`, the model is eps_theta(x_t, t, y) on the data's labels, each replaced by
 "no label" with probability p_uncond (Ho & Salimans 2022, Algorithm 1), for classifier-free guidance.
 Under `mpiexec -n N` (mpi4py installed) the run is data-parallel over N ranks: see distributed.py.
-May import: backend, optim, diffusion, data, images, checkpoint, distributed, config, sampling.
+With config.timestep_sampler "importance", t is drawn from Improved DDPM's p_t (Eq. 17-18, resample.py)
+and the loss reweighted by 1 / (T p_t); the sampler's loss history is part of the checkpoint.
+May import: backend, optim, diffusion, data, images, checkpoint, distributed, config, resample, sampling.
 """
 import json
 import math
@@ -21,6 +23,7 @@ from . import backend, checkpoint, data, distributed, images
 from .config import TrainConfig, build_diffusion, build_model, config_to_dict, validate
 from .diffusion import NO_LABEL
 from .optim import EMA, Adam
+from .resample import make_timestep_sampler
 from .sampling import draw_samples, every_class
 
 CHECKPOINT = checkpoint.FILENAME  # DIR/checkpoint.safetensors
@@ -55,7 +58,8 @@ class TrainingDiverged(FloatingPointError):
     """The loss or the gradient became NaN or infinite: training stops and nothing more is saved."""
 
 
-def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=None, before_update=None):
+def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=None, before_update=None,
+                     timestep_sampler=None):
     """One gradient step of Algorithm 1 (Ho et al. 2020) on a batch x_0 ~ q(x_0) (line 2):
 
         3: t ~ Uniform({1, ..., T})
@@ -66,16 +70,23 @@ def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=Non
     `diffusion.loss_type` asks for, and the step is `optimizer`'s (Adam with warmup and clipping).
     `before_update(loss)`, when given, runs between the gradient and the update: the Trainer's
     place to stop on a NaN loss and to average the gradient over ranks.
-    Returns the loss (a 0-d Tensor) and what optimizer.step() returns (Adam: the gradient norm).
+    `timestep_sampler` (resample.py) replaces line 3's uniform t, e.g. by Improved DDPM's importance
+    sampling (Eq. 17-18), whose weights 1 / (T p_t) keep the mean loss an unbiased estimate of line 5's.
+    Returns the loss (a 0-d Tensor), what optimizer.step() returns (Adam: the gradient norm), t and the
+    per-sample losses (an array (N,), before weighting: what an importance sampler learns p_t from).
     """
-    t = rng.integers(0, diffusion.num_timesteps, (len(x_start),))                     # line 3
+    if timestep_sampler is None:
+        t, weights = rng.integers(0, diffusion.num_timesteps, (len(x_start),)), None    # line 3
+    else:
+        t, weights = timestep_sampler.sample(rng, len(x_start))                          # line 3, or Eq. 18
     noise = rng.normal(x_start.shape)                                                  # line 4
-    loss = diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)["loss"].mean()
+    losses = diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)["loss"]
+    loss = (losses if weights is None else losses * weights).mean()
     optimizer.zero_grad()
     loss.backward()                                                                    # line 5: the gradient
     if before_update is not None:
         before_update(loss)
-    return loss, optimizer.step()                                                      # line 5: the step
+    return loss, optimizer.step(), t, losses.data                                      # line 5: the step
 
 
 class Trainer:
@@ -109,6 +120,7 @@ class Trainer:
                               warmup_steps=config.warmup, grad_clip=config.grad_clip)
         self.ema = EMA(self.model, decay=config.ema_decay)
         self.rng = self.world.sharded(backend.Generator([config.seed, 2]))   # t and eps of Algorithm 1
+        self.timestep_sampler = make_timestep_sampler(config.timestep_sampler, self.diffusion.num_timesteps)
         self.step = 0
         self.loss = None    # the last step's loss (the global batch's under MPI), a Python float
         self.stop = False   # MPI: set when some rank asked to stop after the current step
@@ -133,10 +145,15 @@ class Trainer:
             drop = self.rng.uniform((len(x_start),)) < cfg.p_uncond   # per sample, like t and eps (any rank count)
             kwargs = {"y": backend.xp_of(y).where(drop, NO_LABEL, y)}
         lr = self.optimizer.current_lr()
-        _, grad_norm = algorithm_1_step(self.diffusion, self.model, self.optimizer, x_start, self.rng,
-                                        model_kwargs=kwargs, before_update=self._check_and_average)
+        _, grad_norm, t, losses = algorithm_1_step(self.diffusion, self.model, self.optimizer, x_start, self.rng,
+                                                   model_kwargs=kwargs, before_update=self._check_and_average,
+                                                   timestep_sampler=self.timestep_sampler)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.step + 1}")
+        if cfg.timestep_sampler != "uniform":   # every rank learns p_t from the whole global batch, in its order
+            host = backend.host
+            self.timestep_sampler.update(world.gather(host.asarray(backend.to_numpy(t), dtype=host.int64)),
+                                         world.gather(host.asarray(backend.to_numpy(losses), dtype=host.float64)))
         self.stop = world.stop_agreed   # MPI: some rank asked to stop (Ctrl-C); all stop after this same step
         if cfg.ema_warmup:   # early on, average over the ~n steps taken so far instead of the init weights
             self.ema.decay = min(cfg.ema_decay, (1 + self.ema.num_updates) / (10 + self.ema.num_updates))
@@ -160,6 +177,7 @@ class Trainer:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": {"train": self.rng.get_state(), "default": backend.default_generator().get_state(),
                     "batches": self.batches.state_dict()},
+            "timestep_sampler": self.timestep_sampler.state_dict(),
         }
 
     def load_state_dict(self, state):
@@ -169,6 +187,7 @@ class Trainer:
         self.rng.set_state(state["rng"]["train"])
         backend.default_generator().set_state(state["rng"]["default"])
         self.batches.load_state_dict(state["rng"]["batches"])
+        self.timestep_sampler.load_state_dict(state.get("timestep_sampler", {}))   # absent before it existed
         self.step = int(state["step"])
 
     def save(self, path):
@@ -327,6 +346,11 @@ def check_resumable(state, config):
     changed = [f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in now if k not in free and saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"cannot resume with a different configuration: {', '.join(changed)}")
+    try:   # a corrupt loss history is refused here, before anything is built
+        make_timestep_sampler(config.timestep_sampler, config.num_timesteps).load_state_dict(
+            state.get("timestep_sampler", {}))
+    except ValueError as err:
+        raise ValueError(f"the checkpoint's timestep sampler state is unusable: {err}") from None
     if state["step"] >= config.steps:
         raise ValueError(f"the checkpoint has already trained {state['step']} steps; pass --steps above that to continue")
 

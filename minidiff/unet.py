@@ -273,14 +273,17 @@ class MLPDenoiser(nn.Module):
     Small enough to learn a swiss roll in about a minute on a CPU.
     """
 
-    def __init__(self, dim=2, hidden=128, layers=3, time_dim=32):
+    def __init__(self, dim=2, hidden=128, layers=3, time_dim=32, out_dim=None):
         self.time_dim = time_dim
         self.config = {"kind": "mlp", "dim": dim, "hidden": hidden, "layers": layers, "time_dim": time_dim}
+        if out_dim is not None and out_dim != dim:   # 2 dim with a learned variance; absent otherwise, as before
+            self.config["out_dim"] = out_dim
+        out_dim = dim if out_dim is None else out_dim
         self.temb = nn.Linear(time_dim, hidden)
         self.inp = nn.Linear(dim, hidden)
         self.temb_proj = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
         self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)])
-        self.out = nn.Linear(hidden, dim, init_scale=0.0)   # starts at eps = 0, as the U-Net's last conv
+        self.out = nn.Linear(hidden, out_dim, init_scale=0.0)   # starts at eps = 0, as the U-Net's last conv
 
     def forward(self, x, t):
         x = x if isinstance(x, Tensor) else Tensor(x)
@@ -288,7 +291,7 @@ class MLPDenoiser(nn.Module):
         h = self.inp(x)                                                       # (N, hidden)
         for proj, layer in zip(self.temb_proj, self.hidden):
             h = h + layer(F.silu(h + proj(emb)))                              # residual, conditioned on t
-        return self.out(F.silu(h))                                            # (N, dim)
+        return self.out(F.silu(h))                                            # (N, out_dim)
 
 
 def label_rows(y, n, num_classes, like):

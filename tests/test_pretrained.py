@@ -447,7 +447,9 @@ def write_folder(path, unet=None, scheduler=None, weights=b"\0" * 8, weights_nam
     ({"sample_size": [32, 64]}, {}, "sample_size=[32, 64]"),
     ({"norm_num_groups": 7}, {}, "num_groups=7"),
     ({"_class_name": "UNet2DConditionModel"}, {}, '_class_name="UNet2DConditionModel"'),
-    ({}, {"variance_type": "learned_range"}, 'variance_type="learned_range"'),
+    # a learned variance needs the U-Net's second half of channels (and an unknown kind is named)
+    ({}, {"variance_type": "learned_range"}, "out_channels=3, but the scheduler's variance_type learned_range needs"),
+    ({}, {"variance_type": "learned_sigma"}, 'variance_type="learned_sigma"'),
     ({}, {"thresholding": True}, "thresholding=true"),
     ({}, {"beta_schedule": "exponential"}, 'beta_schedule="exponential"'),
     ({}, {"_class_name": "PNDMScheduler"}, '_class_name="PNDMScheduler"'),

@@ -177,16 +177,19 @@ def test_algorithm_1_step_is_lines_3_to_5_with_a_check_between_gradient_and_upda
         seen.append((float(loss.data), all(p.grad is not None for p in trainer.model.parameters()),
                      np.array_equal(backend.to_numpy(flat.data), weights)))
 
-    loss, grad_norm = training.algorithm_1_step(trainer.diffusion, trainer.model, trainer.optimizer, x_start,
-                                                trainer.rng, before_update=before_update)
+    loss, grad_norm, t_drawn, losses = training.algorithm_1_step(trainer.diffusion, trainer.model, trainer.optimizer,
+                                                                 x_start, trainer.rng, before_update=before_update)
     assert seen == [(float(loss.data), True, True)]   # the gradient is there, the weights not yet updated
     assert grad_norm > 0 and not np.array_equal(backend.to_numpy(flat.data), weights)
     # the same draws of t and eps give the same loss: the step is lines 3-5 and nothing else
     replay = Trainer(tiny())
     t = replay.rng.integers(0, replay.diffusion.num_timesteps, (len(x_start),))
     noise = replay.rng.normal(x_start.shape)
-    expected = replay.diffusion.training_losses(replay.model, x_start, t, noise=noise)["loss"].mean()
-    assert float(expected.data) == float(loss.data)
+    expected = replay.diffusion.training_losses(replay.model, x_start, t, noise=noise)["loss"]
+    assert float(expected.mean().data) == float(loss.data)
+    # it also returns the t it drew and the per-sample losses (what an importance sampler learns from)
+    np.testing.assert_array_equal(backend.to_numpy(t_drawn), backend.to_numpy(t))
+    np.testing.assert_array_equal(backend.to_numpy(losses), backend.to_numpy(expected.data))
 
 
 def test_mlp_denoiser_learns_a_swiss_roll_direction():
