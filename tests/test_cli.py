@@ -758,3 +758,27 @@ def test_minidiff_backend_cupy_trains_on_the_device_with_no_backend_option(tmp_p
     assert checkpoint.load(tmp_path / "run")["config"]["backend"] == "cupy"
     if _device_counter() is not None:
         assert json.loads(report.read_text())["ops"] > 1000
+
+
+def test_train_learn_sigma_and_every_sampler_and_bpd_on_the_run(tmp_path, capsys):
+    """--learn-sigma is learned_range + hybrid (stored as those two options); with importance sampling it
+    resumes; every sampler and eval --bpd read the learned variance; contradicting options are one line."""
+    out = tmp_path / "sigma"
+    assert run("train", "--out", out, "--steps", 2, "--learn-sigma", "--timestep-sampler", "importance",
+               "--vlb-weight", 0.002, *TINY) == 0
+    config = checkpoint.load(out)["config"]
+    assert (config["var_type"], config["loss_type"], config["vlb_weight"], config["timestep_sampler"]) == \
+        ("learned_range", "hybrid", 0.002, "importance")
+    assert run("train", "--out", out, "--resume", "--steps", 3, "--no-progress") == 0
+    for sampler in ("ddpm", "ddim", "dpm++", "heun", "euler"):
+        assert run("sample", "--checkpoint", out, "--num", 2, "--sampler", sampler, "--steps", 3,
+                   "--out", tmp_path / "s.npz") == 0
+    capsys.readouterr()
+    assert run("eval", "--checkpoint", out, "--bpd", "--no-metrics", "--bpd-num", 4) == 0
+    assert "bits_per_dim" in capsys.readouterr().out
+    assert run("train", "--out", tmp_path / "x", "--learn-sigma", "--var-type", "fixed_small", *TINY) == 2
+    assert "--learn-sigma learns the variance, which --var-type fixed_small contradicts" in one_error_line(capsys)
+    assert run("train", "--out", tmp_path / "x", "--loss-type", "hybrid", *TINY) == 2
+    assert "--learn-sigma" in one_error_line(capsys)
+    assert run("train", "--out", tmp_path / "x", "--var-type", "learned", *TINY) == 2
+    assert "no gradient" in one_error_line(capsys)

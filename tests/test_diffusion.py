@@ -1117,3 +1117,285 @@ def test_zero_terminal_snr_chains_stay_finite_for_v_models_and_refuse_eps():
         np.testing.assert_allclose(x.mean(0), MIX_MEANS[0], atol=0.06)
     with pytest.raises(ValueError, match="infinite with zero terminal SNR"):
         d.karras_sample_loop(model, x_T.shape, 5, noise=x_T)
+
+
+# ---------------------------------------------------------------- learned variances (Improved DDPM)
+
+
+def learned_output(mean_part, var_part):
+    """A model output of a learned-variance model: the mean half, then the variance half (channel axis)."""
+    return np.concatenate([mean_part, var_part], axis=1)
+
+
+def slow_learned_range(betas, t, v):
+    """log sigma_t^2 of Improved DDPM Eq. 15 written from the betas alone: v' log beta_t + (1 - v') log beta_tilde_t,
+    v' = (v + 1) / 2, with beta_tilde at code t = 0 replaced by code t = 1's (improved-diffusion's clipped log)."""
+    out = np.empty_like(v)
+    for i, step in enumerate(t):
+        abar = np.prod(1 - betas[:step + 1])
+        abar_prev = np.prod(1 - betas[:step])
+        beta_tilde = betas[step] * (1 - abar_prev) / (1 - abar)
+        if step == 0:
+            beta_tilde = betas[1] * (1 - (1 - betas[0])) / (1 - (1 - betas[0]) * (1 - betas[1]))
+        frac = (v[i] + 1) / 2
+        out[i] = frac * math.log(betas[step]) + (1 - frac) * math.log(beta_tilde)
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "kl"])
+def test_learned_range_ends_are_beta_and_beta_tilde(loss_type):
+    """Eq. 15: v = 1 gives log beta_t, v = -1 log beta_tilde_t (at code t = 0 code t = 1's beta_tilde), any v in
+    between the slow reference; "learned" reads the log-variance itself. The fixed variances are the two ends."""
+    del loss_type   # the variance does not depend on the loss; both refusals are tested below
+    d = GaussianDiffusion(LINEAR_100, model_var_type="learned_range", loss_type="hybrid")
+    small = GaussianDiffusion(LINEAR_100, model_var_type="fixed_small")
+    t = np.array([0, 1, 2, 50, 99])
+    x = np.zeros((5, 1, 2, 2))
+    for v, expected in ((1.0, np.log(LINEAR_100[t])), (-1.0, small.posterior_log_variance_clipped[t])):
+        _, log_var = d.p_variance(np.full(x.shape, v), x, t)
+        np.testing.assert_allclose(log_var[:, 0, 0, 0], expected, rtol=1e-13)
+    v = np.random.default_rng(0).uniform(-1, 1, x.shape)
+    variance, log_var = d.p_variance(v, x, t)
+    np.testing.assert_allclose(log_var, slow_learned_range(LINEAR_100, t, v), rtol=1e-12)
+    np.testing.assert_allclose(variance, np.exp(log_var), rtol=1e-15)
+    learned = GaussianDiffusion(LINEAR_100, model_var_type="learned", loss_type="kl")
+    variance, log_var = learned.p_variance(v, x, t)
+    np.testing.assert_array_equal(log_var, v)
+    np.testing.assert_allclose(variance, np.exp(v), rtol=1e-15)
+
+
+def test_a_respaced_learned_range_spans_the_respaced_chains_beta_and_beta_tilde():
+    """On a respaced chain Eq. 15 interpolates between that chain's own beta and beta_tilde (diffusers PR #3006)."""
+    d = GaussianDiffusion(LINEAR_100, model_var_type="learned_range", loss_type="hybrid").respaced(10)
+    kept = d.timestep_map
+    abar = np.cumprod(1 - LINEAR_100)[kept]
+    beta = 1 - abar / np.append(1.0, abar[:-1])                      # the respaced chain's beta, from alpha_bar
+    t = np.arange(10)
+    x = np.zeros((10, 1, 1, 1))
+    _, log_var = d.p_variance(np.ones(x.shape), x, t)
+    np.testing.assert_allclose(log_var.ravel(), np.log(beta), rtol=1e-10)
+    _, log_var = d.p_variance(-np.ones(x.shape), x, t)
+    beta_tilde = beta * (1 - np.append(1.0, abar[:-1])) / (1 - abar)
+    np.testing.assert_allclose(log_var.ravel()[1:], np.log(beta_tilde[1:]), rtol=1e-10)
+    assert not np.allclose(np.log(beta), np.log(LINEAR_100[kept]))   # the original betas would be wrong
+
+
+def test_variance_and_loss_combinations_that_cannot_train_are_refused():
+    """hybrid with a fixed variance and mse with a learned one: one error each naming the working combination."""
+    with pytest.raises(ValueError, match="learned_range.*--learn-sigma"):
+        GaussianDiffusion(LINEAR_100, model_var_type="fixed_large", loss_type="hybrid")
+    with pytest.raises(ValueError, match="no gradient.*hybrid"):
+        GaussianDiffusion(LINEAR_100, model_var_type="learned_range", loss_type="mse")
+    with pytest.raises(ValueError, match="vlb_weight"):
+        GaussianDiffusion(LINEAR_100, model_var_type="learned_range", loss_type="hybrid", vlb_weight=-1.0)
+    GaussianDiffusion(LINEAR_100, model_var_type="learned", loss_type="kl")   # the bound alone trains both halves
+
+
+def test_a_learned_variance_model_must_output_twice_the_channels():
+    d = GaussianDiffusion(LINEAR_100, model_var_type="learned_range", loss_type="hybrid")
+    assert d.output_channels(3) == 6
+    with pytest.raises(ValueError, match=r"two values per input value.*\(2, 2, 2, 2\)"):
+        d.p_sample_loop(constant_model(np.zeros((2, 1, 2, 2))), (2, 1, 2, 2), seed=0)
+
+
+def hybrid_case(mean_type="eps", t=(0, 1, 40, 99), betas=LINEAR_100):
+    rng = np.random.default_rng(5)
+    x_start = rng.integers(0, 256, (len(t), 1, 2, 2)) / 127.5 - 1.0   # 8-bit grid, for the decoder at t = 0
+    noise = rng.standard_normal(x_start.shape)
+    mean_part, var_part = rng.standard_normal(x_start.shape) * 0.5, rng.uniform(-0.9, 0.9, x_start.shape)
+    return x_start, noise, np.array(t), mean_part, var_part
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_the_hybrid_loss_is_l_simple_plus_lambda_t_times_the_bounds_term(mean_type):
+    """loss = mse + vlb_weight * T * vb: at T = 1000 and lambda = 0.001 exactly mse + vb (improved-diffusion's
+    rescaled MSE), with T the chain's own length; mse and vb are the "mse" and "kl" losses of the same output."""
+    for betas, weight in ((LINEAR_100, 0.001), (get_named_beta_schedule("linear", 1000), 0.001),
+                          (LINEAR_100, 0.25)):
+        x_start, noise, t, mean_part, var_part = hybrid_case(mean_type)
+        out = learned_output(mean_part, var_part)
+        hybrid = GaussianDiffusion(betas, mean_type, "learned_range", "hybrid", vlb_weight=weight)
+        kl = GaussianDiffusion(betas, mean_type, "learned_range", "kl")
+        losses = hybrid.training_losses(constant_model(out), x_start, t, noise)
+        vb = kl.training_losses(constant_model(out), x_start, t, noise)["loss"].data
+        simple = GaussianDiffusion(betas, mean_type).training_losses(constant_model(mean_part), x_start, t, noise)
+        np.testing.assert_allclose(losses["mse"].data, simple["loss"].data, rtol=1e-14)
+        np.testing.assert_allclose(losses["vb"].data, vb, rtol=1e-14)
+        np.testing.assert_allclose(losses["loss"].data, simple["loss"].data + weight * betas.size * vb, rtol=1e-13)
+        if betas.size == 1000 and weight == 0.001:
+            np.testing.assert_allclose(losses["loss"].data, simple["loss"].data + vb, rtol=1e-13)
+
+
+def slow_vb_terms(betas, x_start, x_t, t, eps_hat, v, num_bins=256):
+    """improved-diffusion's _vb_terms_bpd for an eps model with a learned_range variance, from the betas alone,
+    with scipy-free exact erf-free formulas: the KL between Gaussians (Eq. 5) and the tanh-CDF decoder (Eq. 13)."""
+    out = np.empty(len(t))
+    log_var = slow_learned_range(betas, t, v)
+    for i, step in enumerate(t):
+        abar = np.prod(1 - betas[:step + 1])
+        abar_prev = np.prod(1 - betas[:step])
+        x0_hat = (x_t[i] - math.sqrt(1 - abar) * eps_hat[i]) / math.sqrt(abar)
+        c1 = betas[step] * math.sqrt(abar_prev) / (1 - abar)
+        c2 = (1 - abar_prev) * math.sqrt(1 - betas[step]) / (1 - abar)
+        mean = c1 * x0_hat + c2 * x_t[i]
+        if step == 0:
+            h = 1.0 / (num_bins - 1)
+            cdf = lambda z: 0.5 * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+            inv = np.exp(-0.5 * log_var[i])
+            c = x_start[i] - mean
+            lo, hi = cdf(inv * (c - h)), cdf(inv * (c + h))
+            p = np.where(x_start[i] < -0.999, hi, np.where(x_start[i] > 0.999, 1 - lo, hi - lo))
+            out[i] = -np.log(np.maximum(p, 1e-12)).mean() / math.log(2)
+        else:
+            true_mean = c1 * x_start[i] + c2 * x_t[i]
+            true_var = betas[step] * (1 - abar_prev) / (1 - abar)
+            kl = 0.5 * (-1 + log_var[i] - math.log(true_var) + true_var / np.exp(log_var[i])
+                        + (true_mean - mean) ** 2 / np.exp(log_var[i]))
+            out[i] = kl.mean() / math.log(2)
+    return out
+
+
+def test_the_learned_range_bound_matches_improved_diffusions_formulas():
+    """The bound's terms with a learned_range variance (the "kl" loss, and calc_bpd_loop's columns) equal a slow
+    reference of improved-diffusion's p_mean_variance and _vb_terms_bpd written from the betas alone."""
+    x_start, noise, t, eps_hat, v = hybrid_case()
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "kl")
+    x_t = d.q_sample(x_start, t, noise)
+    vb = d.training_losses(constant_model(learned_output(eps_hat, v)), x_start, t, noise)["loss"].data
+    np.testing.assert_allclose(vb, slow_vb_terms(LINEAR_100, x_start, x_t, t, eps_hat, v), rtol=1e-10)
+
+
+def test_the_stop_gradient_sends_l_simple_to_the_mean_and_lambda_t_vb_to_the_variance():
+    """d loss / d mean half = d mse / d mean half alone (Sec. 3.1's stop-gradient); d loss / d variance half =
+    lambda T d vb / d v. Both against central differences of the separate terms, in float64."""
+    x_start, noise, t, mean_part, var_part = hybrid_case()
+    weight = 0.01
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "hybrid", vlb_weight=weight)
+    out = Tensor(learned_output(mean_part, var_part), requires_grad=True)
+    d.training_losses(lambda x, t_: out, x_start, t, noise)["loss"].sum().backward()
+    grad_mean, grad_var = out.grad[:, :1], out.grad[:, 1:]
+
+    def term(name, m, v):
+        return float(d.training_losses(constant_model(learned_output(m, v)), x_start, t, noise)[name].data.sum())
+
+    h = 1e-6
+    rng = np.random.default_rng(9)
+    for _ in range(3):   # random directions: the whole Jacobian, not one entry
+        dm, dv = rng.standard_normal(mean_part.shape), rng.standard_normal(var_part.shape)
+        mse_slope = (term("mse", mean_part + h * dm, var_part) - term("mse", mean_part - h * dm, var_part)) / (2 * h)
+        vb_slope = (term("vb", mean_part, var_part + h * dv) - term("vb", mean_part, var_part - h * dv)) / (2 * h)
+        assert float((grad_mean * dm).sum()) == pytest.approx(mse_slope, rel=1e-6)
+        assert float((grad_var * dv).sum()) == pytest.approx(weight * 100 * vb_slope, rel=1e-6)
+        # vb does depend on the mean half, yet none of that reaches the gradient: the stop-gradient
+        vb_mean_slope = (term("vb", mean_part + h * dm, var_part) - term("vb", mean_part - h * dm, var_part)) / (2 * h)
+        assert abs(vb_mean_slope) > 1e-3
+
+
+def test_the_kl_loss_with_a_learned_variance_trains_both_halves():
+    """loss_type "kl": no stop-gradient, the bound's gradient reaches the mean half too (central differences)."""
+    x_start, noise, t, mean_part, var_part = hybrid_case()
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "kl")
+    out = Tensor(learned_output(mean_part, var_part), requires_grad=True)
+    d.training_losses(lambda x, t_: out, x_start, t, noise)["loss"].sum().backward()
+    h, direction = 1e-6, np.random.default_rng(3).standard_normal(out.shape)
+    base = learned_output(mean_part, var_part)
+
+    def loss(o):
+        return float(d.training_losses(constant_model(o), x_start, t, noise)["loss"].data.sum())
+
+    slope = (loss(base + h * direction) - loss(base - h * direction)) / (2 * h)
+    assert float((out.grad * direction).sum()) == pytest.approx(slope, rel=1e-6)
+    assert np.abs(out.grad[:, :1]).max() > 0
+
+
+@pytest.mark.parametrize("s", [0.5, 1.0, 0.05])
+def test_the_learned_range_optimum_is_the_true_reverse_variance_of_gaussian_data(s):
+    """The closed-form oracle. For x_0 ~ N(0, s^2) and the exact eps model E[eps | x_t], the bound's term L_{t-1}
+    over sigma_t^2 is least at Var(x_{t-1} | x_t) = beta_tilde_t + c1^2 Var(x_0 | x_t) (c1 = posterior_mean_coef1,
+    Var(x_0 | x_t) = s^2 (1 - abar) / (abar s^2 + 1 - abar)): beta_t for s = 1 (v = 1), beta_tilde_t as s -> 0
+    (v = -1), in between otherwise. A learned_range v trained on the Monte-Carlo bound must land there."""
+    betas = LINEAR_100
+    d = GaussianDiffusion(betas, "eps", "learned_range", "kl")
+    eps_model = gaussian_optimal_model(d.alphas_cumprod, 0.0, s)
+    rng = np.random.default_rng(4)
+    n = 20000
+    for step in (5, 30, 80):
+        abar, abar_prev = d.alphas_cumprod[step], d.alphas_cumprod_prev[step]
+        var_x0 = s * s * (1 - abar) / (abar * s * s + 1 - abar)
+        optimum = d.posterior_variance[step] + d.posterior_mean_coef1[step] ** 2 * var_x0
+        v_star = 2 * (math.log(optimum) - math.log(d.posterior_variance[step])) / (
+            math.log(betas[step]) - math.log(d.posterior_variance[step])) - 1
+        x_start = rng.standard_normal((n, 1, 1, 1)) * s
+        noise = rng.standard_normal(x_start.shape)
+        t = np.full(n, step)
+
+        def model_with(v):
+            return lambda x, t_: np.concatenate([eps_model(x, t_), np.full(x.shape, v)], axis=1)
+
+        grid = np.linspace(-1, 1, 81)
+        bound = [d.training_losses(model_with(v), x_start, t, noise)["loss"].data.mean() for v in grid]
+        found = grid[int(np.argmin(bound))]
+        assert found == pytest.approx(float(np.clip(v_star, -1, 1)), abs=0.06), (step, v_star)
+        del abar_prev
+    assert s != 1.0 or v_star == pytest.approx(1.0, abs=1e-9)
+
+
+def test_every_sampler_uses_the_mean_half_and_ancestral_sampling_the_learned_variance():
+    """DDIM, DPM-Solver++ and Heun/Euler give exactly the fixed-variance chain's samples on the mean half; Algorithm 2
+    with v = 1 is the fixed_large chain (the same noise) at every step but t = 0, where no noise is added."""
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "hybrid")
+    fixed = GaussianDiffusion(LINEAR_100, "eps", "fixed_large")
+    flow_model = gaussian_flow_model(d.alphas_cumprod, 0.2, 0.5)   # fractional t too (the Karras sampler)
+
+    def eps_model(x, t):
+        return flow_model(x, t).astype(x.data.dtype)
+
+    def learned(x, t):
+        return np.concatenate([eps_model(x, t), np.ones(x.shape, dtype=x.data.dtype)], axis=1)
+
+    shape = (6, 1, 2, 2)
+    for method, kw in (("ddim_sample_loop", {"num_steps": 10}), ("dpm_solver_sample_loop", {"num_steps": 8}),
+                       ("karras_sample_loop", {"num_steps": 5}), ("p_sample_loop", {})):
+        ours = getattr(d, method)(learned, shape, seed=3, **kw)
+        theirs = getattr(fixed, method)(eps_model, shape, seed=3, **kw)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=method)
+    low = GaussianDiffusion(LINEAR_100, "eps", "fixed_small")
+    ours = d.p_sample_loop(lambda x, t: np.concatenate([eps_model(x, t), -np.ones(x.shape, np.float32)], axis=1),
+                           shape, seed=3)
+    np.testing.assert_allclose(ours, low.p_sample_loop(eps_model, shape, seed=3), rtol=1e-5, atol=1e-6)
+
+
+def test_the_learned_variance_reaches_the_bound_and_bits_per_dim():
+    """calc_bpd_loop with v = -1 is the fixed_small bound column by column (both use the clipped log at t = 0)."""
+    rng = np.random.default_rng(2)
+    x_start = rng.integers(0, 256, (3, 1, 2, 2)) / 127.5 - 1.0
+    eps_model = gaussian_optimal_model(np.cumprod(1 - LINEAR_100), 0.0, 0.5)
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "hybrid")
+    small = GaussianDiffusion(LINEAR_100, "eps", "fixed_small")
+    ours = d.calc_bpd_loop(lambda x, t: np.concatenate([eps_model(x, t), -np.ones(x.shape)], axis=1), x_start, seed=1)
+    theirs = small.calc_bpd_loop(eps_model, x_start, seed=1)
+    np.testing.assert_allclose(ours["vb"], theirs["vb"], rtol=1e-10)
+    half = d.calc_bpd_loop(lambda x, t: np.concatenate([eps_model(x, t), np.zeros(x.shape)], axis=1), x_start, seed=1)
+    assert not np.allclose(half["vb"][:, 1:], theirs["vb"][:, 1:])   # the variance half is read
+
+
+def test_guidance_combines_the_eps_halves_and_keeps_the_conditional_variance():
+    """(1 + w) eps(y) - w eps(no label) on the first C channels (Eq. 6); the variance half is the conditional one."""
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "hybrid")
+
+    def model(x, t, y):
+        y = np.asarray(y, dtype=np.float64).reshape(-1, 1, 1, 1)
+        eps = 0.1 * x.data + y                       # depends on the label
+        v = np.tanh(0.3 * y) * np.ones_like(x.data)  # so does the variance
+        return np.concatenate([eps, v], axis=1)
+
+    x = np.random.default_rng(0).standard_normal((2, 1, 2, 2))
+    t = np.array([10, 50])
+    y = np.array([3, 5])
+    out = d._call_model(model, x, t, {"y": y}, guidance=2.0, with_variance=True)
+    cond = model(Tensor(x), t, y)
+    uncond = model(Tensor(x), t, np.full(2, -1))
+    np.testing.assert_allclose(out[:, :1], 3 * cond[:, :1] - 2 * uncond[:, :1], rtol=1e-12)
+    np.testing.assert_array_equal(out[:, 1:], cond[:, 1:])
+    mean_only = d._call_model(model, x, t, {"y": y}, guidance=2.0)
+    np.testing.assert_array_equal(mean_only, out[:, :1])

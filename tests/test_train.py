@@ -385,3 +385,93 @@ def test_conditional_training_and_guided_sampling_stay_on_the_device(standin):
     samples = trainer.sample(10, seed=0, steps=3)   # one per class, guided with config.guidance = 2
     assert samples.shape == (10, 1, 8, 8) and standin.counts["ops"] > 100
     assert isinstance(trainer.model.label_emb.weight.data, standin.ndarray)
+
+
+# ---------------------------------------------------------------- learned variances and importance sampling
+
+
+def test_a_learned_variance_run_trains_the_hybrid_loss_on_a_model_with_twice_the_channels(tmp_path):
+    """--learn-sigma's config: the U-Net outputs 2C channels (out_channels), the checkpoint describes and
+    validates that model, and the loaded run samples with its learned variance."""
+    config = tiny(steps=3, var_type="learned_range", loss_type="hybrid")
+    records = run_to_end(config, tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    model, d, loaded, info = load_model(tmp_path)
+    assert model.config["out_channels"] == 2 * info["channels"] and d.learn_sigma and d.loss_type == "hybrid"
+    assert checkpoint.load(tmp_path)["model_config"]["out_channels"] == 2
+    x = d.respaced(5).p_sample_loop(model, (2, 1, 8, 8), seed=0)
+    assert x.shape == (2, 1, 8, 8) and np.isfinite(backend.to_numpy(x)).all()
+
+
+def test_the_learned_variance_mlp_outputs_four_values_per_point(tmp_path):
+    config = make_config("toy2d", steps=2, batch_size=16, num_samples=8, var_type="learned", loss_type="kl",
+                         checkpoint_every=100, sample_every=0)
+    run_to_end(config, tmp_path)
+    model, d, _, _ = load_model(tmp_path)
+    assert model.config["out_dim"] == 4 and d.p_sample_loop(model, (3, 2), seed=0).shape == (3, 2)
+
+
+def test_an_importance_sampled_run_resumes_bit_identically_with_its_loss_history(tmp_path):
+    """T = 10 and batch 8: the history fills (10 values per t) after ~13 steps, so the run crosses from uniform
+    to importance sampling; stopped at step 9 and resumed, it ends equal to a straight run, history included."""
+    config = tiny(steps=22, var_type="learned_range", loss_type="hybrid", timestep_sampler="importance",
+                  checkpoint_every=100)
+    straight = run_to_end(config, tmp_path / "straight")
+    run = train(config, tmp_path / "resumed")
+    for record in run:
+        if record["step"] == 9:
+            break
+    run.close()
+    history = checkpoint.load(tmp_path / "resumed")["timestep_sampler"]
+    counts = history["counts"]
+    assert counts.max() == 10 and counts.min() < 10 and counts.sum() < 9 * 8   # some t full (kept last 10), not all
+    resumed = run_to_end(config, tmp_path / "resumed", resume=True)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    assert [r["loss"] for r in straight[9:]] == [r["loss"] for r in resumed]
+    a, b = (checkpoint.load(tmp_path / name)["timestep_sampler"] for name in ("straight", "resumed"))
+    assert (a["counts"] == 10).all()   # warmed up: the last steps drew t by importance
+    for key in ("history", "counts"):
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_importance_sampling_draws_t_from_the_history_and_weights_the_loss():
+    """Once warmed up, t follows p_t and the step's loss is mean(loss_i / (T p_t_i)): replayed by hand."""
+    trainer = Trainer(tiny(var_type="learned_range", loss_type="kl", timestep_sampler="importance"))
+    sampler = trainer.timestep_sampler
+    rng = np.random.default_rng(0)
+    T = trainer.diffusion.num_timesteps
+    sampler.update(np.repeat(np.arange(T), 10), rng.uniform(0.01, 5.0, 10 * T) * np.repeat(np.arange(1, T + 1), 10))
+    p = sampler.probabilities()
+    assert sampler.warmed_up() and p[-1] > 5 * p[0]
+    x_start = backend.to_active(next(trainer.batches))
+    state = trainer.rng.get_state()
+    loss, _, t, losses = training.algorithm_1_step(trainer.diffusion, trainer.model, trainer.optimizer, x_start,
+                                                   trainer.rng, timestep_sampler=sampler)
+    trainer.rng.set_state(state)
+    u = trainer.rng.uniform((len(x_start),), dtype=np.float64)
+    expected_t = np.minimum(np.searchsorted(np.cumsum(p), backend.to_numpy(u), side="right"), T - 1)
+    np.testing.assert_array_equal(backend.to_numpy(t), expected_t)
+    weighted = np.mean(backend.to_numpy(losses).astype(np.float64) / (T * p[expected_t]))
+    assert float(loss.data) == pytest.approx(weighted, rel=1e-5)
+
+
+def test_a_corrupt_loss_history_is_refused_on_resume(tmp_path):
+    config = tiny(steps=2, var_type="learned_range", loss_type="hybrid", timestep_sampler="importance")
+    run_to_end(config, tmp_path)
+    state = checkpoint.load(tmp_path)
+    state["timestep_sampler"]["counts"][0] = 99
+    checkpoint.save(tmp_path / checkpoint.FILENAME, state)
+    with pytest.raises(ValueError, match="timestep sampler state is unusable: the history counts must lie in"):
+        run_to_end(tiny(**{**TINY, "steps": 4, "var_type": "learned_range", "loss_type": "hybrid",
+                           "timestep_sampler": "importance"}), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(loss_type="hybrid"), "loss_type hybrid trains a learned variance.*--learn-sigma"),
+    (dict(var_type="learned_range"), "gives it no gradient.*--learn-sigma"),
+    (dict(var_type="learned_range", loss_type="hybrid", vlb_weight=0.0), "vlb_weight must be positive"),
+    (dict(timestep_sampler="often"), "timestep_sampler"),
+])
+def test_learned_variance_settings_that_cannot_train_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**bad)
