@@ -369,6 +369,8 @@ def test_model_shapes_are_those_of_the_models_built(tmp_path):
     ({"conditional": True, "ch_mult": (1, 2), "attn_resolutions": (4,)}, {"channels": 3, "image_size": 8,
                                                                           "num_classes": 4}),
     ({"data": "swissroll"}, {"channels": None, "image_size": None}),
+    ({"var_type": "learned_range", "loss_type": "hybrid"}, {"channels": 3, "image_size": 8}),   # 2C outputs
+    ({"data": "swissroll", "var_type": "learned", "loss_type": "kl"}, {"channels": None, "image_size": None}),
 ])
 def test_train_model_config_mirrors_train_build_model(overrides, info):
     from minidiff import train

@@ -74,6 +74,8 @@ def test_the_limits_agree_with_the_checkpoint_reader():
     assert config.MAX_IMAGE_SIZE == checkpoint.MAX_IMAGE_SIZE
     assert config.MAX_WIDTH == checkpoint.MAX_WIDTH and config.MAX_LEVELS == checkpoint.MAX_LEVELS
     assert config.MAX_RES_BLOCKS == checkpoint.MAX_RES_BLOCKS
+    from minidiff import diffusion
+    assert diffusion.LEARNED_VAR_TYPES == checkpoint.LEARNED_VAR_TYPES   # checkpoint.py imports backend only
 
 
 def test_zero_terminal_snr_builds_the_rescaled_chain():
