@@ -89,7 +89,7 @@ class TrainConfig:
                                    "lambda L_vlb, Improved DDPM; needs a learned --var-type)", choices=LOSS_TYPES)
     vlb_weight: float = option(VLB_WEIGHT, "lambda of the hybrid loss L_simple + lambda L_vlb (Improved DDPM: 0.001)")
     timestep_sampler: str = option("uniform", "how Algorithm 1 draws t: uniform (the paper) or importance (p_t ~ "
-                                              "sqrt(E[L_t^2]), Improved DDPM Eq. 17-18, for the kl and hybrid losses)",
+                                              "sqrt(E[L_t^2]), Improved DDPM Eq. 18, for the kl and hybrid losses)",
                                    choices=TIMESTEP_SAMPLERS)
     # --- optimisation: Adam, linear warmup, clipping, EMA (Algorithm 1, App. B)
     batch_size: int = option(128, "images per step (paper: 128)")

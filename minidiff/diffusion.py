@@ -6,7 +6,7 @@ t = T - 1 its step T. The forward process q (Eq. 2, 4, 6-7), the reverse process
 Eq. 13) and DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 and 16) follow the original code's
 names (hojonathanho/diffusion, kept by improved-diffusion). Beyond the paper: learned variances trained by
 the hybrid loss (Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672, Eq. 15-16; p_variance and
-training_losses; their importance-sampled timesteps, Eq. 17-18, are resample.py's), and two few-step samplers
+training_losses; their importance-sampled timesteps, Eq. 18, are resample.py's), and two few-step samplers
 of the probability-flow ODE: DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095) and Karras et al.'s
 Heun and Euler on the sigma schedule (EDM, arXiv:2206.00364, Algorithm 1). Coefficients are float64 host arrays,
 cast to the activations' dtype and backend once, in `_extract`.

@@ -3,7 +3,7 @@
 Nichol & Dhariwal 2021 (arXiv:2102.09672, Sec. 3.3) note that the terms L_t of the bound differ by orders
 of magnitude, so the uniform estimate T L_t of L_vlb is noisy. They draw t with
 
-    L_vlb = E_{t ~ p_t}[L_t / p_t],   p_t ∝ sqrt(E[L_t^2]),   sum_t p_t = 1              (Eq. 17-18)
+    L_vlb = E_{t ~ p_t}[L_t / p_t],   p_t ∝ sqrt(E[L_t^2]),   sum_t p_t = 1              (Eq. 18)
 
 with E[L_t^2] estimated from the last 10 values of each term, and t uniform until every term has
 them. As improved-diffusion's LossSecondMomentResampler does, a small uniform part is mixed in,
@@ -47,7 +47,7 @@ class UniformSampler:
 
 
 class LossSecondMomentSampler:
-    """Importance-sampled timesteps, p_t ∝ sqrt(E[L_t^2]) (Improved DDPM, Eq. 17-18).
+    """Importance-sampled timesteps, p_t ∝ sqrt(E[L_t^2]) (Improved DDPM, Eq. 18).
 
     The history is a (T, K) table: row t holds the last K = history_per_term losses of term t, oldest
     first once full; counts[t] says how many it holds (at most K). Before every row is full, t is uniform.

@@ -10,7 +10,7 @@ commented field of config.TrainConfig; presets bundle them.
 With `conditional`, the model is eps_theta(x_t, t, y) on the data's labels, each replaced by
 "no label" with probability p_uncond (Ho & Salimans 2022, Algorithm 1), for classifier-free guidance.
 Under `mpiexec -n N` (mpi4py installed) the run is data-parallel over N ranks: see distributed.py.
-With config.timestep_sampler "importance", t is drawn from Improved DDPM's p_t (Eq. 17-18, resample.py)
+With config.timestep_sampler "importance", t is drawn from Improved DDPM's p_t (Eq. 18, resample.py)
 and the loss reweighted by 1 / (T p_t); the sampler's loss history is part of the checkpoint.
 May import: backend, optim, diffusion, data, images, checkpoint, distributed, config, resample, sampling.
 """
@@ -71,7 +71,7 @@ def algorithm_1_step(diffusion, model, optimizer, x_start, rng, model_kwargs=Non
     `before_update(loss)`, when given, runs between the gradient and the update: the Trainer's
     place to stop on a NaN loss and to average the gradient over ranks.
     `timestep_sampler` (resample.py) replaces line 3's uniform t, e.g. by Improved DDPM's importance
-    sampling (Eq. 17-18), whose weights 1 / (T p_t) keep the mean loss an unbiased estimate of line 5's.
+    sampling (Eq. 18), whose weights 1 / (T p_t) keep the mean loss an unbiased estimate of line 5's.
     Returns the loss (a 0-d Tensor), what optimizer.step() returns (Adam: the gradient norm), t and the
     per-sample losses (an array (N,), before weighting: what an importance sampler learns p_t from).
     """
