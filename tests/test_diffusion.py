@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidiff import backend
+from minidiff import backend, ops
 from minidiff.diffusion import GaussianDiffusion
 from minidiff.losses import discretized_gaussian_log_likelihood
 from minidiff.schedule import (ddim_timesteps, dpm_solver_timesteps, get_named_beta_schedule,
@@ -1399,3 +1399,23 @@ def test_guidance_combines_the_eps_halves_and_keeps_the_conditional_variance():
     np.testing.assert_array_equal(out[:, 1:], cond[:, 1:])
     mean_only = d._call_model(model, x, t, {"y": y}, guidance=2.0)
     np.testing.assert_array_equal(mean_only, out[:, :1])
+
+
+def test_learned_variances_stay_on_the_device_backend(standin):
+    """The hybrid loss, guided ancestral sampling on a respaced chain and the bound with a learned_range
+    variance on the strict CuPy stand-in: every array stays on the device in float32."""
+    d = GaussianDiffusion(LINEAR_100, "eps", "learned_range", "hybrid")
+    w = Tensor(standin.asarray(np.float32(0.3)), requires_grad=True)
+
+    def model(x_t, t, y=None):
+        return ops.concatenate([x_t * w, x_t * 0.0 + 0.5], axis=1)
+
+    x_start = standin.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 1, 2, 2)).astype(np.float32))
+    losses = d.training_losses(model, x_start, standin.asarray(np.array([0, 50])))
+    losses["loss"].mean().backward()
+    assert isinstance(w.grad, standin.ndarray) and losses["loss"].data.dtype == np.float32
+    kwargs = dict(seed=0, model_kwargs={"y": standin.asarray(np.array([1, 2]))}, guidance=1.0)
+    x = d.respaced(5).p_sample_loop(model, (2, 1, 2, 2), **kwargs)
+    assert isinstance(x, standin.ndarray) and x.dtype == np.float32
+    bpd = d.respaced(5).calc_bpd_loop(model, x_start, seed=0)
+    assert isinstance(bpd["total_bpd"], standin.ndarray)
