@@ -359,3 +359,24 @@ def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
     assert done.returncode == 0, done.stderr
     assert_same_run(one, two)
     assert checkpoint.load(two)["model_config"]["num_classes"] == 10
+
+
+def test_gather_on_a_world_of_one_is_its_input():
+    values = np.arange(4.0)
+    assert distributed.World().gather(values) is values
+
+
+def test_two_ranks_learn_the_one_process_importance_sampler(tmp_path):
+    """Improved DDPM's importance sampling under MPI: each rank gathers the global batch's t and losses, so every
+    rank keeps the 1-process history (Eq. 18's p_t) and draws the same t; 24 steps cross the warm-up."""
+    args = ["--steps", 24, *RUN, "--learn-sigma", "--timestep-sampler", "importance"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = plain_train("--out", one, *args)
+    assert done.returncode == 0, done.stderr
+    done = mpi_train(2, "--out", two, *args)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(one, two)
+    a, b = checkpoint.load(one)["timestep_sampler"], checkpoint.load(two)["timestep_sampler"]
+    assert (a["counts"] == 10).all()   # warmed up: the last steps drew t from p_t
+    np.testing.assert_array_equal(a["counts"], b["counts"])
+    np.testing.assert_allclose(b["history"], a["history"], rtol=LOSS_RTOL)
