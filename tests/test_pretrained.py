@@ -758,3 +758,70 @@ def test_converted_models_are_checked_like_training_checkpoints(tmp_path, capsys
         assert run("sample", "--checkpoint", bad, "--out", tmp_path / "s.png") == 2
         assert expected in one_error_line(capsys)
     assert not (tmp_path / "s.png").exists()
+
+
+# ---------------------------------------------------------------- learned variances (Improved DDPM)
+
+LEARNED_UNET = dict(DIFFUSERS_DEFAULTS, sample_size=8, in_channels=1, out_channels=2)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_a_learned_variance_folder_loads_samples_and_converts(diffusers, tmp_path, variance_type):
+    """out_channels = 2 * in_channels with a learned variance_type: the U-Net equals diffusers', every sampler
+    runs on it (ancestral on the full and a respaced chain with the learned variance, DDIM on the mean half),
+    and a converted copy keeps the variance type and samples the same bits."""
+    model = perturbed_unet(diffusers, LEARNED_UNET)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=50, variance_type=variance_type)
+    folder = save_folder(diffusers, model, str(tmp_path / "model"), "pipeline", scheduler)
+    ours, d = assert_matches_diffusers(model, folder)
+    assert d.model_var_type == variance_type and d.learn_sigma
+    shape = (2, 1, 8, 8)
+    for x in (d.p_sample_loop(ours, shape, seed=0), d.respaced(10).p_sample_loop(ours, shape, seed=0),
+              d.ddim_sample_loop(ours, shape, num_steps=5, seed=0)):
+        assert x.shape == shape and np.isfinite(backend.to_numpy(x)).all()
+    converted = str(tmp_path / "converted.safetensors")
+    model_, d_, info = pretrained.load_with_info(folder)
+    pretrained.save_converted(converted, model_, d_, info)
+    again, d2, _ = pretrained.load_converted(converted)
+    assert d2.model_var_type == variance_type
+    np.testing.assert_array_equal(backend.to_numpy(d2.respaced(10).p_sample_loop(again, shape, seed=1)),
+                                  backend.to_numpy(d.respaced(10).p_sample_loop(ours, shape, seed=1)))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_the_learned_range_step_equals_diffusers_ddpm_scheduler(diffusers, clip):
+    """One ancestral step with a learned_range output equals DDPMScheduler.step with the same noise: the mean and
+    exp(0.5 log sigma^2) of Eq. 15, on the full chain and on diffusers' 10-step grid, where both use the respaced
+    chain's beta and beta_tilde. t = 0 is left out: diffusers clamps beta_tilde_0 = 0 to 1e-20 for log sigma^2 there,
+    minidiff takes code t = 1's value (improved-diffusion's clipped log); neither adds noise at t = 0."""
+    import torch
+    from minidiff.diffusion import GaussianDiffusion
+    from minidiff.schedule import respace_betas
+    T = 50
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, variance_type="learned_range", clip_sample=clip)
+    betas = scheduler.betas.numpy().astype(np.float64)
+    rng = np.random.default_rng(0)
+    shape = (2, 1, 4, 4)
+
+    def compare(d, code_t, model_t):
+        x = rng.standard_normal(shape)
+        out = np.concatenate([rng.standard_normal(shape), rng.uniform(-1, 1, shape)], axis=1)
+        got = d.p_mean_variance(None, x, np.full(2, code_t), clip, model_output=out)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(code_t), dtype=torch.float64)
+        theirs = scheduler.step(torch.from_numpy(out), model_t, torch.from_numpy(x),
+                                generator=torch.Generator().manual_seed(code_t)).prev_sample.numpy()
+        ours = got["mean"] + np.exp(0.5 * got["log_variance"]) * noise.numpy()
+        # diffusers keeps alpha_bar in float32 (1 - alpha_bar_1 ~ 1e-4 carries ~1e-4 of its error); a fixed
+        # variance, or the original betas on the respaced grid, are off by far more
+        np.testing.assert_allclose(ours, theirs, rtol=3e-4, atol=1e-5, err_msg=f"t={model_t}")
+
+    full = GaussianDiffusion(betas, "eps", "learned_range", "hybrid")
+    for t in (1, 10, 30, 49):
+        compare(full, t, t)
+    scheduler.set_timesteps(10)
+    kept = np.sort(scheduler.timesteps.numpy())
+    short = GaussianDiffusion(respace_betas(full.alphas_cumprod, kept), "eps", "learned_range", "hybrid")
+    short.timestep_map = kept
+    for i in (1, 4, 9):
+        compare(short, i, int(kept[i]))
+    assert (short.betas[1:] / betas[kept[1:]]).min() > 2   # the original betas would be 3-5x too small here
