@@ -349,15 +349,21 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, signum):
     assert f"interrupted{cause} after step {last}: checkpoint saved" in err and err.count("checkpoint saved") == 1
 
 
-def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
-    """Each sample's "no label" draw (p_uncond) is its own, like its t and noise: 2 ranks = 1 process."""
-    args = ["--steps", 4, *RUN, "--conditional", "--p-uncond", "0.5"]
+def one_and_two_ranks(tmp_path, args):
+    """The run folders of `train ARGS` in one process and under 2 ranks, checked to be the same run."""
     one, two = tmp_path / "one", tmp_path / "two"
     done = plain_train("--out", one, *args)
     assert done.returncode == 0, done.stderr
     done = mpi_train(2, "--out", two, *args)
     assert done.returncode == 0, done.stderr
     assert_same_run(one, two)
+    return one, two
+
+
+def test_two_ranks_train_the_one_process_run_conditional(tmp_path):
+    """Each sample's "no label" draw (p_uncond) is its own, like its t and noise: 2 ranks = 1 process."""
+    args = ["--steps", 4, *RUN, "--conditional", "--p-uncond", "0.5"]
+    one, two = one_and_two_ranks(tmp_path, args)
     assert checkpoint.load(two)["model_config"]["num_classes"] == 10
 
 
@@ -370,12 +376,7 @@ def test_two_ranks_learn_the_one_process_importance_sampler(tmp_path):
     """Improved DDPM's importance sampling under MPI: each rank gathers the global batch's t and losses, so every
     rank keeps the 1-process history (Eq. 18's p_t) and draws the same t; 24 steps cross the warm-up."""
     args = ["--steps", 24, *RUN, "--learn-sigma", "--timestep-sampler", "importance"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    done = plain_train("--out", one, *args)
-    assert done.returncode == 0, done.stderr
-    done = mpi_train(2, "--out", two, *args)
-    assert done.returncode == 0, done.stderr
-    assert_same_run(one, two)
+    one, two = one_and_two_ranks(tmp_path, args)
     a, b = checkpoint.load(one)["timestep_sampler"], checkpoint.load(two)["timestep_sampler"]
     assert (a["counts"] == 10).all()   # warmed up: the last steps drew t from p_t
     np.testing.assert_array_equal(a["counts"], b["counts"])
