@@ -94,7 +94,7 @@ def test_valid_user_betas_become_float64():
 
 def test_diffusion_rejects_unknown_types_and_a_single_step():
     betas = get_named_beta_schedule("linear", 10)
-    for kwargs in ({"model_mean_type": "mu"}, {"model_var_type": "learned"}, {"loss_type": "l1"}):
+    for kwargs in ({"model_mean_type": "mu"}, {"model_var_type": "learnt"}, {"loss_type": "l1"}):
         with pytest.raises(ValueError, match=list(kwargs)[0]):
             GaussianDiffusion(betas, **kwargs)
     with pytest.raises(ValueError, match="2 timesteps"):
