@@ -381,3 +381,69 @@ def test_two_ranks_learn_the_one_process_importance_sampler(tmp_path):
     assert (a["counts"] == 10).all()   # warmed up: the last steps drew t from p_t
     np.testing.assert_array_equal(a["counts"], b["counts"])
     np.testing.assert_allclose(b["history"], a["history"], rtol=LOSS_RTOL)
+
+
+class GatherComm:
+    """Rank `rank` of len(shares) whose Iallgather is MPI's: every rank's send buffer, in rank order, in the
+    receive buffer (the other ranks' buffers are `shares`). The request is done at its second Test(), so rank 0's
+    wait loop listens once for a failing rank's report (none comes)."""
+
+    def __init__(self, rank, shares):
+        self.rank, self.shares, self.probes = rank, shares, 0
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.shares)
+
+    def Iallgather(self, send, recv):
+        assert send.flags.c_contiguous and recv.flags.c_contiguous, "MPI takes contiguous buffers"
+        assert send.dtype == recv.dtype and recv.size == send.size * len(self.shares)
+        np.testing.assert_array_equal(send, self.shares[self.rank])
+        parts = [send if r == self.rank else np.asarray(s, dtype=send.dtype) for r, s in enumerate(self.shares)]
+        recv[...] = np.concatenate(parts)
+        return GatherRequest()
+
+    def Iprobe(self, source, tag):
+        self.probes += 1
+        return False
+
+
+class GatherRequest:
+    def __init__(self):
+        self.tests = 0
+
+    def Test(self):
+        self.tests += 1
+        return self.tests > 1
+
+    def Wait(self):
+        self.tests = 2
+
+
+class FakeMPI:
+    ANY_SOURCE = -1
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_gather_puts_the_shares_in_rank_order(dtype):
+    """Whichever rank calls it, World.gather returns the shares of ranks 0, 1, 2 concatenated in that order (the
+    global batch's order, the inverse of World.shard), of the shares' dtype; a strided share goes out contiguous."""
+    shares = [np.array([3, 1], dtype=dtype), np.array([4, 1], dtype=dtype), np.array([5, 9], dtype=dtype)]
+    batch = np.concatenate(shares)
+    for rank in range(3):
+        comm = GatherComm(rank, shares)
+        world = distributed.World(comm, FakeMPI)
+        np.testing.assert_array_equal(world.shard(batch), shares[rank])
+        strided = np.repeat(shares[rank], 2)[::2]   # the same values, not contiguous
+        for mine in (shares[rank], strided):
+            out = world.gather(mine)
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(out, batch)
+        assert comm.probes == (2 if rank == 0 else 0)   # rank 0 listened while it waited, the others just waited
+
+
+def test_gather_on_a_world_of_one_is_its_input_whatever_it_is():
+    values = np.arange(6, dtype=np.int64)[::2]
+    assert distributed.World().gather(values) is values
