@@ -91,6 +91,10 @@ class LossSecondMomentSampler:
         if t.shape != losses.shape:
             raise ValueError(f"update needs one loss per timestep, got {t.shape[0]} timesteps and "
                              f"{losses.shape[0]} losses")
+        if t.size and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must lie in 0 .. {self.num_timesteps - 1}, got {t.min()} .. {t.max()}")
+        if not host.isfinite(losses).all():   # a NaN would make the saved history unloadable
+            raise ValueError("the losses must be finite to learn p_t from them")
         K = self.history_per_term
         for step, loss in zip(t.tolist(), losses.tolist()):   # a batch's worth: T-independent and cheap
             if self.counts[step] == K:

@@ -409,3 +409,11 @@ def test_cdf_boundaries_belong_to_the_next_term_and_zero_probability_terms_are_n
     t, w = sparse.sample(FixedUniforms([0.0, 0.25, 0.5, np.nextafter(0.5, 0.0), 0.75]), 5)
     np.testing.assert_array_equal(backend.to_numpy(t), [1, 1, 3, 1, 3])
     np.testing.assert_array_equal(backend.to_numpy(w), np.full(5, 0.5))
+
+
+def test_update_refuses_timesteps_outside_the_chain_and_non_finite_losses():
+    sampler = LossSecondMomentSampler(4, 2)
+    for t, losses, match in (([4], [1.0], "0 .. 3"), ([-1], [1.0], "0 .. 3"), ([0], [math.nan], "finite")):
+        with pytest.raises(ValueError, match=match):
+            sampler.update(np.array(t), np.array(losses))
+    assert sampler.state_dict()["counts"].sum() == 0
