@@ -825,3 +825,116 @@ def test_the_learned_range_step_equals_diffusers_ddpm_scheduler(diffusers, clip)
     for i in (1, 4, 9):
         compare(short, i, int(kept[i]))
     assert (short.betas[1:] / betas[kept[1:]]).min() > 2   # the original betas would be 3-5x too small here
+
+
+# three channels in, six out (eps | variance), diffusers' default T = 1000 linear schedule
+LEARNED_RGB_UNET = dict(DIFFUSERS_DEFAULTS, sample_size=8, in_channels=3, out_channels=6)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_a_learned_variance_rgb_folder_on_the_default_schedule_loads_samples_and_converts(diffusers, tmp_path,
+                                                                                       variance_type):
+    """The flat layout, three channels (out_channels 6) and diffusers' default T = 1000 linear schedule, as written
+    to disk by save_pretrained: the U-Net (both halves) equals diffusers', the chain is the hybrid-loss learned one,
+    the full ancestral loop, a respaced one and DDIM run to finite images, and save_converted / load_converted keep
+    model_var_type and sample the same bits with a seed."""
+    model = perturbed_unet(diffusers, LEARNED_RGB_UNET, seed=3)
+    scheduler = diffusers.DDPMScheduler(variance_type=variance_type)
+    folder = save_folder(diffusers, model, str(tmp_path / "model"), "flat", scheduler)
+    with open(os.path.join(folder, "scheduler_config.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["variance_type"] == variance_type and on_disk["num_train_timesteps"] == 1000
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["out_channels"] == 6
+    ours, d = assert_matches_diffusers(model, folder)
+    assert d.model_var_type == variance_type and d.learn_sigma and d.loss_type == "hybrid"
+    assert d.num_timesteps == 1000 and d.model_mean_type == "eps" and ours.config["out_channels"] == 6
+    np.testing.assert_array_equal(d.betas, get_named_beta_schedule("linear", 1000))
+    shape = (2, 3, 8, 8)
+    samples = {"respaced": d.respaced(10).p_sample_loop(ours, shape, seed=0),
+               "ddim": d.ddim_sample_loop(ours, shape, num_steps=5, seed=0)}
+    if variance_type == "learned_range":   # all 1000 steps (~25 s here; "learned" runs them at T = 50 above)
+        samples["ancestral"] = d.p_sample_loop(ours, shape, seed=0)
+    for name, x in samples.items():
+        x = backend.to_numpy(x)
+        assert x.shape == shape and np.isfinite(x).all(), name
+
+    model_, d_, info = pretrained.load_with_info(folder)
+    converted = tmp_path / "converted.safetensors"
+    pretrained.save_converted(converted, model_, d_, info)
+    again, d2, info2 = pretrained.load_converted(converted)
+    assert d2.model_var_type == variance_type and d2.learn_sigma and d2.loss_type == "hybrid"
+    assert info2["channels"] == 3 and again.config == ours.config
+    np.testing.assert_array_equal(d2.betas, d.betas)
+    for name, (a, b) in {
+            "respaced": (d.respaced(10).p_sample_loop(ours, shape, seed=1),
+                         d2.respaced(10).p_sample_loop(again, shape, seed=1)),
+            "ddim": (d.ddim_sample_loop(ours, shape, num_steps=5, seed=1),
+                     d2.ddim_sample_loop(again, shape, num_steps=5, seed=1))}.items():
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b), err_msg=name)
+
+
+@pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
+def test_cli_samples_a_learned_variance_folder_and_its_conversion_alike(diffusers, tmp_path, variance_type):
+    """minidiff convert on a learned-variance diffusers folder: sample --checkpoint draws the bytes sample
+    --pretrained draws, with the ancestral (respaced) and DDIM samplers, and the file keeps the variance type."""
+    model = perturbed_unet(diffusers, LEARNED_UNET, seed=4)
+    folder = save_folder(diffusers, model, str(tmp_path / "model"), "pipeline",
+                         diffusers.DDPMScheduler(num_train_timesteps=100, variance_type=variance_type))
+    converted = tmp_path / "learned.safetensors"
+    assert run("convert", "--pretrained", folder, "--out", converted) == 0
+    _, d, info = pretrained.load_converted(converted)
+    assert d.model_var_type == variance_type and d.num_timesteps == 100 and info["channels"] == 1
+    for sampler in (["--sampler", "ddpm", "--steps", "4"], ["--sampler", "ddim", "--steps", "3", "--eta", "1"]):
+        a, b = tmp_path / "pretrained.npz", tmp_path / "converted.npz"
+        assert run("sample", "--pretrained", folder, "--num", 2, *sampler, "--out", a) == 0
+        assert run("sample", "--checkpoint", converted, "--num", 2, *sampler, "--out", b) == 0
+        pictures = np.load(a)["arr_0"]
+        assert pictures.shape[0] == 2 and pictures.size == 2 * 8 * 8
+        np.testing.assert_array_equal(pictures, np.load(b)["arr_0"], err_msg=" ".join(sampler))
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_a_loaded_learned_range_model_steps_like_diffusers_ddpm_pipeline(diffusers, tmp_path, clip, numpy_backend):
+    """End to end, one step as DDPMPipeline takes it: diffusers' U-Net output into DDPMScheduler.step, against
+    minidiff's p_sample on the loaded model with the same x_t and noise; on the full T = 1000 chain and on the
+    10-step "linspace" grid, which is respaced(10)'s (asserted), where both use the respaced beta and beta_tilde."""
+    import torch
+    model = perturbed_unet(diffusers, LEARNED_UNET, seed=5)
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=clip, timestep_spacing="linspace")
+    ours, d = pretrained.load(save_folder(diffusers, model, str(tmp_path / "model"), "flat", scheduler))
+    rng = np.random.default_rng(2)
+    shape = (2, 1, 8, 8)
+
+    def one_step(chain, code_t, t):
+        x = rng.standard_normal(shape).astype(np.float32)
+        z = rng.standard_normal(shape).astype(np.float32)
+        out = diffusers_output(model, x, np.full(2, t, dtype=np.int64))
+        prev = scheduler.step(torch.from_numpy(out), t, torch.from_numpy(x),
+                              generator=torch.Generator().manual_seed(t)).prev_sample.numpy()
+        drawn = torch.randn(shape, generator=torch.Generator().manual_seed(t), dtype=torch.float32).numpy()
+        log_var = scheduler._get_variance(t, torch.from_numpy(out[:, 1:])).numpy()
+        theirs = prev + np.exp(0.5 * log_var) * (z - drawn)          # the same step with minidiff's noise z
+        got = backend.to_numpy(chain.p_sample(ours, x.astype(np.float64), np.full(2, code_t), noise=z.astype(np.float64),
+                                              clip_denoised=clip)["sample"])
+        scale = np.abs(theirs).max()
+        assert np.abs(got - theirs).max() <= 1e-4 * scale, (code_t, t, np.abs(got - theirs).max(), scale)
+
+    for t in (1, 10, 500, 999):
+        one_step(d, t, t)
+    scheduler.set_timesteps(10)
+    short = d.respaced(10)
+    np.testing.assert_array_equal(scheduler.timesteps.numpy()[::-1], short.timestep_map)
+    for i in (1, 5, 9):
+        one_step(short, i, int(short.timestep_map[i]))
+
+
+def test_a_learned_variance_type_needs_twice_the_input_channels(tmp_path):
+    """"learned" like "learned_range" (in the table above): out_channels must be 2 * in_channels, not C or 2C + 1."""
+    for out_channels in (3, 7):
+        folder = write_folder(tmp_path / str(out_channels), {"out_channels": out_channels},
+                              {"variance_type": "learned"})
+        with pytest.raises(PretrainedError, match=f"out_channels={out_channels}, but the scheduler's variance_type "
+                                                  "learned needs the U-Net to output the variance too: "
+                                                  r"out_channels = 2 \* in_channels = 6"):
+            pretrained.load(folder)

@@ -381,3 +381,205 @@ def test_diffusers_trailing_grid_float_error(diffusers):
             assert len(grid) == len(np.unique(grid)) == n and grid.min() >= 0 and grid.max() == T - 1
             np.testing.assert_array_equal(grid, exact_trailing(n))
     assert 187 in schedule.ddim_timesteps(T, 48, "trailing") and 186 not in schedule.ddim_timesteps(T, 48, "trailing")
+
+
+# ---------------------------------------------------------------- 7. learned variances against DDPMScheduler.step
+
+
+class ConstantModel:
+    """A "model" that hands back one fixed 2C-channel output, whatever it is shown; records the t it is shown."""
+
+    def __init__(self, out):
+        self.out, self.calls = out, []
+
+    def __call__(self, x, t, **kwargs):
+        self.calls.append(int(np.asarray(backend.to_numpy(t)).reshape(-1)[0]))
+        return self.out
+
+
+def learned_output(rng, v_low=-1.0, v_high=1.0):
+    """(x_t, the model's 2C output [eps | v], z), float64; eps large enough that clip_sample bites at large t."""
+    x = rng.standard_normal(SHAPE)
+    out = np.concatenate([1.5 * rng.standard_normal(SHAPE), rng.uniform(v_low, v_high, SHAPE)], axis=1)
+    return x, out, rng.standard_normal(SHAPE)
+
+
+def float64_tables(scheduler, alphas_cumprod):
+    """Hand a DDPMScheduler minidiff's float64 alpha_bar, so that its step runs the same arithmetic in float64:
+    what is left between the two is the formulas, not diffusers' float32 table."""
+    import torch
+    scheduler.alphas_cumprod = torch.from_numpy(np.asarray(alphas_cumprod, dtype=np.float64))
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
+
+
+def diffusers_step(scheduler, out, t, x, z):
+    """DDPMScheduler.step(model_output_2C, t, x_t) with the noise z: step draws randn_tensor(eps half's shape) from
+    the generator; z is handed in by subtracting what the generator gives and adding z times the same sigma.
+    Returns (prev_sample, mean, log sigma^2), the last from the scheduler's own _get_variance."""
+    import torch
+    seed = 1234 + int(t)
+    prev = scheduler.step(torch.from_numpy(out), int(t), torch.from_numpy(x),
+                          generator=torch.Generator().manual_seed(seed)).prev_sample.double().numpy()
+    drawn = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+    log_var = scheduler._get_variance(int(t), predicted_variance=torch.from_numpy(out[:, SHAPE[1]:]))
+    log_var = log_var.double().numpy()
+    std = np.exp(0.5 * log_var) if scheduler.variance_type == "learned_range" else np.sqrt(log_var)
+    mean = prev - std * drawn
+    return mean + std * z, mean, log_var
+
+
+def minidiff_step(diffusion, out, code_t, x, z, clip):
+    """minidiff's ancestral step (p_sample, the model a constant) and its p_mean_variance on the same output."""
+    t = np.full(SHAPE[0], code_t)
+    model = ConstantModel(out)
+    sample = backend.to_numpy(diffusion.p_sample(model, x, t, noise=z, clip_denoised=clip)["sample"])
+    got = diffusion.p_mean_variance(None, x, t, clip, model_output=out)
+    return sample, backend.to_numpy(got["mean"]), backend.to_numpy(got["log_variance"]), model.calls
+
+
+def learned_range_scheduler(diffusers, clip, **kwargs):
+    return diffusers.DDPMScheduler(**SCHEDULE, variance_type="learned_range", prediction_type="epsilon",
+                                   clip_sample=clip, **kwargs)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_learned_range_step_equals_ddpm_scheduler_step(diffusers, clip):
+    """Eq. 15 of Improved DDPM on the full T = 1000 linear chain, eps prediction: for t = 1, 10, 500, 999 minidiff's
+    p_sample with a constant 2C "model" is DDPMScheduler(variance_type="learned_range").step on the same output,
+    x_t and noise; the mean and log sigma^2 agree separately. On diffusers' own float32 alpha_bar to 3e-4 (its
+    1 - alpha_bar_0 = 1e-4 keeps ~4 digits, and beta_tilde_1 is built from it); handed minidiff's float64 alpha_bar,
+    to 1e-10: the same formulas.
+
+    t = 0 is left out (see test_learned_range_at_t_0_differs_only_where_no_noise_is_added): diffusers clamps
+    beta_tilde_0 = 0 to 1e-20 before its log, minidiff takes code t = 1's log beta_tilde (improved-diffusion's
+    posterior_log_variance_clipped); neither adds noise at t = 0, so the samples agree there anyway."""
+    diffusion = GaussianDiffusion(betas(), "eps", "learned_range", "hybrid")
+    native = learned_range_scheduler(diffusers, clip)
+    exact = float64_tables(learned_range_scheduler(diffusers, clip), diffusion.alphas_cumprod)
+    rng = np.random.default_rng(7)
+    clipped = []
+    for t in (1, 10, 500, 999):
+        x, out, z = learned_output(rng)
+        sample, mean, log_var, calls = minidiff_step(diffusion, out, t, x, z, clip)
+        assert calls == [t]
+        x0 = diffusion.predict_start_from_noise(x, np.full(SHAPE[0], t), out[:, :1])
+        clipped.append(bool((np.abs(x0) > 1).any()))
+        for scheduler, rtol in ((exact, 1e-10), (native, 3e-4)):
+            their_sample, their_mean, their_log_var = diffusers_step(scheduler, out, t, x, z)
+            case = f"learned_range t={t} clip={clip} {'float64' if rtol < 1e-6 else 'float32'} alpha_bar"
+            np.testing.assert_allclose(log_var, their_log_var, rtol=rtol, atol=0, err_msg=case)
+            assert_matches(mean, their_mean, case + " mean", rtol=rtol, atol=rtol * 1e-2)
+            assert_matches(sample, their_sample, case + " sample", rtol=rtol, atol=rtol * 1e-2)
+        # the learned log variance spans [log beta_tilde_t, log beta_t] (0.7 wide at t = 1, ~1e-3 by t = 500)
+        lo, hi = diffusion.posterior_log_variance_clipped[t], np.log(diffusion.betas[t])
+        assert lo - 1e-12 <= log_var.min() and log_var.max() <= hi + 1e-12 and hi > lo
+        assert t > 1 or hi - lo > 0.5
+    assert any(clipped[1:]), "clip_sample must bite somewhere for clip=True to test anything"
+
+
+def test_learned_range_at_t_0_differs_only_where_no_noise_is_added(diffusers):
+    """Pinned: at t = 0 diffusers' beta_tilde_0 = 0 is clamped to 1e-20 (log = -46), minidiff's log beta_tilde_0 is
+    code t = 1's (improved-diffusion's clip). Both add no noise at t = 0, so the step is the mean, and equal."""
+    import torch
+    diffusion = GaussianDiffusion(betas(), "eps", "learned_range", "hybrid")
+    for clip in (False, True):
+        scheduler = float64_tables(learned_range_scheduler(diffusers, clip), diffusion.alphas_cumprod)
+        x, out, z = learned_output(np.random.default_rng(3))
+        sample, mean, log_var, _ = minidiff_step(diffusion, out, 0, x, z, clip)
+        theirs = scheduler.step(torch.from_numpy(out), 0, torch.from_numpy(x),
+                                generator=torch.Generator().manual_seed(0)).prev_sample.numpy()
+        np.testing.assert_allclose(sample, theirs, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(sample, mean)                              # no noise at t = 0
+        their_log_var = scheduler._get_variance(0, torch.from_numpy(out[:, 1:])).numpy()
+        frac = (out[:, 1:] + 1) / 2
+        np.testing.assert_allclose(their_log_var, frac * np.log(diffusion.betas[0]) + (1 - frac) * np.log(1e-20),
+                                   rtol=1e-10)
+        np.testing.assert_allclose(log_var, frac * np.log(diffusion.betas[0])
+                                   + (1 - frac) * diffusion.posterior_log_variance_clipped[1], rtol=1e-10)
+        assert diffusion.posterior_log_variance_clipped[0] == diffusion.posterior_log_variance_clipped[1]
+
+
+def test_learned_is_log_sigma_squared_where_diffusers_reads_sigma_squared(diffusers):
+    """Pinned: minidiff's "learned" reads the variance half as log sigma^2 (improved-diffusion, where such models come
+    from); DDPMScheduler.step takes its square root, as sigma^2. So minidiff on [eps | L] is diffusers on
+    [eps | exp(L)], at every t > 0 (the mean is the same; the std is exp(L / 2) on both sides)."""
+    diffusion = GaussianDiffusion(betas(), "eps", "learned", "hybrid")
+    scheduler = float64_tables(diffusers.DDPMScheduler(**SCHEDULE, variance_type="learned", clip_sample=True),
+                               diffusion.alphas_cumprod)
+    rng = np.random.default_rng(5)
+    for t in (1, 10, 500, 999):
+        x, out, z = learned_output(rng, v_low=-12.0, v_high=-2.0)              # log sigma^2 values
+        sample, mean, log_var, _ = minidiff_step(diffusion, out, t, x, z, True)
+        np.testing.assert_array_equal(log_var, out[:, 1:])
+        as_variance = np.concatenate([out[:, :1], np.exp(out[:, 1:])], axis=1)
+        their_sample, their_mean, _ = diffusers_step(scheduler, as_variance, t, x, z)
+        assert_matches(mean, their_mean, f"learned t={t} mean", rtol=1e-10, atol=1e-12)
+        assert_matches(sample, their_sample, f"learned t={t} sample", rtol=1e-10, atol=1e-12)
+        with np.errstate(invalid="ignore"):                                   # sqrt of a negative "variance"
+            their_raw, _, _ = diffusers_step(scheduler, out, t, x, z)           # the same bits read as sigma^2
+        assert not np.isfinite(their_raw).all() or np.abs(their_raw - sample).max() > 1e-3
+
+
+def respaced_against_scheduler(diffusers, diffusion, short, scheduler, clip, indices, rtol):
+    """short (minidiff's respaced chain, timestep_map its kept steps) against scheduler after set_timesteps, at the
+    code steps `indices` of short (model timestep short.timestep_map[i]): one step each, the same output and z."""
+    rng = np.random.default_rng(11)
+    kept = np.asarray(short.timestep_map)
+    for i in indices:
+        x, out, z = learned_output(rng)
+        sample, mean, log_var, calls = minidiff_step(short, out, i, x, z, clip)
+        assert calls == [int(kept[i])]                                       # the model sees the original timestep
+        their_sample, their_mean, their_log_var = diffusers_step(scheduler, out, int(kept[i]), x, z)
+        case = f"respaced n={len(kept)} i={i} (t={kept[i]}) clip={clip}"
+        np.testing.assert_allclose(log_var, their_log_var, rtol=rtol, atol=0, err_msg=case)
+        assert_matches(mean, their_mean, case + " mean", rtol=rtol, atol=rtol * 1e-2)
+        assert_matches(sample, their_sample, case + " sample", rtol=rtol, atol=rtol * 1e-2)
+        # the respaced chain's own beta and beta_tilde, not the original chain's at kept[i] (far apart here)
+        frac = (out[:, 1:] + 1) / 2
+        original = frac * np.log(diffusion.betas[kept[i]]) + (1 - frac) * diffusion.posterior_log_variance_clipped[
+            kept[i]]
+        assert np.abs(original - log_var).max() > 0.5, case
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_respaced_learned_range_equals_ddpm_scheduler_on_the_same_grid(diffusers, num_steps, clip):
+    """respaced(n) keeps space_timesteps(T, n) (improved-diffusion's rounding of a running sum of (T - 1) / (n - 1));
+    diffusers' "linspace" set_timesteps(n) rounds linspace(0, T - 1, n): the same steps for n = 10 and 50 (asserted).
+    On that grid DDPMScheduler takes current_beta_t = 1 - alpha_bar_t / alpha_bar_prev from its previous timestep, as
+    respace_betas does: the learned_range variance spans the respaced chain's beta and beta_tilde on both sides."""
+    diffusion = GaussianDiffusion(betas(), "eps", "learned_range", "hybrid")
+    short = diffusion.respaced(num_steps)
+    for scheduler, rtol in ((float64_tables(learned_range_scheduler(diffusers, clip, timestep_spacing="linspace"),
+                                            diffusion.alphas_cumprod), 1e-10),
+                            (learned_range_scheduler(diffusers, clip, timestep_spacing="linspace"), 3e-4)):
+        scheduler.set_timesteps(num_steps)
+        np.testing.assert_array_equal(scheduler.timesteps.numpy()[::-1], short.timestep_map)
+        respaced_against_scheduler(diffusers, diffusion, short, scheduler, clip,
+                                   (1, 2, num_steps // 2, num_steps - 1), rtol)
+
+
+def test_respaced_learned_range_on_a_grid_diffusers_spaces_differently(diffusers):
+    """n = 21: space_timesteps keeps 499 (the running sum's rounding, schedule.space_timesteps), diffusers'
+    "linspace" 500 (round half to even of 499.5); "leading" and "trailing" differ too. The grids differ, so
+    diffusers is given minidiff's kept steps as custom timesteps, and a GaussianDiffusion built by respace_betas on
+    diffusers' own "leading" grid is compared with diffusers on that grid: both agree step for step."""
+    diffusion = GaussianDiffusion(betas(), "eps", "learned_range", "hybrid")
+    short = diffusion.respaced(21)
+    for spacing in ("linspace", "leading", "trailing"):
+        scheduler = learned_range_scheduler(diffusers, True, timestep_spacing=spacing)
+        scheduler.set_timesteps(21)
+        assert not np.array_equal(scheduler.timesteps.numpy()[::-1], short.timestep_map), spacing
+    assert 499 in short.timestep_map and 500 not in short.timestep_map
+    scheduler = float64_tables(learned_range_scheduler(diffusers, True), diffusion.alphas_cumprod)
+    scheduler.set_timesteps(timesteps=short.timestep_map[::-1].tolist())
+    respaced_against_scheduler(diffusers, diffusion, short, scheduler, True, (1, 10, 20), 1e-10)
+
+    scheduler = float64_tables(learned_range_scheduler(diffusers, True, timestep_spacing="leading"),
+                               diffusion.alphas_cumprod)
+    scheduler.set_timesteps(21)
+    kept = np.sort(scheduler.timesteps.numpy())
+    theirs = GaussianDiffusion(schedule.respace_betas(diffusion.alphas_cumprod, kept), "eps", "learned_range", "hybrid")
+    theirs.timestep_map = kept
+    respaced_against_scheduler(diffusers, diffusion, theirs, scheduler, True, (1, 10, 20), 1e-10)
