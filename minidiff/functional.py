@@ -19,7 +19,8 @@ from .ops import sigmoid_of, softmax  # noqa: F401  (re-exported: F.softmax)
 from .tensor import Function, Tensor
 
 __all__ = ["conv2d", "linear", "group_norm", "silu", "softmax", "dropout",
-           "upsample_nearest2d", "attention", "timestep_embedding"]
+           "upsample_nearest2d", "attention", "timestep_embedding",
+           "relu", "max_pool2d", "avg_pool2d", "resize_bilinear"]
 
 
 # ---------------------------------------------------------------- linear
@@ -304,3 +305,142 @@ def timestep_embedding(t, dim, flip_sin_to_cos=False, freq_shift=1):
     if dim % 2:
         emb = xp.concatenate([emb, xp.zeros((emb.shape[0], 1), dtype=emb.dtype)], axis=1)
     return Tensor(emb.astype(backend.DTYPE))
+
+
+# ---------------------------------------------------------------- pooling and resizing (Inception, FID)
+
+
+def relu(x):
+    """max(x, 0); its gradient is 1 where x > 0, else 0 (ops.maximum's backward)."""
+    return ops.maximum(x, 0.0)
+
+
+def _windows(shape, kernel, stride, pads):
+    """(Ho, Wo) and the slices of the padded input under each of the kh*kw kernel offsets."""
+    from .conv import output_size
+    (kh, kw), (sh, sw) = kernel, stride
+    ho, wo = output_size(shape[2], shape[3], kh, kw, stride, pads)
+    offsets = [(slice(di, di + sh * ho, sh), slice(dj, dj + sw * wo, sw)) for di in range(kh) for dj in range(kw)]
+    return (ho, wo), offsets
+
+
+class MaxPool2d(Function):
+    """y = max of each kh x kw window of x padded with -inf (PyTorch's max_pool2d)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pads):
+        xp = backend.xp_of(x)
+        (pt, pb, pl, pr) = pads
+        xpad = xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=-xp.inf)
+        _, offsets = _windows(x.shape, kernel, stride, pads)
+        best = xpad[(..., *offsets[0])].copy()
+        index = xp.zeros(best.shape, dtype=xp.int8)
+        for d, (rows, cols) in enumerate(offsets[1:], start=1):
+            window = xpad[..., rows, cols]
+            better = window > best                     # strict: the first maximum wins ties, as PyTorch
+            best = xp.where(better, window, best)
+            index[better] = d
+        ctx.index, ctx.geometry = index, (x.shape, xpad.shape, offsets, pads)
+        return best
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_shape, pad_shape, offsets, (pt, _, pl, _) = ctx.geometry
+        xp = backend.xp_of(grad)
+        gpad = xp.zeros(pad_shape, dtype=grad.dtype)
+        for d, (rows, cols) in enumerate(offsets):    # dL/dx = dL/dy at the one input each window chose
+            gpad[..., rows, cols] += xp.where(ctx.index == d, grad, 0)
+        return gpad[..., pt:pt + x_shape[2], pl:pl + x_shape[3]]
+
+
+class AvgPool2d(Function):
+    """y = mean of each kh x kw window of zero-padded x; with count_include_pad=False the padded
+    zeros are left out of the count (the FID Inception's pooling, as TensorFlow's)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pads, count_include_pad):
+        xp = backend.xp_of(x)
+        (pt, pb, pl, pr) = pads
+        xpad = xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        _, offsets = _windows(x.shape, kernel, stride, pads)
+        if count_include_pad:
+            count = float(len(offsets))
+        else:                                          # how many real pixels each window covers
+            ones = xp.pad(xp.ones(x.shape[2:], dtype=x.dtype), ((pt, pb), (pl, pr)))
+            count = sum(ones[rows, cols] for rows, cols in offsets)
+        total = sum(xpad[..., rows, cols] for rows, cols in offsets)
+        ctx.count, ctx.geometry = count, (x.shape, xpad.shape, offsets, pads)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_shape, pad_shape, offsets, (pt, _, pl, _) = ctx.geometry
+        xp = backend.xp_of(grad)
+        g = grad / ctx.count
+        gpad = xp.zeros(pad_shape, dtype=grad.dtype)
+        for rows, cols in offsets:                     # dL/dx = sum over the windows holding x of dL/dy / count
+            gpad[..., rows, cols] += g
+        return gpad[..., pt:pt + x_shape[2], pl:pl + x_shape[3]]
+
+
+def _pool_args(kernel_size, stride, padding):
+    from .conv import normalize_padding, normalize_stride
+    kernel = normalize_stride(kernel_size)
+    stride = kernel if stride is None else normalize_stride(stride)
+    pads = normalize_padding(padding)
+    if max(pads[0], pads[1]) > kernel[0] // 2 or max(pads[2], pads[3]) > kernel[1] // 2:
+        raise ValueError(f"pooling padding {padding} must be at most half the kernel {kernel_size}")
+    return kernel, stride, pads
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """PyTorch's F.max_pool2d (stride defaults to the kernel size)."""
+    kernel, stride, pads = _pool_args(kernel_size, stride, padding)
+    return MaxPool2d.apply(x, kernel=kernel, stride=stride, pads=pads)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """PyTorch's F.avg_pool2d (stride defaults to the kernel size)."""
+    kernel, stride, pads = _pool_args(kernel_size, stride, padding)
+    return AvgPool2d.apply(x, kernel=kernel, stride=stride, pads=pads, count_include_pad=count_include_pad)
+
+
+def bilinear_matrix(size_in, size_out, dtype="float64"):
+    """(size_out, size_in) rows of bilinear weights, PyTorch's F.interpolate(mode="bilinear",
+    align_corners=False): output pixel i reads the input at (i + 0.5) * size_in / size_out - 0.5,
+    clamped at 0, between its two neighbours (the last one repeated at the border). No antialiasing."""
+    host = backend.host
+    src = host.maximum((host.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    i0 = host.floor(src).astype(host.int64)
+    i1 = host.minimum(i0 + 1, size_in - 1)
+    frac = src - i0
+    m = host.zeros((size_out, size_in))
+    host.add.at(m, (host.arange(size_out), i0), 1.0 - frac)
+    host.add.at(m, (host.arange(size_out), i1), frac)
+    return m.astype(dtype)
+
+
+class ResizeBilinear(Function):
+    """y = R_h x R_w^T per image and channel: bilinear resizing is linear, one matrix per axis."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        xp = backend.xp_of(x)
+        rh = xp.asarray(bilinear_matrix(x.shape[2], size[0], x.dtype))
+        rw = xp.asarray(bilinear_matrix(x.shape[3], size[1], x.dtype))
+        ctx.save_for_backward(rh, rw)
+        return xp.matmul(xp.matmul(rh, x), rw.T)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rh, rw = ctx.saved
+        xp = backend.xp_of(grad)
+        return xp.matmul(xp.matmul(rh.T, grad), rw)   # dL/dx = R_h^T dL/dy R_w
+
+
+def resize_bilinear(x, size):
+    """(N, C, H, W) -> (N, C, *size), as F.interpolate(x, size, mode="bilinear", align_corners=False)."""
+    size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    if x.shape[2:] == size:
+        return x
+    return ResizeBilinear.apply(x, size=size)
