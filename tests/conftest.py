@@ -58,6 +58,16 @@ COMPAT_REASON = ("needs the compat extra (torch and diffusers): pip install torc
                  "pip install -e '.[compat]'")
 
 
+def fid_reference_stack():
+    """The path of tests/fid_reference.py, or skip with COMPAT_REASON (and how to install
+    pytorch-fid, torch-fidelity and torchvision's model files) where that stack is missing."""
+    import fid_reference
+    why = fid_reference.missing()
+    if why:
+        pytest.skip(f"{COMPAT_REASON} [FID references: {why}; install them with: {fid_reference.INSTALL_HINT}]")
+    return fid_reference.__file__
+
+
 def in_ci(environ=os.environ):
     """Whether this run is CI's (CI=true, as .ci/run and the usual CI services set it)."""
     return environ.get("CI", "").strip().lower() in ("1", "true", "yes")

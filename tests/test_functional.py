@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from conftest import compat_import
 from references import group_norm_reference
 
 from minidiff import Generator, Tensor, backend, functional as F, ops
@@ -296,3 +297,85 @@ def test_dropout_draws_its_mask_on_the_device_and_matches_numpy(standin):
     on_device = F.dropout(Tensor(dev), 0.1, True, generator=Generator(4)).data
     assert standin.counts["h2d_bytes"] == 0 and isinstance(on_device, standin.ndarray)
     np.testing.assert_array_equal(backend.to_numpy(on_device), on_host)
+
+
+# ---------------------------------------------------------------- pooling and resizing
+
+
+def _pool_loops(x, k, s, p, op, count_include_pad=True):
+    """Slow direct pooling: one window at a time, padding as PyTorch (-inf for max, 0 for mean)."""
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out = np.empty((n, c, ho, wo))
+    for i in range(ho):
+        for j in range(wo):
+            r0, c0 = i * s - p, j * s - p
+            rows = [r for r in range(r0, r0 + k) if 0 <= r < h]
+            cols = [q for q in range(c0, c0 + k) if 0 <= q < w]
+            window = x[:, :, rows][:, :, :, cols]
+            if op == "max":
+                out[:, :, i, j] = window.max(axis=(2, 3))
+            else:
+                out[:, :, i, j] = window.sum(axis=(2, 3)) / (k * k if count_include_pad else len(rows) * len(cols))
+    return out
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 0), (3, 1, 1), (2, 2, 0), (3, 2, 1)])
+def test_pools_match_loops_and_their_gradients_match_finite_differences(k, s, p):
+    x = np.random.default_rng(k + s + p).normal(size=(2, 3, 7, 6))
+    np.testing.assert_array_equal(F.max_pool2d(Tensor(x), k, stride=s, padding=p).data, _pool_loops(x, k, s, p, "max"))
+    check_gradients(lambda a: F.max_pool2d(a, k, stride=s, padding=p), [x])
+    for include in (True, False):
+        np.testing.assert_allclose(F.avg_pool2d(Tensor(x), k, stride=s, padding=p, count_include_pad=include).data,
+                                   _pool_loops(x, k, s, p, "mean", include), rtol=1e-12)
+        check_gradients(lambda a: F.avg_pool2d(a, k, stride=s, padding=p, count_include_pad=include), [x])
+
+
+def test_max_pool_routes_a_tie_to_the_first_maximum_as_pytorch():
+    x = np.zeros((1, 1, 2, 2))
+    y = Tensor(x, requires_grad=True)
+    F.max_pool2d(y, 2).sum().backward()
+    np.testing.assert_array_equal(y.grad, [[[[1.0, 0.0], [0.0, 0.0]]]])
+
+
+def test_pool_padding_larger_than_half_the_kernel_is_refused():
+    with pytest.raises(ValueError, match="half the kernel"):
+        F.max_pool2d(Tensor(np.zeros((1, 1, 4, 4))), 3, padding=2)
+
+
+def _bilinear_loops(x, ho, wo):
+    """PyTorch's bilinear (align_corners=False) one output pixel at a time."""
+    n, c, h, w = x.shape
+    out = np.empty((n, c, ho, wo))
+    for i in range(ho):
+        sy = max((i + 0.5) * h / ho - 0.5, 0.0)
+        y0 = int(sy); y1 = min(y0 + 1, h - 1); ly = sy - y0
+        for j in range(wo):
+            sx = max((j + 0.5) * w / wo - 0.5, 0.0)
+            x0 = int(sx); x1 = min(x0 + 1, w - 1); lx = sx - x0
+            out[:, :, i, j] = ((1 - ly) * ((1 - lx) * x[:, :, y0, x0] + lx * x[:, :, y0, x1])
+                               + ly * ((1 - lx) * x[:, :, y1, x0] + lx * x[:, :, y1, x1]))
+    return out
+
+
+@pytest.mark.parametrize("size", [(13, 11), (3, 2), (5, 4), (299, 299)])
+def test_resize_bilinear_matches_loops_and_its_gradient(size):
+    x = np.random.default_rng(0).normal(size=(2, 2, 5, 4))
+    np.testing.assert_allclose(F.resize_bilinear(Tensor(x), size).data, _bilinear_loops(x, *size), rtol=1e-12, atol=1e-12)
+    if size != (299, 299):
+        check_gradients(lambda a: F.resize_bilinear(a, size), [x])
+    assert F.resize_bilinear(Tensor(x), (5, 4)).data is not None
+
+
+def test_pools_and_resize_equal_torch():
+    torch = compat_import("torch")
+    x = np.random.default_rng(3).random((2, 3, 17, 12), dtype=np.float32)
+    t = torch.from_numpy(x)
+    tf = torch.nn.functional
+    np.testing.assert_array_equal(F.max_pool2d(Tensor(x), 3, stride=1, padding=1).data,
+                                  tf.max_pool2d(t, 3, stride=1, padding=1).numpy())
+    np.testing.assert_allclose(F.avg_pool2d(Tensor(x), 3, stride=1, padding=1, count_include_pad=False).data,
+                               tf.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(F.resize_bilinear(Tensor(x), (299, 299)).data,
+                               tf.interpolate(t, size=(299, 299), mode="bilinear", align_corners=False).numpy(),
+                               rtol=1e-5, atol=1e-6)
