@@ -140,8 +140,10 @@ def _unpickle(data, path, storage_for=None):
     _scan(data, path)
     try:
         return _Unpickler(data, path, storage_for or _no_storages).load()
-    except UnsafeFileError:
-        raise
+    except UnsafeFileError as e:
+        if str(e).startswith(f"{path}: "):
+            raise
+        raise UnsafeFileError(f"{path}: {e}") from None   # the rebuild functions do not know the path
     except Exception as e:
         raise UnsafeFileError(f"{path}: the pickle does not unpack ({type(e).__name__}: {e}); the file is damaged") from None
 
@@ -152,13 +154,13 @@ def _no_storages(pid):
 
 def _flat_array(name, raw, numel, path, key, little_endian=True):
     dtype = STORAGE_DTYPES[name]
-    if dtype == "bfloat16":
-        bits = host.frombuffer(raw, dtype="<u2" if little_endian else ">u2", count=numel)
-        return (bits.astype(host.uint32) << 16).view(host.float32)
-    dt = host.dtype(dtype).newbyteorder("<" if little_endian else ">")
-    if len(raw) != numel * dt.itemsize:
+    dt = host.dtype("u2" if dtype == "bfloat16" else dtype).newbyteorder("<" if little_endian else ">")
+    if len(raw) != numel * dt.itemsize:   # checked for bfloat16 too
         raise UnsafeFileError(f"{path}: storage {key} holds {len(raw)} bytes, {numel * dt.itemsize} expected; "
                               f"the file is truncated or damaged")
+    if dtype == "bfloat16":
+        bits = host.frombuffer(raw, dtype=dt, count=numel)
+        return (bits.astype(host.uint32) << 16).view(host.float32)
     return host.frombuffer(raw, dtype=dt, count=numel).astype(dtype)
 
 
@@ -169,12 +171,12 @@ def _materialize(obj, path):
         if any(s < 0 for s in obj.size) or any(s < 0 for s in obj.stride) or obj.offset < 0:
             raise UnsafeFileError(f"{path}: a tensor has a negative size, stride or offset")
         last = obj.offset + sum((n - 1) * s for n, s in zip(obj.size, obj.stride)) if all(obj.size) else obj.offset - 1
-        if last >= len(arr):
+        if all(obj.size) and last >= len(arr):   # an empty tensor reads nothing, whatever its offset
             raise UnsafeFileError(f"{path}: a tensor reaches element {last} of a storage of {len(arr)}; "
                                   f"the file is damaged")
         view = host.lib.stride_tricks.as_strided(arr[obj.offset:], shape=obj.size,
                                                  strides=[s * itemsize for s in obj.stride])
-        return host.ascontiguousarray(view).copy()
+        return view.copy(order="C")   # not ascontiguousarray: that makes a 0-d tensor 1-d
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, _materialize(v, path)) for k, v in obj.items())
     if isinstance(obj, dict):
