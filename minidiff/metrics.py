@@ -27,7 +27,10 @@ All arithmetic is float64 on the host (`backend.host`): these are small matrices
 and exactness matters more than speed.
 May import: backend, data, images, classifier.
 """
+import contextlib
 import math
+import os
+import tempfile
 
 from . import backend, data, images
 from . import classifier as classifier_module  # `classifier` is evaluate_samples' argument
@@ -151,9 +154,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2 (Dowson & Landau 1982;
     Heusel et al. 2017). The last term equals tr sqrt(S1 S2), but S1^1/2 S2 S1^1/2 is
     symmetric PSD, so its eigenvalues come from eigvalsh, real and stable (no scipy.sqrtm).
+
+    Against pytorch-fid 0.3.0's calculate_frechet_distance (the reference FID code):
+    it takes scipy.linalg.sqrtm of the non-symmetric product S1 S2, which is similar to
+    S1^1/2 S2 S1^1/2 (S1 S2 = S1^1/2 (S1^1/2 S2 S1^1/2) S1^-1/2 on the range of S1), so
+    both have the same non-negative eigenvalues and tr sqrt is the same number. sqrtm's
+    Schur route leaves rounding as a small imaginary part, which pytorch-fid drops
+    (refusing if the diagonal's exceeds 1e-3), and when sqrtm returns non-finite values
+    it retries with eps = 1e-6 added to both diagonals, a bias of order eps * d.
+    Here the eigenvalues are real by construction and clipped at 0, so neither
+    fix-up is needed: values agree with pytorch-fid to ~1e-8 relative, also for
+    rank-deficient covariances (50 samples in 64 dims), where sqrtm's error on the
+    zero eigenvalues lets pytorch-fid return about -1e-5 for identical inputs; this
+    returns 0 (the result is clipped at 0). Shapes must agree: mu1, mu2 (d,) and
+    sigma1, sigma2 (d, d) (scalars count as d = 1), else ValueError.
     """
     mu1, mu2 = host.atleast_1d(mu1).astype(host.float64), host.atleast_1d(mu2).astype(host.float64)
     s1, s2 = host.atleast_2d(sigma1).astype(host.float64), host.atleast_2d(sigma2).astype(host.float64)
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"Frechet distance: the means must be vectors of the same length, got shapes "
+                         f"{mu1.shape} and {mu2.shape}")
+    d = mu1.shape[0]
+    if s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"Frechet distance: the covariances must be ({d}, {d}) like the means (d = {d}), "
+                         f"got shapes {s1.shape} and {s2.shape}")
     root1 = _sqrt_psd(s1)
     middle = root1 @ s2 @ root1
     eig = host.linalg.eigvalsh((middle + middle.T) / 2)
@@ -165,6 +189,159 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def frechet_distance_features(f1, f2):
     """Frechet distance between Gaussians fitted to two (n, d) feature sets."""
     return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+
+
+def _polynomial_kernel(x, y):
+    """Cubic polynomial kernel (x.y / d + 1)^3 between the rows of x and y (KID's kernel)."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _mmd2_unbiased(k_xx, k_xy, k_yy):
+    """Unbiased MMD^2 of m samples each: off-diagonal means of K_XX, K_YY minus twice the mean of K_XY.
+
+    As torch-fidelity's mmd2(mmd_est="unbiased") (after Binkowski's MMD-GAN code): the K_XY
+    term keeps its diagonal (its mean over all m^2 pairs).
+    """
+    m = k_xx.shape[0]
+    kt_xx_sum = (k_xx.sum(axis=1) - host.diagonal(k_xx)).sum()
+    kt_yy_sum = (k_yy.sum(axis=1) - host.diagonal(k_yy)).sum()
+    k_xy_sum = k_xy.sum(axis=0).sum()
+    return (kt_xx_sum + kt_yy_sum) / (m * (m - 1)) - 2 * k_xy_sum / (m * m)
+
+
+def kernel_inception_distance(f1, f2, num_subsets=100, subset_size=1000, seed=2020):
+    """Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs").
+
+    The unbiased estimate of MMD^2 between two (n, d) feature sets with the cubic
+    polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over `num_subsets` random
+    subsets of `subset_size` rows drawn without replacement from each set. Computed as
+    torch-fidelity 0.4.0's kid_features_to_metric: one RandomState(seed) draws, per
+    subset, first the rows of f1 then those of f2 (RandomState.choice, replace=False);
+    kid_std is the population standard deviation (ddof = 0) over the subsets, as there.
+    One difference: when either set has fewer than `subset_size` rows, the subset size
+    shrinks to min(len(f1), len(f2)) (torch-fidelity refuses); the size used is
+    returned. Unbiased, so it can be slightly negative for close distributions; a set
+    against itself scores slightly below 0 (K_XY keeps its diagonal in this estimator).
+    Returns {"kid_mean", "kid_std", "subset_size"}.
+    """
+    f1 = host.asarray(f1, dtype=host.float64)
+    f2 = host.asarray(f2, dtype=host.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"KID needs two (n, d) feature sets of the same width, got shapes {f1.shape} and {f2.shape}")
+    n1, n2 = len(f1), len(f2)
+    size = min(int(subset_size), n1, n2)
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 feature rows in each set (and subset_size >= 2), "
+                         f"got {n1} and {n2} rows, subset_size {subset_size}")
+    if num_subsets < 1:
+        raise ValueError(f"KID needs num_subsets >= 1, got {num_subsets}")
+    rng = host.random.RandomState(seed)
+    mmds = host.zeros(int(num_subsets))
+    for i in range(int(num_subsets)):
+        x = f1[rng.choice(n1, size, replace=False)]
+        y = f2[rng.choice(n2, size, replace=False)]
+        mmds[i] = _mmd2_unbiased(_polynomial_kernel(x, x), _polynomial_kernel(x, y), _polynomial_kernel(y, y))
+    return {"kid_mean": float(host.mean(mmds)), "kid_std": float(host.std(mmds)), "subset_size": size}
+
+
+def _log_softmax(logits):
+    """log softmax over the last axis, float64, max-shifted for stability."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - host.log(host.exp(z).sum(axis=1, keepdims=True))
+
+
+def inception_score(logits, splits=10, seed=2020):
+    """Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)), mean and std over splits.
+
+    `logits` (N, K) are the classifier's pre-softmax outputs. For the standard IS these are
+    Inception's logits WITHOUT the fc layer's bias: the original TensorFlow code read the
+    logits from a graph whose final layer had no bias, and torch-fidelity reproduces that
+    with its "logits_unbiased" feature (pool3 @ fc.weight^T); the biased logits give a
+    different number. Computed as torch-fidelity 0.4.0's isc_features_to_metric: rows
+    shuffled by RandomState(seed).permutation(N), softmax in float64, split i the rows
+    i*N//splits to (i+1)*N//splits, p(y) the split's mean, the score exp of the mean KL;
+    is_std is the population standard deviation (ddof = 0) over splits, as there.
+    Returns {"is_mean", "is_std"}.
+    """
+    logits = host.asarray(logits, dtype=host.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"Inception Score needs (N, K) logits, got shape {logits.shape}")
+    n = len(logits)
+    if not 1 <= int(splits) <= n:
+        raise ValueError(f"Inception Score: splits must be between 1 and the number of samples ({n}), got {splits}")
+    splits = int(splits)
+    logits = logits[host.random.RandomState(seed).permutation(n), :]
+    log_p = _log_softmax(logits)
+    p = host.exp(log_p)
+    scores = []
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        p_chunk, log_p_chunk = p[lo:hi], log_p[lo:hi]
+        q = p_chunk.mean(axis=0, keepdims=True)
+        kl = (p_chunk * (log_p_chunk - host.log(q))).sum(axis=1).mean()
+        scores.append(math.exp(float(kl)))
+    return {"is_mean": float(host.mean(scores)), "is_std": float(host.std(scores))}
+
+
+def save_statistics(path, mu, sigma):
+    """Write Gaussian feature statistics in pytorch-fid's .npz format (keys "mu" (d,), "sigma" (d, d)).
+
+    Atomic: written to a temporary file in the same folder, then moved over `path` with
+    os.replace, so a reader never sees half a file. `path` is used as given (np.savez
+    would append ".npz" to a name without it; this does not).
+    """
+    mu = host.asarray(mu, dtype=host.float64)
+    sigma = host.asarray(sigma, dtype=host.float64)
+    _check_statistics(path, mu, sigma)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            host.savez(f, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _check_statistics(path, mu, sigma):
+    if mu.ndim != 1:
+        raise ValueError(f"{path}: mu must be a vector (d,), got shape {mu.shape}")
+    d = mu.shape[0]
+    if sigma.shape != (d, d):
+        raise ValueError(f"{path}: sigma must be ({d}, {d}) to match mu of length {d}, got shape {sigma.shape}")
+    if not (host.isfinite(mu).all() and host.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu and sigma must be finite (found NaN or inf)")
+
+
+def load_statistics(path):
+    """Read (mu, sigma) float64 from a pytorch-fid style .npz (keys "mu" and "sigma").
+
+    Every problem is one ValueError naming the file: missing, not a readable .npz, a key
+    missing, mu not (d,), sigma not (d, d), or non-finite values.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such statistics file")
+    try:
+        with host.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            missing = [k for k in ("mu", "sigma") if k not in keys]
+            if missing:
+                raise ValueError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)} "
+                                 f"(a statistics file holds 'mu' and 'sigma'; found {sorted(keys)})")
+            mu, sigma = f["mu"], f["sigma"]
+    except ValueError as err:
+        if str(err).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: not a readable .npz statistics file ({err})") from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz statistics file ({err})") from None
+    if not (host.issubdtype(mu.dtype, host.number) and host.issubdtype(sigma.dtype, host.number)):
+        raise ValueError(f"{path}: mu and sigma must be numeric, got {mu.dtype} and {sigma.dtype}")
+    mu, sigma = mu.astype(host.float64), sigma.astype(host.float64)
+    _check_statistics(path, mu, sigma)
+    return mu, sigma
 
 
 def class_coverage(probs, num_classes=None):

@@ -234,3 +234,162 @@ def test_bits_per_dim_sums_the_bound_over_batches_and_splits_out_its_terms():
                                 for k, i in enumerate(range(0, 5, 2))])
     assert report["bits_per_dim"] == pytest.approx(per_image.mean(), rel=1e-12)
 
+
+
+# ---------------------------------------------------------------- FID / KID / IS against the reference stack
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import fid_reference  # noqa: E402  (tests/ is on sys.path, as for references.py)
+
+
+def _random_stats(rng, n, d, shift=0.0):
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.5 + shift
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+@pytest.fixture(scope="module")
+def reference_cases(tmp_path_factory):
+    """Inputs and pytorch-fid 0.3.0 / torch-fidelity 0.4.0 outputs, from one run of tests/fid_reference.py."""
+    reason = fid_reference.missing()
+    if reason:
+        pytest.skip(reason + "; install with: " + fid_reference.INSTALL_HINT)
+    rng = np.random.default_rng(23)
+    inputs = {}
+    m1, s1 = _random_stats(rng, 400, 16)
+    m2, s2 = _random_stats(rng, 400, 16, 0.3)
+    inputs.update({"well/mu1": m1, "well/sigma1": s1, "well/mu2": m2, "well/sigma2": s2})
+    m1, s1 = _random_stats(rng, 50, 64)          # rank 49 in 64 dims
+    m2, s2 = _random_stats(rng, 50, 64, 0.3)
+    inputs.update({"singular/mu1": m1, "singular/sigma1": s1, "singular/mu2": m2, "singular/sigma2": s2})
+    inputs.update({"same/mu1": m1, "same/sigma1": s1, "same/mu2": m1, "same/sigma2": s1})
+    inputs.update({"kid/f1": rng.standard_normal((300, 32)), "kid/f2": rng.standard_normal((250, 32)) + 0.1,
+                   "kid/num_subsets": np.int64(20), "kid/subset_size": np.int64(100)})
+    inputs.update({"is/logits": rng.standard_normal((500, 1008)) * 3, "is/splits": np.int64(10)})
+    folder = tmp_path_factory.mktemp("fid_reference")
+    np.savez(folder / "in.npz", **inputs)
+    script = str(fid_reference.__file__)
+    proc = subprocess.run([sys.executable, script, "metrics", str(folder / "in.npz"), str(folder / "out.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return inputs, dict(np.load(folder / "out.npz"))
+
+
+@pytest.mark.parametrize("case", ["well", "singular"])
+def test_frechet_distance_equals_pytorch_fid(reference_cases, case):
+    inputs, out = reference_cases
+    ours = metrics.frechet_distance(*(inputs[f"{case}/{k}"] for k in ("mu1", "sigma1", "mu2", "sigma2")))
+    assert ours == pytest.approx(float(out[f"{case}/fid"]), rel=1e-6)
+
+
+def test_frechet_distance_of_identical_rank_deficient_stats_is_zero_like_pytorch_fid(reference_cases):
+    inputs, out = reference_cases
+    scale = 2 * np.trace(inputs["same/sigma1"])   # pytorch-fid's sqrtm leaves ~1e-5 here (can be negative)
+    assert abs(float(out["same/fid"])) < 1e-6 * scale
+    ours = metrics.frechet_distance(inputs["same/mu1"], inputs["same/sigma1"], inputs["same/mu2"], inputs["same/sigma2"])
+    assert 0.0 <= ours < 1e-6 * scale
+
+
+def test_kid_equals_torch_fidelity(reference_cases):
+    inputs, out = reference_cases
+    kid = metrics.kernel_inception_distance(inputs["kid/f1"], inputs["kid/f2"], num_subsets=20, subset_size=100)
+    assert kid["subset_size"] == 100
+    assert kid["kid_mean"] == pytest.approx(float(out["kid/kid_mean"]), rel=1e-9)
+    assert kid["kid_std"] == pytest.approx(float(out["kid/kid_std"]), rel=1e-9)
+
+
+def test_inception_score_equals_torch_fidelity(reference_cases):
+    inputs, out = reference_cases
+    isc = metrics.inception_score(inputs["is/logits"], splits=10)
+    assert isc["is_mean"] == pytest.approx(float(out["is/is_mean"]), rel=1e-9)
+    assert isc["is_std"] == pytest.approx(float(out["is/is_std"]), rel=1e-9)
+
+
+def test_frechet_distance_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="means"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="covariances"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match="covariances"):
+        metrics.frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(2))
+
+
+# ---------------------------------------------------------------- KID / IS without the reference
+
+def test_kid_shrinks_the_subset_size_to_the_smaller_set():
+    rng = np.random.default_rng(8)
+    f1, f2 = rng.standard_normal((40, 8)), rng.standard_normal((30, 8))
+    kid = metrics.kernel_inception_distance(f1, f2, num_subsets=5, subset_size=1000)
+    assert kid["subset_size"] == 30 and np.isfinite(kid["kid_mean"]) and kid["kid_std"] >= 0
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.kernel_inception_distance(f1[:1], f2, num_subsets=5)
+    with pytest.raises(ValueError, match="same width"):
+        metrics.kernel_inception_distance(f1, f2[:, :4])
+
+
+def test_kid_of_a_set_with_itself_is_near_zero_and_a_shift_is_not():
+    f = np.random.default_rng(9).standard_normal((400, 16))
+    same = metrics.kernel_inception_distance(f, f, num_subsets=20, subset_size=200)
+    shifted = metrics.kernel_inception_distance(f, f + 1.0, num_subsets=20, subset_size=200)
+    assert abs(same["kid_mean"]) < 0.01 * shifted["kid_mean"]
+    # The whole set against itself: K_XY keeps its diagonal, so the estimate is exactly
+    # 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2, slightly below 0.
+    k = (f @ f.T / 16 + 1.0) ** 3
+    m = len(f)
+    exact = 2 * (k.sum() - np.trace(k)) / (m * (m - 1)) - 2 * k.sum() / m ** 2
+    whole = metrics.kernel_inception_distance(f, f, num_subsets=3, subset_size=m)
+    assert whole["kid_mean"] == pytest.approx(exact, rel=1e-9) and whole["kid_std"] < 1e-12
+    assert -0.01 * np.trace(k) / m < exact < 0
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+    isc = metrics.inception_score(np.zeros((100, 7)), splits=5)
+    assert isc["is_mean"] == pytest.approx(1.0, abs=1e-12) and isc["is_std"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_predictions_over_k_classes_approaches_k():
+    k = 10
+    logits = 50.0 * np.eye(k)[np.arange(1000) % k]   # near one-hot, every class used equally
+    isc = metrics.inception_score(logits, splits=1)
+    assert isc["is_mean"] == pytest.approx(k, rel=1e-6)
+    assert 9.0 < metrics.inception_score(logits, splits=10)["is_mean"] <= k + 1e-9  # 100 a split: near-equal use
+    with pytest.raises(ValueError, match="splits"):
+        metrics.inception_score(logits[:5], splits=10)
+
+
+# ---------------------------------------------------------------- statistics files
+
+def test_statistics_round_trip_atomically(tmp_path):
+    rng = np.random.default_rng(10)
+    mu, sigma = _random_stats(rng, 30, 6)
+    path = tmp_path / "stats.npz"
+    metrics.save_statistics(str(path), mu, sigma)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]   # no temporary left behind
+    with np.load(path) as f:                                             # pytorch-fid's keys
+        assert sorted(f.files) == ["mu", "sigma"]
+    mu2, sigma2 = metrics.load_statistics(str(path))
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+    metrics.save_statistics(str(path), mu + 1, sigma)                    # overwrite in place
+    np.testing.assert_array_equal(metrics.load_statistics(str(path))[0], mu + 1)
+
+
+def test_load_statistics_names_the_file_and_the_problem(tmp_path):
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(ValueError, match=r"nope\.npz.*no such"):
+        metrics.load_statistics(str(missing))
+    cases = {"nokey.npz": ({"mu": np.zeros(3)}, "missing key.*'sigma'"),
+             "mu2d.npz": ({"mu": np.zeros((3, 1)), "sigma": np.eye(3)}, r"mu must be a vector"),
+             "sigma.npz": ({"mu": np.zeros(3), "sigma": np.eye(4)}, r"sigma must be \(3, 3\)"),
+             "nan.npz": ({"mu": np.array([0.0, np.nan]), "sigma": np.eye(2)}, "finite")}
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*" + message):
+            metrics.load_statistics(str(tmp_path / name))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"junk\.npz.*not a readable"):
+        metrics.load_statistics(str(tmp_path / "junk.npz"))
+    with pytest.raises(ValueError, match="sigma must be"):
+        metrics.save_statistics(str(tmp_path / "bad.npz"), np.zeros(3), np.eye(2))
+    assert not (tmp_path / "bad.npz").exists()
