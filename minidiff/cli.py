@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, backend, checkpoint, data, distributed, explainer, images, kernels, metrics, pretrained, sampling
+from . import __version__, backend, checkpoint, data, distributed, explainer, images, inception, kernels, metrics, pretrained, sampling
 from . import train as training
 from .checkpoint import CheckpointError
 from .config import (FINAL_SAMPLER, MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits,
@@ -149,10 +149,32 @@ class EvalConfig:
     split: str = option("heldout", "with --bpd: which split of the data: heldout (never trained on), train or all",
                         choices=("heldout", "train", "all"))
     bpd_num: int = option(0, "with --bpd: score at most this many images (0: the whole split)")
+    inception: str = option(None, "also FID, KID and IS in the FID Inception's feature space (the field's "
+                                  "yardstick): pytorch-fid's weights file pt_inception-2015-12-05-6726825d.pth; "
+                                  "needs --ref")
+    ref: str = option(None, "with --inception: the real data to compare with, a stats .npz of mu and sigma (from "
+                            "'minidiff fid-stats' or pytorch-fid; FID only) or a data set / image PATH (FID, KID, "
+                            "precision/recall and the data's own IS)")
     batch_size: int = option(256, "images per sampling or bits/dim batch (memory)")
     out: str = option(None, "also write the report as JSON to this file")
     seed: int = option(0, "seed of the sampling noise (the same samples as 'minidiff sample' with equal options), "
                           "of the floor's draws and of the bound's Monte Carlo terms")
+    backend: str = backend_option()
+
+
+@dataclass
+class FidStatsConfig:
+    data: str = option(None, "the real images: a bundled set (digits, mnist) or a PATH minidiff loads (an image "
+                             "folder, .npz/.npy, MNIST IDX, a CIFAR-10 batch or its cifar-10-batches-py folder)",
+                       required=True)
+    inception: str = option(None, "pytorch-fid's Inception weights, pt_inception-2015-12-05-6726825d.pth",
+                            required=True)
+    out: str = option(None, "the statistics file to write (.npz with mu and sigma, pytorch-fid's format)",
+                      required=True)
+    split: str = option("all", "which split of --data: all (the FID convention: CIFAR-10's whole training set), "
+                               "train or heldout (minidiff's seeded 90/10 split)", choices=("heldout", "train", "all"))
+    num: int = option(0, "use at most this many images (0: all)")
+    batch_size: int = option(50, "images per Inception batch (memory: about 60 MB each on the CPU)")
     backend: str = backend_option()
 
 
@@ -231,7 +253,12 @@ EXAMPLES = {
             "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
             "  minidiff eval --samples other_model.npz --data digits --out other.json\n"
             "  minidiff eval --checkpoint runs/digits-cond --label all --guidance 2 --sampler ddim --steps 50\n"
-            "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)",
+            "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)\n"
+            "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar10_train.npz   # FID\n"
+            "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar-10-batches-py  # FID, KID, IS",
+    "fid-stats": "example:\n  minidiff fid-stats --data cifar-10-batches-py --inception pt_inception-2015-12-05-6726825d.pth "
+                 "--out cifar10_train.npz\n  minidiff eval --samples s.npz --inception pt_inception-2015-12-05-6726825d.pth "
+                 "--ref cifar10_train.npz",
 }
 
 
@@ -265,7 +292,9 @@ def build_parser():
             ("eval", EvalConfig, cmd_eval, "score a model's samples (or a .npz of anyone's) against held-out "
                                             "data; --bpd adds bits/dim (Table 2)"),
             ("convert", ConvertConfig, cmd_convert, "convert a diffusers DDPM folder (the paper's own models) to "
-                                                    "one minidiff checkpoint file")):
+                                                    "one minidiff checkpoint file"),
+            ("fid-stats", FidStatsConfig, cmd_fid_stats, "Inception statistics (mu, sigma) of real images for FID, "
+                                                          "in pytorch-fid's .npz format")):
         p = add(name, help)
         _add_options(p, cls)
         p.set_defaults(run=fn, config_cls=cls)
@@ -878,9 +907,13 @@ DEFAULT_EVAL_NUM = 1000   # samples eval draws by default: the size BENCHMARKS.m
 MIN_EVAL_SAMPLES = 4      # k + 1 for the k = 3 nearest-neighbour precision/recall
 
 
-def _read_samples(path, points):
+def _read_samples(path, points, images_allowed=False):
     """(arr_0, arr_1 or None) of a .npz (or the array of a .npy, None): uint8 (N, H, W[, C]) images, or
-    (N, 2) points, and the labels they were drawn for (guided-diffusion's convention)."""
+    (N, 2) points, and the labels they were drawn for (guided-diffusion's convention). With
+    images_allowed (--inception), also a folder of images or any image file minidiff loads."""
+    if images_allowed and os.path.exists(path) and not path.endswith((".npz", ".npy")):
+        found, _ = data.load_path(path)                        # float NCHW in [-1, 1]
+        return images.to_uint8(found), None
     if not os.path.isfile(path):
         raise UsageError(f"--samples {path}: no such file")
     found, names = data.read_arrays(path, ["arr_0", "arr_1"])   # DataError: unreadable, hostile or too large
@@ -901,7 +934,7 @@ def _read_samples(path, points):
     return array, labels
 
 
-def _check_eval_data(cfg, dataset, config, info):
+def _check_eval_data(cfg, dataset, config, info, own_metrics=True):
     """Refuse a reference data set that the samples (or the checkpoint's model) cannot be compared with.
 
     Returns the images for --bpd (and checks their size against the model), or None.
@@ -918,7 +951,7 @@ def _check_eval_data(cfg, dataset, config, info):
         if dataset in data.TOY_DATASETS:
             raise UsageError(f"--data {dataset} is 2-D points, but the checkpoint's model makes images")
         found = _model_images(config, info, dataset, cfg.split)   # DataError or a size mismatch: one line
-    if cfg.metrics and dataset not in quality_sets:
+    if cfg.metrics and own_metrics and dataset not in quality_sets:
         hint = "; for bits/dim alone use --bpd --no-metrics" if cfg.checkpoint is not None else ""
         raise UsageError(f"no sample-quality metrics for data set {dataset!r}: they compare with one of "
                          f"{', '.join(quality_sets)}{hint}")
@@ -944,17 +977,29 @@ def cmd_eval(args):
         raise UsageError("--samples is scored by the sample metrics: drop --no-metrics")
     if cfg.bpd and cfg.checkpoint is None:
         raise UsageError("--bpd needs --checkpoint: bits/dim is a property of a model, not of samples")
+    if (cfg.inception is None) != (cfg.ref is None):
+        raise UsageError("--inception WEIGHTS and --ref (a stats .npz or real data) go together: FID compares the "
+                         "samples' Inception statistics with the reference's")
+    if cfg.inception is not None and not cfg.metrics:
+        raise UsageError("--inception scores samples: drop --no-metrics")
     if cfg.out is not None:
         _check_output(cfg.out, (".json",))
     backend.use_backend(cfg.backend)
+    fid_model = fid_ref = None
+    if cfg.inception is not None:   # weights and reference checked before any sampling
+        fid_model = _load_inception(cfg.inception)
+        fid_ref = _inception_reference(cfg.ref)
     model = diffusion = config = info = None
     if cfg.checkpoint is not None:
         model, diffusion, config, info = sampling.load_model(cfg.checkpoint, cfg.ema)
     dataset = cfg.data or (config.data if config is not None else None)
-    if dataset is None:
+    if dataset is None and fid_model is None:
         raise UsageError(f"--samples without --checkpoint needs --data, the reference data set: one of "
                          f"{', '.join(metrics.IMAGE_DATASETS + metrics.POINT_DATASETS)}")
-    bpd_images = _check_eval_data(cfg, dataset, config, info)
+    # With --inception, minidiff's own digit metrics run only where they apply (a bundled digit set).
+    own_metrics = cfg.metrics and dataset is not None and (
+        fid_model is None or dataset in metrics.IMAGE_DATASETS + metrics.POINT_DATASETS)
+    bpd_images = _check_eval_data(cfg, dataset, config, info, own_metrics) if dataset is not None else None
     report = {"checkpoint": checkpoint.resolve(cfg.checkpoint) if cfg.checkpoint is not None else None,
               "samples": cfg.samples, "data": dataset}
     if cfg.checkpoint is not None:
@@ -965,14 +1010,14 @@ def cmd_eval(args):
             if cfg.label is not None or cfg.guidance is not None:
                 raise UsageError("--label and --guidance choose what to draw from --checkpoint; --samples are "
                                  "already drawn (their labels are the file's arr_1)")
-            samples, labels = _read_samples(cfg.samples, points)
+            samples, labels = _read_samples(cfg.samples, points, images_allowed=fid_model is not None)
             samples, labels = samples[:cfg.num], None if labels is None else labels[:cfg.num]   # None: all
-            if len(samples) < MIN_EVAL_SAMPLES:
+            if len(samples) < (MIN_EVAL_SAMPLES if own_metrics else 2):
                 raise UsageError(f"--samples {cfg.samples}: the metrics need at least {MIN_EVAL_SAMPLES} "
                                  f"samples, got {len(samples)}")
         else:
             num = cfg.num or DEFAULT_EVAL_NUM
-            if num < MIN_EVAL_SAMPLES:
+            if num < (MIN_EVAL_SAMPLES if own_metrics else 2):
                 raise UsageError(f"--num must be at least {MIN_EVAL_SAMPLES} for the metrics (k-NN "
                                  f"precision/recall), got {num}")
             default = EVAL_SAMPLER if not (cfg.steps or cfg.eta) else None
@@ -989,10 +1034,13 @@ def cmd_eval(args):
                                   **({"label": cfg.label, "guidance": guidance} if labels is not None else {}),
                                   "num": num, "seed": cfg.seed, "seconds": round(time.perf_counter() - began, 3)}
             samples = drawn if points else images.to_uint8(drawn)   # uint8 NHWC, as sample --out x.npz
-        try:
-            report["quality"] = metrics.evaluate_samples(samples, dataset, seed=cfg.seed, labels=labels)
-        except ValueError as err:   # e.g. images of another size than the data set's
-            raise UsageError(f"--samples {cfg.samples}: {err}" if cfg.samples else str(err)) from None
+        if own_metrics:
+            try:
+                report["quality"] = metrics.evaluate_samples(samples, dataset, seed=cfg.seed, labels=labels)
+            except ValueError as err:   # e.g. images of another size than the data set's
+                raise UsageError(f"--samples {cfg.samples}: {err}" if cfg.samples else str(err)) from None
+        if fid_model is not None:
+            report["inception"] = _inception_metrics(fid_model, fid_ref, samples, cfg)
     if cfg.bpd:
         images_, _, data_info = bpd_images
         if cfg.bpd_num:
@@ -1024,6 +1072,103 @@ def _print_report(report):
         width = max(map(len, section))
         for key, value in section.items():
             print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+
+
+# ---------------------------------------------------------------- Inception FID, KID, IS
+
+FID_BIAS_BELOW = 10_000   # FID is biased upward for fewer samples (Heusel et al. 2017; Chong & Forsyth 2020)
+
+
+def _load_inception(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"--inception {path}: no such file; download pytorch-fid's weights from "
+                         f"{inception.FID_WEIGHTS_URL} (see the README, 'Inception FID')")
+    try:
+        return inception.load(path)
+    except ValueError as err:   # unsafe, damaged or other weights: the reader and the loader say which
+        raise UsageError(f"--inception {err}") from None
+
+
+def _reference_images(name, split="all", num=0):
+    """Real images for the Inception: float32 NCHW in [0, 1], from a bundled set or a path."""
+    found, _, _ = data.load_images(name, split=split)      # DataError: one line
+    if num:
+        found = found[:num]
+    return (found + 1.0) / 2.0
+
+
+def _inception_reference(ref):
+    """("stats", mu, sigma) from a stats .npz, or ("data", images) to featurise once the weights are in."""
+    if ref.endswith(".npz") and os.path.isfile(ref):
+        found, _ = data.read_arrays(ref, ["mu", "sigma"])
+        if found["mu"] is not None or found["sigma"] is not None:
+            try:
+                mu, sigma = metrics.load_statistics(ref)
+            except ValueError as err:
+                raise UsageError(f"--ref {err}") from None
+            return {"kind": "stats", "mu": mu, "sigma": sigma, "source": ref}
+    return {"kind": "data", "images": _reference_images(ref), "source": ref}
+
+
+def _samples_01(samples):
+    """uint8 NHWC (or NHW) samples -> float32 NCHW in [0, 1]."""
+    x = samples if samples.ndim == 4 else samples[..., None]
+    return x.transpose(0, 3, 1, 2).astype(backend.DTYPE) / 255.0
+
+
+def _inception_metrics(model, ref, samples, cfg):
+    """FID (and, against data, KID, precision/recall and the data's IS) and IS of the samples."""
+    n = len(samples)
+    if n < FID_BIAS_BELOW:
+        print(f"warning: {n} samples; FID below {FID_BIAS_BELOW:,} samples is biased upward, so compare it only "
+              f"with figures from as many samples (the papers use 50,000)", file=sys.stderr)
+    feats = model.features(_samples_01(samples), batch_size=min(cfg.batch_size, 50), progress=True)
+    out = {"num_samples": n, "reference": ref["source"]}
+    if ref["kind"] == "stats":
+        mu, sigma = ref["mu"], ref["sigma"]
+        if mu.shape != (inception.FEATURE_DIM,):
+            raise UsageError(f"--ref {ref['source']}: statistics of dimension {mu.shape[0]}, but the FID Inception's "
+                             f"pool3 features have {inception.FEATURE_DIM}; make them with 'minidiff fid-stats'")
+    else:
+        real = model.features(ref["images"], batch_size=50, progress=True)
+        mu, sigma = metrics.feature_statistics(real)
+        out["reference_num"] = len(real)
+    out["fid"] = metrics.frechet_distance(*metrics.feature_statistics(feats), mu, sigma)
+    if ref["kind"] == "data":
+        kid = metrics.kernel_inception_distance(feats, real)
+        out.update(kid_mean=kid["kid_mean"], kid_std=kid["kid_std"], kid_subset_size=kid["subset_size"])
+        if n > 3 and len(real) > 3:
+            pr = metrics.precision_recall(real, feats, k=3)
+            out.update(precision=pr["precision"], recall=pr["recall"])
+    splits = min(10, n)
+    score = metrics.inception_score(model.logits_of(feats, bias=False), splits=splits)
+    out.update(is_mean=score["is_mean"], is_std=score["is_std"], is_splits=splits)
+    if ref["kind"] == "data":
+        real_score = metrics.inception_score(model.logits_of(real, bias=False), splits=min(10, len(real)))
+        out.update(reference_is_mean=real_score["is_mean"], reference_is_std=real_score["is_std"])
+    return out
+
+
+def cmd_fid_stats(args):
+    """Inception pool3 statistics of real images, saved as pytorch-fid's .npz (mu, sigma)."""
+    cfg = _config(args)
+    _positive(batch_size=cfg.batch_size)
+    if cfg.num < 0:
+        raise UsageError(f"--num must be >= 0 (0: all), got {cfg.num}")
+    _check_output(cfg.out, (".npz",))
+    backend.use_backend(cfg.backend)
+    model = _load_inception(cfg.inception)
+    real = _reference_images(cfg.data, cfg.split, cfg.num)
+    if len(real) < 2:
+        raise UsageError(f"--data {cfg.data}: {len(real)} image(s); a covariance needs at least 2")
+    if len(real) < FID_BIAS_BELOW:
+        print(f"warning: {len(real)} images; reference statistics from fewer than {FID_BIAS_BELOW:,} images make "
+              f"FID noisy (the CIFAR-10 convention is its 50,000 training images)", file=sys.stderr)
+    mu, sigma = metrics.feature_statistics(model.features(real, batch_size=cfg.batch_size, progress=True))
+    metrics.save_statistics(cfg.out, mu, sigma)
+    print(f"wrote {cfg.out}: Inception statistics of {len(real):,} images of {cfg.data} (mu {mu.shape}, sigma "
+          f"{sigma.shape}); use it with 'minidiff eval --inception {cfg.inception} --ref {cfg.out}'", file=sys.stderr)
+    return 0
 
 
 # ---------------------------------------------------------------- convert

@@ -14,8 +14,10 @@ refused with one error naming the field and its value. A missing field takes dif
 own default (UNET_DEFAULTS, SCHEDULER_DEFAULTS: diffusers 0.42's, as diffusers itself does);
 a field diffusers does not know is ignored, again as diffusers does.
 
-Safety: weights are read only from .safetensors files (a table of raw tensors). A .bin or
-.pt file is a Python pickle, which can run code when opened; it is never opened.
+Safety: weights are read from diffusion_pytorch_model.safetensors (a table of raw tensors)
+or, where a folder has none, from its PyTorch pickle (diffusion_pytorch_model.bin) through
+minidiff.torchfile, which rebuilds tensors and dicts only and refuses any other pickle global
+or opcode before anything is unpickled: no code from a weight file ever runs.
 Nothing in a folder is trusted or allocated before it is checked: the JSON files are bounded
 (MAX_CONFIG_BYTES); every config number is checked for its type and range, and the parameter
 count the config implies (computed arithmetically, checkpoint.model_shapes) against
@@ -24,13 +26,13 @@ checkpoint.MAX_TIMESTEPS and the image size against checkpoint.MAX_IMAGE_SIZE. T
 file's header (checkpoint.read_header) must then list exactly the tensors, shapes and float
 dtypes the config implies and account for the file's every byte, before the U-Net is built and
 any tensor is read. Each refusal is one PretrainedError naming the file and the field.
-May import: backend, schedule, diffusion, unet, checkpoint (besides json, os, safetensors).
+May import: backend, schedule, diffusion, unet, checkpoint, torchfile (besides json, os, safetensors).
 """
 import json
 import math
 import os
 
-from . import backend, checkpoint
+from . import backend, checkpoint, torchfile
 from .checkpoint import CheckpointError
 from .diffusion import LEARNED_VAR_TYPES, GaussianDiffusion
 from .schedule import SPACINGS, betas_for_alpha_bar, check_betas, cosine_alpha_bar, rescale_zero_terminal_snr
@@ -118,11 +120,18 @@ def _weights_file(folder):
         raise PretrainedError(f"{weights}.index.json: sharded weights are not supported; the DDPM models fit "
                               f"one {WEIGHTS}")
     pickles = [name for name in PICKLES if os.path.isfile(os.path.join(folder, name))]
-    if pickles:
-        raise PretrainedError(f"{os.path.join(folder, pickles[0])} is a pickle, which minidiff never opens (it can "
-                              f"run code): download {WEIGHTS} from the model repository instead (or, trusting the "
-                              f"file, let diffusers rewrite it: UNet2DModel.from_pretrained(DIR).save_pretrained(DIR))")
-    raise PretrainedError(f"{folder}: no {WEIGHTS}")
+    if pickles:   # read by minidiff.torchfile, which rebuilds tensors only and never runs code from the file
+        return os.path.join(folder, pickles[0])
+    raise PretrainedError(f"{folder}: no {WEIGHTS} (nor {', '.join(PICKLES)})")
+
+
+def _pickle_entries(path):
+    """{name: (dtype, shape, None, array)} of a PyTorch weight file, read safely (torchfile)."""
+    try:
+        tensors = torchfile.load_state_dict(path)
+    except ValueError as err:   # UnsafeFileError: refused global or opcode, or a damaged file
+        raise PretrainedError(f"{err}; download {WEIGHTS} from the model repository instead") from None
+    return {k: (v.dtype, tuple(v.shape), None, v) for k, v in tensors.items()}
 
 
 def _read_json(path):
@@ -425,11 +434,14 @@ def plan_weights(path, shapes):
     """[(minidiff name, diffusers name, header entry, shape)] for the parameters `shapes` ({name: shape}), from
     the file's header alone: no tensor data is read, so a header declaring gigabytes costs nothing."""
     num_levels = len({name.split(".")[1] for name in shapes if name.startswith("down.")})
-    try:
-        with open(path, "rb") as f:
-            _, entries, _ = checkpoint.read_header(path, f, error=PretrainedError, advice="; download it again")
-    except OSError as err:
-        raise PretrainedError(f"{path}: cannot read the weights ({err.strerror or err})") from None
+    if not path.endswith(".safetensors"):
+        entries = _pickle_entries(path)
+    else:
+        try:
+            with open(path, "rb") as f:
+                _, entries, _ = checkpoint.read_header(path, f, error=PretrainedError, advice="; download it again")
+        except OSError as err:
+            raise PretrainedError(f"{path}: cannot read the weights ({err.strerror or err})") from None
     plan, used = [], set()
     for name, shape in shapes.items():
         candidates = diffusers_names(name, num_levels)
@@ -458,6 +470,13 @@ def plan_weights(path, shapes):
 def read_planned(path, plan):
     """The float32 state dict of a plan_weights plan: each tensor read from its offsets, checked finite."""
     state = {}
+    if not path.endswith(".safetensors"):   # a PyTorch file: plan_weights already holds its arrays
+        for name, key, entry, shape in plan:
+            value = entry[3]
+            if not host.isfinite(value).all():
+                raise PretrainedError(f"{path}: tensor {key} holds NaN or infinite values")
+            state[name] = value.reshape(shape).astype(backend.DTYPE, copy=False)
+        return state
     try:
         with open(path, "rb") as f:
             _, entries, data_start = checkpoint.read_header(path, f, error=PretrainedError,

@@ -491,16 +491,38 @@ def test_unrepresentable_configs_are_refused_by_field_and_value(tmp_path, unet, 
     assert field in message and "\n" not in message, message
 
 
-def test_pickle_weights_are_never_opened(tmp_path, monkeypatch):
-    """A .bin is a pickle: it can run code when loaded, so minidiff refuses it without opening it."""
-    folder = write_folder(tmp_path / "model", weights=b"\x80\x04 pickle bytes",
-                          weights_name="diffusion_pytorch_model.bin")
-    opened = []
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
-    with pytest.raises(PretrainedError, match=r"\.bin is a pickle.*diffusion_pytorch_model\.safetensors"):
+def test_a_pytorch_bin_folder_loads_through_the_safe_reader(diffusers, tmp_path):
+    """Where a folder has no .safetensors, its diffusion_pytorch_model.bin is read by minidiff.torchfile."""
+    model = perturbed_unet(diffusers, CIFAR10_NARROW)
+    folder = str(tmp_path / "bin")
+    model.save_pretrained(folder, safe_serialization=False)
+    diffusers.DDPMScheduler(variance_type="fixed_large").save_pretrained(folder)
+    assert os.path.isfile(os.path.join(folder, "diffusion_pytorch_model.bin"))
+    assert not os.path.isfile(os.path.join(folder, pretrained.WEIGHTS))
+    assert_matches_diffusers(model, folder)
+
+
+class _Trap:
+    """Unpickling this would run os.system and create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_booby_trapped_bin_is_refused_and_never_runs(diffusers, tmp_path, zip_format):
+    import torch
+    marker = tmp_path / "ran"
+    folder = write_folder(tmp_path / "model", weights=None)
+    torch.save({"conv_in.weight": torch.zeros(3), "trap": _Trap(marker)},
+               os.path.join(folder, "diffusion_pytorch_model.bin"), _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(PretrainedError, match=r"refused pickle global posix\.system.*safetensors"):
         pretrained.load(folder)
-    assert not any(p.endswith(".bin") for p in opened)
+    assert run("sample", "--pretrained", folder, "--out", tmp_path / "s.png") == 2
+    assert not marker.exists()
 
 
 def test_bad_folders_exit_2_with_one_line(tmp_path, capsys):
