@@ -331,25 +331,27 @@ class MaxPool2d(Function):
     def forward(ctx, x, kernel, stride, pads):
         xp = backend.xp_of(x)
         (pt, pb, pl, pr) = pads
-        xpad = xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=-xp.inf)
+        xpad = xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=-xp.inf) if any(pads) else x
         _, offsets = _windows(x.shape, kernel, stride, pads)
         best = xpad[(..., *offsets[0])].copy()
-        index = xp.zeros(best.shape, dtype=xp.int8)
-        for d, (rows, cols) in enumerate(offsets[1:], start=1):
-            window = xpad[..., rows, cols]
-            better = window > best                     # strict: the first maximum wins ties, as PyTorch
-            best = xp.where(better, window, best)
-            index[better] = d
-        ctx.index, ctx.geometry = index, (x.shape, xpad.shape, offsets, pads)
+        for rows, cols in offsets[1:]:
+            xp.maximum(best, xpad[..., rows, cols], out=best)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(xpad, best)
+        ctx.geometry = x.shape, xpad.shape, offsets, pads
         return best
 
     @staticmethod
     def backward(ctx, grad):
+        xpad, best = ctx.saved
         x_shape, pad_shape, offsets, (pt, _, pl, _) = ctx.geometry
         xp = backend.xp_of(grad)
         gpad = xp.zeros(pad_shape, dtype=grad.dtype)
-        for d, (rows, cols) in enumerate(offsets):    # dL/dx = dL/dy at the one input each window chose
-            gpad[..., rows, cols] += xp.where(ctx.index == d, grad, 0)
+        unclaimed = xp.ones(best.shape, dtype=bool)
+        for rows, cols in offsets:   # dL/dx = dL/dy at the one input each window chose: its first maximum, as PyTorch
+            chosen = unclaimed & (xpad[..., rows, cols] == best)
+            gpad[..., rows, cols] += xp.where(chosen, grad, 0)
+            unclaimed &= ~chosen
         return gpad[..., pt:pt + x_shape[2], pl:pl + x_shape[3]]
 
 
@@ -368,9 +370,12 @@ class AvgPool2d(Function):
         else:                                          # how many real pixels each window covers
             ones = xp.pad(xp.ones(x.shape[2:], dtype=x.dtype), ((pt, pb), (pl, pr)))
             count = sum(ones[rows, cols] for rows, cols in offsets)
-        total = sum(xpad[..., rows, cols] for rows, cols in offsets)
+        total = xpad[(..., *offsets[0])].copy()
+        for rows, cols in offsets[1:]:
+            total += xpad[..., rows, cols]
+        total /= count
         ctx.count, ctx.geometry = count, (x.shape, xpad.shape, offsets, pads)
-        return total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad):

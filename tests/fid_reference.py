@@ -126,6 +126,17 @@ def run_inception(seed, weights_dir, inputs_path, out_path):
     np.savez(out_path, **out)
 
 
+def pytorch_fid_model(weights_path):
+    """pytorch-fid's InceptionV3 (pool3 block), its weights read by torch.load from weights_path."""
+    import torch
+    _shim_torchvision()
+    import pytorch_fid.inception as pfi
+    pfi.load_state_dict_from_url = lambda url, progress=True: torch.load(weights_path, weights_only=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+                               normalize_input=True, use_fid_inception=True).eval()
+
+
 def run_metrics(inputs_path, out_path):
     _shim_torchvision()
     from pytorch_fid.fid_score import calculate_frechet_distance
