@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, inception, kernels, metrics, pretrained, sampling
@@ -1100,12 +1101,20 @@ def _reference_images(name, split="all", num=0):
 def _inception_reference(ref):
     """("stats", mu, sigma) from a stats .npz, or ("data", images) to featurise once the weights are in."""
     if ref.endswith(".npz") and os.path.isfile(ref):
-        found, _ = data.read_arrays(ref, ["mu", "sigma"])
-        if found["mu"] is not None or found["sigma"] is not None:
+        try:   # the archive's own member names: a one-array file of images is data, not statistics
+            with zipfile.ZipFile(ref) as archive:
+                names = {n[:-4] if n.endswith(".npy") else n for n in archive.namelist()}
+        except (OSError, zipfile.BadZipFile) as err:
+            raise UsageError(f"--ref {ref}: not a readable .npz ({err}); give pytorch-fid statistics "
+                             f"(mu, sigma) or a data set") from None
+        if "mu" in names or "sigma" in names:   # a statistics file; any other .npz is data
             try:
                 mu, sigma = metrics.load_statistics(ref)
             except ValueError as err:
                 raise UsageError(f"--ref {err}") from None
+            if mu.shape != (inception.FEATURE_DIM,):
+                raise UsageError(f"--ref {ref}: statistics of dimension {mu.shape[0]}, but the FID Inception's "
+                                 f"pool3 features have {inception.FEATURE_DIM}; make them with 'minidiff fid-stats'")
             return {"kind": "stats", "mu": mu, "sigma": sigma, "source": ref}
     return {"kind": "data", "images": _reference_images(ref), "source": ref}
 
@@ -1126,9 +1135,6 @@ def _inception_metrics(model, ref, samples, cfg):
     out = {"num_samples": n, "reference": ref["source"]}
     if ref["kind"] == "stats":
         mu, sigma = ref["mu"], ref["sigma"]
-        if mu.shape != (inception.FEATURE_DIM,):
-            raise UsageError(f"--ref {ref['source']}: statistics of dimension {mu.shape[0]}, but the FID Inception's "
-                             f"pool3 features have {inception.FEATURE_DIM}; make them with 'minidiff fid-stats'")
     else:
         real = model.features(ref["images"], batch_size=50, progress=True)
         mu, sigma = metrics.feature_statistics(real)

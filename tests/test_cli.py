@@ -782,3 +782,97 @@ def test_train_learn_sigma_and_every_sampler_and_bpd_on_the_run(tmp_path, capsys
     assert "--learn-sigma" in one_error_line(capsys)
     assert run("train", "--out", tmp_path / "x", "--var-type", "learned", *TINY) == 2
     assert "no gradient" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- Inception FID: fid-stats and eval --inception
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Random FID Inception weights in torch's file format, named as pytorch-fid's file."""
+    from conftest import compat_import
+    torch = compat_import("torch")
+    from minidiff import inception
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, module in inception.InceptionV3().named_modules():
+        if isinstance(module, inception.BasicConv2d):
+            o, c, kh, kw = module.weight.shape
+            state[f"{name}.conv.weight"] = rng.normal(0, np.sqrt(2 / (c * kh * kw)), (o, c, kh, kw))
+            state.update({f"{name}.bn.weight": rng.uniform(0.6, 1.4, o), f"{name}.bn.bias": rng.normal(0, 0.2, o),
+                          f"{name}.bn.running_mean": rng.normal(0, 0.3, o),
+                          f"{name}.bn.running_var": rng.uniform(0.5, 2, o)})
+    state["fc.weight"], state["fc.bias"] = rng.normal(0, 0.02, (1008, 2048)), rng.normal(0, 0.5, 1008)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, path)
+    return path
+
+
+def _digit_like(n, seed, size=16):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_fid_stats_then_eval_against_the_stats_and_against_data(inception_weights, tmp_path, capsys):
+    from minidiff import inception, metrics
+    real = tmp_path / "real.npz"
+    np.savez(real, images=_digit_like(10, 0))
+    assert run("fid-stats", "--data", real, "--inception", inception_weights, "--out", tmp_path / "ref.npz") == 0
+    err = capsys.readouterr().err
+    assert "wrote" in err and "fewer than 10,000" in err
+    mu, sigma = metrics.load_statistics(tmp_path / "ref.npz")
+    model = inception.load(inception_weights)
+    real_features = model.features(_digit_like(10, 0).transpose(0, 3, 1, 2))
+    want_mu, want_sigma = metrics.feature_statistics(real_features)
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-3, atol=1e-5)
+
+    samples = _digit_like(8, 1)
+    np.savez(tmp_path / "s.npz", samples)
+    assert run("eval", "--samples", tmp_path / "s.npz", "--inception", inception_weights, "--ref", tmp_path / "ref.npz",
+               "--out", tmp_path / "stats.json") == 0
+    assert "FID below 10,000 samples is biased upward" in capsys.readouterr().err
+    report = json.load(open(tmp_path / "stats.json"))
+    assert "quality" not in report                         # no --data: minidiff's digit metrics do not apply
+    feats = model.features(samples.transpose(0, 3, 1, 2))
+    fid = metrics.frechet_distance(*metrics.feature_statistics(feats), want_mu, want_sigma)
+    assert report["inception"]["fid"] == pytest.approx(fid, rel=1e-3) and "kid_mean" not in report["inception"]
+    score = metrics.inception_score(model.logits_of(feats, bias=False), splits=8)
+    assert report["inception"]["is_mean"] == pytest.approx(score["is_mean"], rel=1e-6)
+
+    folder = tmp_path / "pngs"                             # an image folder as --samples, data as --ref
+    folder.mkdir()
+    for i, img in enumerate(samples[:6]):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    assert run("eval", "--samples", folder, "--inception", inception_weights, "--ref", real,
+               "--out", tmp_path / "data.json") == 0
+    got = json.load(open(tmp_path / "data.json"))["inception"]
+    kid = metrics.kernel_inception_distance(feats[:6], real_features)
+    assert got["kid_mean"] == pytest.approx(kid["kid_mean"], rel=1e-3, abs=1e-6) and got["kid_subset_size"] == 6
+    assert {"fid", "precision", "recall", "reference_is_mean"} <= set(got) and got["reference_num"] == 10
+
+
+def test_inception_errors_are_one_line_and_write_nothing(inception_weights, tmp_path, capsys):
+    import torch
+    np.savez(tmp_path / "s.npz", _digit_like(4, 0))
+    base = ["eval", "--samples", tmp_path / "s.npz", "--out", tmp_path / "r.json"]
+    assert run(*base, "--inception", inception_weights) == 2
+    assert "--ref" in one_error_line(capsys)
+    assert run(*base, "--inception", tmp_path / "absent.pth", "--ref", "digits") == 2
+    assert "pt_inception-2015-12-05" in one_error_line(capsys)
+    torch.save({"fc.weight": torch.zeros(1000, 2048)}, tmp_path / "other.pth")
+    assert run(*base, "--inception", tmp_path / "other.pth", "--ref", "digits") == 2
+    assert "not the FID Inception weights" in one_error_line(capsys)
+
+    class Trap:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+    torch.save({"x": Trap()}, tmp_path / "trap.pth")
+    assert run("fid-stats", "--data", "digits", "--inception", tmp_path / "trap.pth", "--out", tmp_path / "t.npz") == 2
+    assert "refused pickle global posix.system" in one_error_line(capsys) and not (tmp_path / "ran").exists()
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    assert run(*base, "--inception", inception_weights, "--ref", tmp_path / "small.npz") == 2
+    assert "2048" in one_error_line(capsys)
+    np.savez(tmp_path / "broken.npz", mu=np.zeros(2048))
+    assert run(*base, "--inception", inception_weights, "--ref", tmp_path / "broken.npz") == 2
+    assert "sigma" in one_error_line(capsys)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "t.npz").exists()

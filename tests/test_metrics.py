@@ -241,7 +241,7 @@ def test_bits_per_dim_sums_the_bound_over_batches_and_splits_out_its_terms():
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-import fid_reference  # noqa: E402  (tests/ is on sys.path, as for references.py)
+from conftest import fid_reference_stack  # noqa: E402  (tests/ is on sys.path)
 
 
 def _random_stats(rng, n, d, shift=0.0):
@@ -252,9 +252,7 @@ def _random_stats(rng, n, d, shift=0.0):
 @pytest.fixture(scope="module")
 def reference_cases(tmp_path_factory):
     """Inputs and pytorch-fid 0.3.0 / torch-fidelity 0.4.0 outputs, from one run of tests/fid_reference.py."""
-    reason = fid_reference.missing()
-    if reason:
-        pytest.skip(reason + "; install with: " + fid_reference.INSTALL_HINT)
+    script = fid_reference_stack()   # skips with COMPAT_REASON, so CI fails rather than skips
     rng = np.random.default_rng(23)
     inputs = {}
     m1, s1 = _random_stats(rng, 400, 16)
@@ -269,7 +267,6 @@ def reference_cases(tmp_path_factory):
     inputs.update({"is/logits": rng.standard_normal((500, 1008)) * 3, "is/splits": np.int64(10)})
     folder = tmp_path_factory.mktemp("fid_reference")
     np.savez(folder / "in.npz", **inputs)
-    script = str(fid_reference.__file__)
     proc = subprocess.run([sys.executable, script, "metrics", str(folder / "in.npz"), str(folder / "out.npz")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
