@@ -4,28 +4,32 @@ A class-conditional U-Net (trained with labels dropped 10% of the time, so it is
 unconditional model) is sampled with eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t) for
 w = 0, 0.5, 1, 2, 4 (columns, left to right: one column of the ten digits per w). Each row
 starts from the same noise in every column, so the picture shows what guidance changes: the
-digits get bolder and more typical, and alike. Uses runs/digits-cond if it holds a conditional
-model, else trains one first (`minidiff train --conditional`, a few minutes). Writes guidance.png.
+digits get bolder and more typical, and alike. Uses the repository's runs/digits-cond if it holds
+a conditional model, else trains one first (`minidiff train --conditional --out runs/digits-cond`,
+about 7 minutes on 2 CPU cores). Writes examples/out/guidance.png.
 """
-from common import digits_model
+from common import default_out, default_run, digits_model, output, wrote
 
-from minidiff import backend, images
+from minidiff import images
+from minidiff.backend import Generator, default_name, host, to_active, to_numpy
 
-host = backend.host
+WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
-def main(run_dir="runs/digits-cond", steps=50, seed=0, backend_name="numpy", out="guidance.png"):
+def main(run_dir=default_run("digits-cond"), steps=50, seed=0, backend=default_name(),
+         out=default_out("guidance.png")):
     """Ten digits (rows 0-9) for each guidance weight w (columns), DDIM with STEPS steps."""
-    model, diffusion, _, info = digits_model(run_dir, backend_name=backend_name, conditional=True)
+    model, diffusion, _, info = digits_model(run_dir, backend=backend, conditional=True)
     shape = (model.num_classes, info["channels"], info["image_size"], info["image_size"])
-    labels = backend.to_active(host.arange(model.num_classes))
-    noise = backend.Generator(seed).normal(shape)                          # the same x_T for every w
-    weights = (0.0, 0.5, 1.0, 2.0, 4.0)
-    columns = [backend.to_numpy(diffusion.ddim_sample_loop(model, shape, num_steps=steps, noise=noise, seed=seed,
-                                                           model_kwargs={"y": labels}, guidance=w))
-               for w in weights]
-    images.filmstrip(columns, out, labels=[f"w={w:g}" for w in weights])
-    print(f"wrote {out} (rows: digits 0-9; columns: guidance w = {', '.join(f'{w:g}' for w in weights)})")
+    labels = to_active(host.arange(model.num_classes))
+    noise = Generator(seed).normal(shape)                                  # the same x_T for every w
+    columns = [to_numpy(diffusion.ddim_sample_loop(model, shape, num_steps=steps, noise=noise, seed=seed,
+                                                   model_kwargs={"y": labels}, guidance=w))
+               for w in WEIGHTS]
+    images.filmstrip(columns, output(out), labels=[f"w={w:g}" for w in WEIGHTS],
+                     row_labels=[f"y={k}" for k in range(model.num_classes)])
+    wrote(out, f"rows: digits 0-{model.num_classes - 1}; columns: guidance w = "
+               + ", ".join(f"{w:g}" for w in WEIGHTS))
 
 
 if __name__ == "__main__":

@@ -92,31 +92,82 @@ def _font(size):
         return ImageFont.load_default()                # the small bitmap font
 
 
-def filmstrip(frames, path=None, labels=None, scale=None, padding=2, pad_value=255):
+def _text_width(font, text):
+    left, _, right, _ = font.getbbox(str(text))
+    return right - left
+
+
+def _label_font(cell, texts=(), fit=None):
+    """The labels' font: about cell/5 px (10 to 16), shrunk (down to 8) until the widest of `texts` fits `fit` px."""
+    size = max(10, min(16, int(cell / 5)))
+    font = _font(size)
+    while fit is not None and size > 8 and max((_text_width(font, t) for t in texts), default=0) > fit:
+        size -= 1
+        font = _font(size)
+    return font
+
+
+def filmstrip(frames, path=None, labels=None, scale=None, padding=2, pad_value=255, row_labels=None):
     """Frames side by side: each frame is a column, each image of a batch a row (Fig. 6 layout).
 
     `frames` is a list of CHW images or NCHW batches (all the same shape); `labels`
-    (e.g. "t=1000") are written under the columns. Returns the PIL image, saved if `path`.
+    (e.g. "t=1000") are written under the columns, `row_labels` (one per image of a
+    batch, e.g. "beta x 2") left of the rows, in a margin as wide as the longest.
+    Returns the PIL image, saved if `path`.
     """
     columns = [_batch_uint8(f) for f in frames]
     n = columns[0].shape[0]
     if any(col.shape != columns[0].shape for col in columns):
         raise ValueError("filmstrip frames must all have the same shape")
+    if row_labels is not None and len(row_labels) != n:
+        raise ValueError(f"filmstrip has {n} rows but {len(row_labels)} row labels")
     # Interleave so that make_grid's row-major order puts frame k in column k.
     stacked = host.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
     grid = make_grid(stacked, nrow=len(columns), scale=scale, padding=padding, pad_value=pad_value)
     image = _pil(grid).convert("RGB")
+    cell_w = (grid.shape[1] - padding) / len(columns)
+    cell_h = (grid.shape[0] - padding) / n
+    left = 0
+    if row_labels:
+        row_font = _label_font(cell_h)
+        left = max(_text_width(row_font, t) for t in row_labels) + 8
+    bottom = 0
     if labels:
-        cell = (grid.shape[1] - padding) / len(columns)
-        font = _font(max(10, min(16, int(cell / 5))))
-        strip = Image.new("RGB", (image.width, font.size + 8), "white")
-        draw = ImageDraw.Draw(strip)
-        for k, label in enumerate(labels):
-            draw.text((padding + (k + 0.5) * cell - padding / 2, 3), str(label), fill="black", font=font, anchor="mt")
-        full = Image.new("RGB", (image.width, image.height + strip.height), "white")
-        full.paste(image, (0, 0))
-        full.paste(strip, (0, image.height))
+        font = _label_font(cell_w, labels, fit=cell_w - 2)
+        bottom = getattr(font, "size", 11) + 8
+    if left or bottom:
+        full = Image.new("RGB", (left + image.width, image.height + bottom), "white")
+        full.paste(image, (left, 0))
+        draw = ImageDraw.Draw(full)
+        for r, label in enumerate(row_labels or ()):
+            draw.text((left - 4, padding + (r + 0.5) * cell_h - padding / 2), str(label), fill="black",
+                      font=row_font, anchor="rm")
+        for k, label in enumerate(labels or ()):
+            draw.text((left + padding + (k + 0.5) * cell_w - padding / 2, image.height + 3), str(label),
+                      fill="black", font=font, anchor="mt")
         image = full
+    if path is not None:
+        image.save(path)
+    return image
+
+
+def side_by_side(batches, path=None, titles=None, nrow=None, scale=None, padding=2, gap=24):
+    """Grids (see make_grid) of several batches left to right, each under its title, e.g. samples beside data.
+
+    Returns the PIL image, saved if `path`.
+    """
+    grids = [_pil(make_grid(b, nrow=nrow, scale=scale, padding=padding)).convert("RGB") for b in batches]
+    titles = [str(t) for t in titles] if titles is not None else [""] * len(grids)
+    font = _font(16)
+    top = getattr(font, "size", 11) + 12 if any(titles) else 0
+    widths = [max(g.width, _text_width(font, t) + 8) for g, t in zip(grids, titles)]
+    image = Image.new("RGB", (sum(widths) + gap * (len(grids) - 1), top + max(g.height for g in grids)), "white")
+    draw = ImageDraw.Draw(image)
+    x = 0
+    for grid, title, width in zip(grids, titles, widths):
+        image.paste(grid, (x + (width - grid.width) // 2, top))
+        draw.text((x + width / 2, 4), title, fill="black", font=font, anchor="mt")
+        x += width + gap
     if path is not None:
         image.save(path)
     return image
@@ -199,6 +250,20 @@ def _log_ticks(lo, hi):
     return [m * 10.0 ** e for e in range(a, b + 1) for m in mults if lo <= m * 10.0 ** e <= hi]
 
 
+def smoothing_window(smooth, n):
+    """plot_curve's moving-average window for `n` points: 1 (no smoothing) unless asked.
+
+    smooth None, False or 0: 1; True: n // 50 (curves of 100+ points get a window of 2+); an int k: k.
+    """
+    if smooth is None or smooth is False:
+        return 1
+    if smooth is True:
+        return max(1, n // 50)
+    if int(smooth) < 0:
+        raise ValueError(f"smooth must be None, True or a window of 0 or more points, got {smooth!r}")
+    return max(1, int(smooth))
+
+
 def _moving_average(ys, window):
     kernel = host.ones(window) / window
     padded = host.concatenate([host.full(window - 1, ys[0]), ys])   # causal, same length
@@ -209,9 +274,11 @@ def plot_curve(xs, ys, path, title="", xlabel="step", ylabel="loss", log_y=False
                size=(640, 400)):
     """A line plot drawn with PIL (axes, ticks, labels), e.g. the training loss.
 
-    Non-finite points (and non-positive ones on a log axis) are skipped. For noisy
-    curves of 50+ points the raw line is drawn faint and a moving average
-    (`smooth` points; default len/50) on top. Returns the PIL image.
+    Non-finite points (and non-positive ones on a log axis) are skipped. The line is the
+    data itself unless `smooth` asks for a (causal) moving average, for noisy curves such
+    as a loss: then the raw line is drawn faint and the average bold on top. `smooth` is
+    None (default: no smoothing), True (len/50 points, so curves of 100+ points) or a
+    window of k points (see smoothing_window). Returns the PIL image.
     """
     xs, ys = host.asarray(_as_host(xs), dtype=float), host.asarray(_as_host(ys), dtype=float)
     keep = host.isfinite(xs) & host.isfinite(ys) & ((ys > 0) if log_y else True)
@@ -237,7 +304,7 @@ def plot_curve(xs, ys, path, title="", xlabel="step", ylabel="loss", log_y=False
             yticks = [t for t in nice_ticks(ylo, yhi) if ylo <= t <= yhi]
         axes = _Axes(draw, box, (xlo, xhi), (ylo, yhi), log_y, font)
         axes.frame([t for t in nice_ticks(xlo, xhi) if xlo <= t <= xhi], yticks)
-        window = smooth if smooth is not None else max(1, len(ys) // 50)
+        window = smoothing_window(smooth, len(ys))
         points = [axes.px(x, y) for x, y in zip(xs, ys)]
         if window > 1:
             draw.line(points, fill="#a6c8e6", width=s)

@@ -416,7 +416,8 @@ class MetricsLog:
     def plot(self, path):
         if self.steps:
             with checkpoint.atomic_path(path) as tmp:
-                images.plot_curve(self.steps, self.losses, tmp, title="training loss (L_simple)", log_y=True)
+                images.plot_curve(self.steps, self.losses, tmp, title="training loss (L_simple)", log_y=True,
+                                  smooth=True)
 
     def close(self):
         self.file.close()

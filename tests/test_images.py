@@ -90,3 +90,75 @@ def test_scatter_2d_draws_one_panel_per_set(tmp_path):
     out = images.scatter_2d(pts, tmp_path / "s.png", titles=["data", "samples"], paths=paths, panel=100)
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == out.size and im.width > 2 * 100
+
+
+def _curve_pixels(tmp_path, ys, **kwargs):
+    image = images.plot_curve(np.arange(1, len(ys) + 1), ys, tmp_path / "c.png", size=(320, 200), **kwargs)
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_plot_curve_smooths_only_when_asked(tmp_path):
+    assert images.smoothing_window(None, 1000) == images.smoothing_window(False, 1000) == 1
+    assert images.smoothing_window(0, 1000) == 1 and images.smoothing_window(7, 1000) == 7
+    assert images.smoothing_window(True, 1000) == 20 and images.smoothing_window(True, 60) == 1
+    # A smooth curve of 1000 points (alpha_bar-like): drawn as it is, not as a lagged moving average.
+    ys = np.cos(np.linspace(0, np.pi / 2, 1000)) ** 2
+    plain = _curve_pixels(tmp_path, ys)
+    assert np.array_equal(plain, _curve_pixels(tmp_path, ys, smooth=None))
+    assert np.array_equal(plain, _curve_pixels(tmp_path, ys, smooth=False))
+    assert not np.array_equal(plain, _curve_pixels(tmp_path, ys, smooth=100))
+    assert not np.array_equal(plain, _curve_pixels(tmp_path, ys, smooth=True))
+    # A step from 1 to 0 halfway: unsmoothed, the bold line falls at the step; with a causal moving
+    # average of 200 points it reaches the bottom only 200 points later. Where the line is at
+    # 3/4 of the way (750 of 1000 points), the plain curve is at the bottom and the average too;
+    # at 55% the plain one is at the bottom and the average is still half way up.
+    step = np.where(np.arange(1000) < 500, 1.0, 0.0)
+    blue = np.array([0x1f, 0x77, 0xb4])
+
+    def bold_rows(pixels, frac):
+        # plot box: x from 70 to 300 px of 320 (see plot_curve's margins, at size 320 x 200)
+        column = pixels[:, int(70 + frac * (300 - 70))]
+        return np.flatnonzero(np.abs(column - blue).sum(axis=1) < 60)
+
+    plain, smoothed = _curve_pixels(tmp_path, step), _curve_pixels(tmp_path, step, smooth=200)
+    low = bold_rows(plain, 0.75).mean()
+    assert abs(bold_rows(plain, 0.55).mean() - low) < 3                    # already at the bottom
+    assert bold_rows(smoothed, 0.55).mean() < low - 20                     # the average lags behind
+    assert abs(bold_rows(smoothed, 0.75).mean() - low) < 3
+
+
+def test_filmstrip_draws_row_labels_in_a_left_margin():
+    frames = [np.full((3, 1, 8, 8), v) for v in (-1.0, 1.0)]
+    plain = images.filmstrip(frames, None, labels=["a", "b"])
+    labelled = images.filmstrip(frames, None, labels=["a", "b"], row_labels=["beta x 0.5", "beta x 1", "beta x 2"])
+    margin = labelled.width - plain.width
+    assert margin > 20 and labelled.height == plain.height
+    assert np.array_equal(np.asarray(labelled)[:, margin:], np.asarray(plain))     # the strip itself, moved right
+    left = np.asarray(labelled.convert("L"))[:, :margin]
+    for r in range(3):                         # dark text beside every row (rows of 8 x 8 px + 2 px padding)
+        assert (left[2 + r * 66: (r + 1) * 66] < 100).any(), r
+    with pytest.raises(ValueError, match="row labels"):
+        images.filmstrip(frames, None, row_labels=["only one"])
+
+
+def test_filmstrip_column_labels_fit_their_columns():
+    frames = [np.zeros((1, 1, 8, 8))] * 3
+    strip = images.filmstrip(frames, None, labels=["DDPM 1000", "DPM++ 20", "Heun 19"])
+    grey = np.asarray(strip.convert("L"))
+    text = grey[66 + 2:]                                                            # the label strip
+    ink = np.flatnonzero((text < 128).any(axis=0))
+    assert ink.min() > 0 and ink.max() < strip.width - 1                            # nothing cut at the edges
+    for k in (1, 2):                                                                # a gap between labels
+        assert not (text[:, k * 66 + 1] < 128).any(), k
+
+
+def test_side_by_side_puts_titled_grids_next_to_each_other(tmp_path):
+    a, b = np.full((16, 1, 8, 8), -1.0), np.full((16, 1, 8, 8), 1.0)
+    image = images.side_by_side([a, b], tmp_path / "s.png", titles=["samples", "held-out digits"], gap=20)
+    grid = 4 * 66 + 2
+    assert image.size[0] == 2 * grid + 20 and grid < image.size[1] < grid + 40
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == image.size
+    pixels = np.asarray(image.convert("L"))
+    assert pixels[-10, 10] == 0 and pixels[-10, grid + 20 + 10] == 255            # a's grid left, b's right
+    assert (pixels[: image.size[1] - grid, :grid] < 100).any()                      # a title above
