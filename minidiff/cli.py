@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -187,6 +188,20 @@ class ConvertConfig:
                       required=True)
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = option(None, "the minidiff run folder or checkpoint file to export (or a converted model)",
+                             required=True)
+    out: str = option(None, "the diffusers pipeline folder to write (DDPMPipeline.from_pretrained(DIR) loads it)",
+                      required=True)
+    raw: bool = option(False, "export the trained weights instead of their EMA (the paper samples from the EMA)")
+    force: bool = option(False, "replace --out if it holds an earlier export (nothing else is ever replaced)")
+    license: str = option(None, "the model card's licence (a Hub licence id); default: the bundled data's "
+                                "(digits cc-by-4.0, mnist cc-by-sa-3.0), else 'other'")
+    report: str = option(None, "a 'minidiff eval --out' JSON report whose figures go into the model card")
+    backend: str = backend_option()
+
+
 # ---------------------------------------------------------------- building the parser
 
 
@@ -257,6 +272,10 @@ EXAMPLES = {
             "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)\n"
             "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar10_train.npz   # FID\n"
             "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar-10-batches-py  # FID, KID, IS",
+    "export": "examples:\n  minidiff export --checkpoint runs/digits --out digits-ddpm   # EMA weights, model card\n"
+              "  minidiff eval --checkpoint runs/digits --out report.json && minidiff export --checkpoint "
+              "runs/digits --out digits-ddpm --report report.json --force\n"
+              "  python -c \"from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('digits-ddpm')\"",
     "fid-stats": "example:\n  minidiff fid-stats --data cifar-10-batches-py --inception pt_inception-2015-12-05-6726825d.pth "
                  "--out cifar10_train.npz\n  minidiff eval --samples s.npz --inception pt_inception-2015-12-05-6726825d.pth "
                  "--ref cifar10_train.npz",
@@ -294,6 +313,8 @@ def build_parser():
                                             "data; --bpd adds bits/dim (Table 2)"),
             ("convert", ConvertConfig, cmd_convert, "convert a diffusers DDPM folder (the paper's own models) to "
                                                     "one minidiff checkpoint file"),
+            ("export", ExportConfig, cmd_export, "export a trained model to a diffusers pipeline folder "
+                                                 "(DDPMPipeline) with a model card"),
             ("fid-stats", FidStatsConfig, cmd_fid_stats, "Inception statistics (mu, sigma) of real images for FID, "
                                                           "in pytorch-fid's .npz format")):
         p = add(name, help)
@@ -1190,3 +1211,93 @@ def cmd_convert(args):
           f"{info['image_size']}x{info['image_size']} images and its {diffusion.num_timesteps}-step schedule; "
           f"sample with 'minidiff sample --checkpoint {cfg.out}'", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+# The bundled data sets' licences (../shared/data/README.md), as the Hub names them and in words
+DATA_LICENSES = {"digits": ("cc-by-4.0", "UCI Optical Recognition of Handwritten Digits, CC BY 4.0"),
+                 "mnist": ("cc-by-sa-3.0", "MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0")}
+
+
+def cmd_export(args):
+    """A minidiff run -> a diffusers DDPMPipeline folder with a model card (pretrained.save)."""
+    cfg = _config(args)
+    backend.use_backend(cfg.backend)
+    evaluation = _read_report(cfg.report) if cfg.report is not None else None
+    if os.path.lexists(cfg.out) and not cfg.force:
+        raise UsageError(f"--out {cfg.out} exists; pass --force to replace an earlier export, or choose another --out")
+    run_dir = checkpoint.resolve(cfg.checkpoint)
+    run_dir = os.path.dirname(run_dir) if os.path.isfile(run_dir) else run_dir
+    model, diffusion, config, info = sampling.load_model(cfg.checkpoint, use_ema=not cfg.raw)
+    if info.get("channels") is None:
+        raise UsageError(f"--checkpoint {cfg.checkpoint} models 2-D points: diffusers' UNet2DModel holds image "
+                         f"models only, so there is nothing to export it to")
+    details = {"weights": "trained (--raw)" if cfg.raw else "EMA of the trained weights", "evaluation": evaluation,
+               "source": f"`{os.path.basename(os.path.abspath(run_dir))}`"}
+    if config is not None:
+        license, words = DATA_LICENSES.get(config.data, (None, None))
+        details.update(title=f"DDPM on {config.data}", data=f"`{config.data}`", data_license=words,
+                       license=license, preset=f"`{config.preset}`", steps=f"{config.steps:,}")
+        rows = training.read_metrics(_metrics_file(run_dir)) if _metrics_file(run_dir) else []
+        if rows:
+            details["metrics"] = {k: v for k, v in rows[-1].items() if k != "time"}
+    if cfg.license:
+        details["license"] = cfg.license
+    picture = os.path.join(run_dir, "samples.png") if config is not None else None
+    picture = picture if picture is not None and os.path.isfile(picture) and not cfg.raw else None
+    if picture is None:   # draw a grid from the weights being exported (DDIM, 50 steps: seconds for digits)
+        picture = os.path.join(tempfile.mkdtemp(prefix="minidiff-export-"), "samples.png")
+        _export_samples(model, diffusion, info, picture)
+    details["picture"] = True
+    card = pretrained.model_card(model, diffusion, details)
+    try:
+        path = pretrained.save(model, diffusion, cfg.out, card=card, force=cfg.force,
+                               clip_sample=info.get("clip_denoised", True), picture=picture)
+    except pretrained.PretrainedError as err:
+        raise UsageError(str(err)) from None
+    conditional = model.num_classes is not None
+    print(f"wrote {path}: a diffusers DDPMPipeline ({model.num_parameters():,}-parameter UNet2DModel"
+          f"{f', {model.num_classes} classes + no-label id {model.num_classes}' if conditional else ''}, "
+          f"DDPMScheduler) with README.md and samples.png; load it with "
+          f"DDPMPipeline.from_pretrained({cfg.out!r})", file=sys.stderr)
+    return 0
+
+
+def _metrics_file(run_dir):
+    for name in ("metrics.jsonl", "metrics.csv"):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    return None
+
+
+def _read_report(path):
+    """The numbers of a 'minidiff eval --out' report, flattened one level ({"fid": 1.2, "bpd": 3.4, ...})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except OSError as err:
+        raise UsageError(f"--report {path}: not readable ({err.strerror or err})") from None
+    except ValueError as err:
+        raise UsageError(f"--report {path}: not a JSON report of 'minidiff eval --out' ({err})") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"--report {path}: not a JSON report of 'minidiff eval --out' (expected an object)")
+    flat = {}
+    for key, value in report.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[key if sub is None else f"{key}.{sub}"] = v
+    return flat
+
+
+def _export_samples(model, diffusion, info, path):
+    """A sample grid of the weights being exported: DDIM, 50 steps (seconds for digits); one row per class."""
+    k = model.num_classes
+    labels = None if k is None else sampling.every_class(k, 4 * k)
+    num = 16 if labels is None else len(labels)
+    shape = (info["channels"], info["image_size"], info["image_size"])
+    samples = sampling.draw_samples(diffusion, model, shape, num, 0, sampler="ddim", steps=50,
+                                    clip_denoised=info.get("clip_denoised", True), progress=True, labels=labels)
+    images.save_grid(samples, path, nrow=4)

@@ -199,8 +199,7 @@ def unet_kwargs(config, where="config.json"):
              "upsample_type": ("conv", "minidiff upsamples with nearest neighbours and a conv"),
              "resnet_time_scale_shift": ("default", "minidiff's res blocks add the timestep projection"),
              "add_attention": (True, "minidiff's middle always has attention"),
-             "class_embed_type": (None, "minidiff's models are unconditional"),
-             "num_class_embeds": (None, "minidiff's models are unconditional")}
+             "class_embed_type": (None, "minidiff's labels index a class embedding table (num_class_embeds)")}
     for field, (allowed, why) in fixed.items():
         if c[field] != allowed:
             _refuse(where, field, c[field], why)
@@ -277,11 +276,14 @@ def unet_kwargs(config, where="config.json"):
     head_dim = c["attention_head_dim"]
     if head_dim is not None and (not _pos_int(head_dim) or any(w % head_dim for w in widths)):
         _refuse(where, "attention_head_dim", head_dim, f"must divide every width {widths} into whole heads")
+    num_classes = _num_classes(where, c["num_class_embeds"], config.get(NO_LABEL_FIELD))
     kwargs = dict(image_size=size, in_channels=c["in_channels"], ch=ch, ch_mult=tuple(w // ch for w in widths),
                   num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(sorted(attn_down, reverse=True)),
                   dropout=float(c["dropout"]), out_channels=c["out_channels"], num_groups=c["norm_num_groups"],
                   norm_eps=float(c["norm_eps"]), downsample_padding=padding,
                   flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=c["freq_shift"], attn_head_dim=head_dim)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     count = sum(math.prod(shape) for shape in checkpoint.model_shapes(kwargs).values())
     limit, why = checkpoint.parameter_limit()
     if count > limit:
@@ -289,6 +291,24 @@ def unet_kwargs(config, where="config.json"):
                 f"with layers_per_block={c['layers_per_block']} the U-Net has {count:,} parameters "
                 f"({count * 4 / 2 ** 30:.1f} GiB of float32), more than minidiff loads (at most {limit:,}: {why})")
     return kwargs
+
+
+def _num_classes(where, num_class_embeds, no_label_class):
+    """minidiff's num_classes K of a class-conditional UNet2DModel, None for an unconditional one.
+
+    minidiff's conditional U-Net has K + 1 label rows, row K meaning "no label" (classifier-free guidance);
+    its exports say so in NO_LABEL_FIELD. Another model's class table has no such row: it is refused."""
+    if num_class_embeds is None:
+        return None
+    if not _pos_int(num_class_embeds) or num_class_embeds < 2 or num_class_embeds > checkpoint.MAX_CLASSES + 1:
+        _refuse(where, "num_class_embeds", num_class_embeds, f"expected a whole number from 2 to "
+                                                             f"{checkpoint.MAX_CLASSES + 1:,}")
+    if no_label_class != num_class_embeds - 1 or isinstance(no_label_class, bool):
+        _refuse(where, "num_class_embeds", num_class_embeds,
+                f"minidiff's class-conditional U-Net keeps its last class id for 'no label' (classifier-free "
+                f"guidance), which its exports record as {NO_LABEL_FIELD} = {num_class_embeds - 1}; this model "
+                f"has {NO_LABEL_FIELD} = {_show(no_label_class)}, so its classes cannot be mapped")
+    return num_class_embeds - 1
 
 
 def scheduler_settings(config, where="scheduler_config.json"):
@@ -391,7 +411,8 @@ def diffusers_names(name, num_levels):
     up.{i} is level i, as the original code's up_{i}, so up.{i} is up_blocks.{L - 1 - i}.
     """
     fixed = {"temb.dense0": "time_embedding.linear_1", "temb.dense1": "time_embedding.linear_2",
-             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out",
+             "label_emb": "class_embedding"}   # K + 1 rows, the last one NO_LABEL (unet_config)
     module, leaf = name.rsplit(".", 1)
     if module in fixed:
         return [f"{fixed[module]}.{leaf}"]
@@ -569,3 +590,217 @@ def load_converted(path):
     model.eval()
     return model, diffusion, state["info"]
 
+
+
+# ---------------------------------------------------------------- export: minidiff -> diffusers
+
+
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers whose UNet2DModel and DDPMScheduler fields an export writes
+NO_LABEL_FIELD = "_minidiff_no_label_class"  # diffusers drops config keys that start with "_", silently
+EXPORT_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+MEAN_TYPE_NAMES = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
+# minidiff's variance types in diffusers' words; "learned" (log sigma^2, improved-diffusion's reading) has none:
+# diffusers' DDPMScheduler reads a "learned" output as sigma^2 itself
+EXPORT_VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
+
+
+def unet_config(model):
+    """The UNet2DModel config.json of a minidiff.UNet: the inverse of unet_kwargs, every field written out.
+
+    A class-conditional U-Net (num_classes = K) keeps its K + 1 label rows as diffusers' class embedding
+    (num_class_embeds = K + 1, added to the timestep embedding after its MLP, as minidiff adds label_emb):
+    class ids 0 .. K-1 are the data's labels and id K is minidiff's NO_LABEL ("no label", the unconditional
+    model of classifier-free guidance), which NO_LABEL_FIELD records so that minidiff reads it back.
+    """
+    if not isinstance(model, UNet):
+        raise PretrainedError(f"a {type(model).__name__} cannot be exported: diffusers' UNet2DModel holds image "
+                              f"models, not the 2-D point denoiser of the toy data sets")
+    c = {**UNet.OPTION_DEFAULTS, **model.config}
+    ch, size = c["ch"], c["image_size"]
+    widths = [ch * m for m in c["ch_mult"]]
+    sides = [size >> i for i in range(len(widths))]
+    attn = set(c["attn_resolutions"])
+    config = {
+        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": size, "in_channels": c["in_channels"], "out_channels": c["out_channels"],
+        "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
+        "freq_shift": c["freq_shift"], "flip_sin_to_cos": c["flip_sin_to_cos"],
+        "down_block_types": ["AttnDownBlock2D" if s in attn else "DownBlock2D" for s in sides],
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ["AttnUpBlock2D" if s in attn else "UpBlock2D" for s in reversed(sides)],
+        "block_out_channels": widths, "layers_per_block": c["num_res_blocks"], "mid_block_scale_factor": 1,
+        "downsample_padding": {"same": 0, "symmetric": 1}[c["downsample_padding"]],
+        "downsample_type": "conv", "upsample_type": "conv", "dropout": c["dropout"], "act_fn": "silu",
+        "attention_head_dim": c["attn_head_dim"],   # null: one head as wide as the block, as minidiff's default
+        "norm_num_groups": c["num_groups"], "attn_norm_num_groups": None, "norm_eps": c["norm_eps"],
+        "resnet_time_scale_shift": "default", "add_attention": True,
+        "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+    }
+    if model.num_classes is not None:
+        config["num_class_embeds"] = model.num_classes + 1
+        config[NO_LABEL_FIELD] = model.num_classes
+    return config
+
+
+def scheduler_config(diffusion, clip_sample=True):
+    """The DDPMScheduler scheduler_config.json of a GaussianDiffusion: the inverse of scheduler_settings.
+
+    The betas are named (beta_schedule, with rescale_betas_zero_snr where it applies) only if diffusers' recipe,
+    as scheduler_settings recomputes it, gives exactly minidiff's betas; any other schedule is written out as
+    trained_betas (every float64 beta, exactly, in JSON).
+    """
+    if diffusion.model_var_type not in EXPORT_VARIANCE_TYPES:
+        raise PretrainedError(f"model_var_type {diffusion.model_var_type!r} cannot be exported: diffusers' "
+                              f"DDPMScheduler reads a 'learned' output as sigma^2 where minidiff (and "
+                              f"improved-diffusion) read log sigma^2; train with --var-type learned_range instead")
+    betas = backend.to_numpy(diffusion.betas).astype(host.float64)
+    base = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": int(len(betas)), "beta_start": 0.0001, "beta_end": 0.02,
+            "beta_schedule": "linear", "trained_betas": None,
+            "variance_type": EXPORT_VARIANCE_TYPES[diffusion.model_var_type],
+            "clip_sample": bool(clip_sample), "clip_sample_range": 1.0,
+            "prediction_type": MEAN_TYPE_NAMES[diffusion.model_mean_type], "thresholding": False,
+            "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+            "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False}
+    for schedule in EXPORT_SCHEDULES:
+        for rescale in (False, True):
+            named = {**base, "beta_schedule": schedule, "rescale_betas_zero_snr": rescale}
+            try:
+                recomputed = scheduler_settings(named)[0]
+            except PretrainedError:   # e.g. zero terminal SNR for an epsilon model
+                continue
+            if recomputed.shape == betas.shape and (recomputed == betas).all():
+                return named
+    return {**base, "trained_betas": [float(b) for b in betas]}
+
+
+def model_index():
+    """model_index.json of a DDPMPipeline folder: which class each subfolder holds."""
+    return {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+
+def diffusers_state_dict(model):
+    """{UNet2DModel parameter name: float32 host array} of a minidiff.UNet (diffusers_names, current names)."""
+    num_levels = len(model.config["ch_mult"])
+    return {diffusers_names(name, num_levels)[0]: host.ascontiguousarray(backend.to_numpy(value), dtype=host.float32)
+            for name, value in model.state_dict().items()}
+
+
+def save(model, diffusion, path, card=None, force=False, clip_sample=True, picture=None):
+    """Write a diffusers DDPMPipeline folder: model_index.json, unet/ (config.json and
+    diffusion_pytorch_model.safetensors), scheduler/scheduler_config.json, and README.md (`card`, a model
+    card's text, see model_card) beside the sample grid `picture` (a PNG file, copied as samples.png).
+
+    The folder appears whole or not at all: it is written under a temporary name beside `path` and renamed.
+    An existing `path` is replaced only with force=True, and only if it is an earlier export (it holds
+    model_index.json) or empty; nothing else is ever deleted. Returns the folder's path.
+    """
+    import shutil
+    import tempfile
+    from safetensors.numpy import save_file
+
+    path = os.path.abspath(os.fspath(path))
+    unet, scheduler = unet_config(model), scheduler_config(diffusion, clip_sample)   # refusals before any file
+    if os.path.lexists(path):
+        if not force:
+            raise PretrainedError(f"{path} exists; pass --force (force=True) to replace it, or choose another --out")
+        if not os.path.isdir(path) or os.path.islink(path) or \
+                (os.listdir(path) and not os.path.isfile(os.path.join(path, "model_index.json"))):
+            raise PretrainedError(f"{path} is not an earlier export (no model_index.json): not replacing it even "
+                                  f"with --force; choose another --out")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+    try:
+        for sub in ("unet", "scheduler"):
+            os.mkdir(os.path.join(staging, sub))
+        _write_json(os.path.join(staging, "model_index.json"), model_index())
+        _write_json(os.path.join(staging, "unet", "config.json"), unet)
+        save_file(diffusers_state_dict(model), os.path.join(staging, "unet", WEIGHTS), metadata={"format": "pt"})
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
+        if picture is not None:
+            shutil.copyfile(picture, os.path.join(staging, "samples.png"))
+        if card is not None:
+            with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
+        os.chmod(staging, 0o755)   # mkdtemp makes it private; an export is meant to be shared
+        if os.path.lexists(path):   # force: the old export moves aside, the new one in, then the old one goes
+            old = staging[:-len(".partial")] + ".old"
+            os.rename(path, old)
+            os.rename(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def model_card(model, diffusion, details):
+    """A Hugging Face Hub model card (README.md text) for an export.
+
+    `details` may give: title, data, license (the Hub's id, e.g. "cc-by-4.0"), data_license (words),
+    steps, preset, weights ("EMA" or "trained"), source, metrics ({name: number}: the run's last log row),
+    evaluation ({name: number}: a 'minidiff eval' report), picture (True if samples.png is beside it).
+    """
+    d = dict(details)
+    conditional = getattr(model, "num_classes", None) is not None
+    tags = ["diffusers", "ddpm", "minidiff", "pytorch",
+            "class-conditional-image-generation" if conditional else "unconditional-image-generation"]
+    size, channels = model.config["image_size"], model.config["in_channels"]
+    schedule = scheduler_config(diffusion)
+    betas = (f"`trained_betas` ({schedule['num_train_timesteps']} values)" if schedule["trained_betas"] else
+             f"`{schedule['beta_schedule']}`" + (" rescaled to zero terminal SNR"
+                                                 if schedule["rescale_betas_zero_snr"] else ""))
+    lines = ["---", "library_name: diffusers", f"license: {d.get('license') or 'other'}", "tags:"]
+    lines += [f"- {tag}" for tag in tags]
+    lines += ["pipeline_tag: unconditional-image-generation", "---", "",
+              f"# {d.get('title') or 'A DDPM trained with minidiff'}", "",
+              f"A denoising diffusion probabilistic model (Ho et al. 2020) trained from scratch with "
+              f"[minidiff](https://github.com/minidiff/minidiff) and exported to the diffusers format "
+              f"(`minidiff export`).", ""]
+    if d.get("picture"):
+        lines += ["![samples drawn from this model](samples.png)", ""]
+    rows = [("images", f"{channels} x {size} x {size} ({'grey' if channels == 1 else 'colour'})"),
+            ("data", d.get("data")), ("data licence", d.get("data_license")), ("preset", d.get("preset")),
+            ("training steps", d.get("steps")), ("weights", d.get("weights")), ("source", d.get("source")),
+            ("parameters", f"{model.num_parameters():,}"),
+            ("U-Net", f"ch {model.config['ch']}, ch_mult {tuple(model.config['ch_mult'])}, "
+                      f"res blocks per level {model.config['num_res_blocks']}, attention at "
+                      f"{tuple(model.config['attn_resolutions']) or 'none'}"),
+            ("schedule", f"{betas}, T = {schedule['num_train_timesteps']}"),
+            ("prediction / variance", f"`{schedule['prediction_type']}` / `{schedule['variance_type']}`")]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v not in (None, "")] + [""]
+    for heading, values in (("Training log (last step)", d.get("metrics")),
+                            ("Evaluation (`minidiff eval`)", d.get("evaluation"))):
+        if values:
+            lines += [f"## {heading}", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_card_number(v)} |" for k, v in values.items()] + [""]
+    lines += ["## Use", "", "With diffusers:", "", "```python", "from diffusers import DDPMPipeline", "",
+              'pipe = DDPMPipeline.from_pretrained("path/to/this/folder")']
+    if conditional:
+        k = model.num_classes
+        lines += ["# class-conditional: DDPMPipeline passes no labels, so call the U-Net yourself:",
+                  "# noise = pipe.unet(x_t, t, class_labels=y).sample", "```", "",
+                  f"Class ids 0 .. {k - 1} are the data's labels; id {k} is \"no label\" (minidiff's `NO_LABEL`, "
+                  f"trained with probability p_uncond), so classifier-free guidance (Ho & Salimans 2022, Eq. 6) is "
+                  f"`(1 + w) * unet(x, t, class_labels=y) - w * unet(x, t, class_labels={k})`.", ""]
+    else:
+        lines += ["images = pipe(batch_size=16, num_inference_steps=1000).images", "```", ""]
+    lines += ["With minidiff:", "", "```", "minidiff sample --pretrained path/to/this/folder --num 64 --out samples.png",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _card_number(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -960,3 +960,211 @@ def test_a_learned_variance_type_needs_twice_the_input_channels(tmp_path):
                                                   "learned needs the U-Net to output the variance too: "
                                                   r"out_channels = 2 \* in_channels = 6"):
             pretrained.load(folder)
+
+
+# ---------------------------------------------------------------- export: minidiff -> diffusers
+
+
+RUNS = {"unconditional": [], "conditional": ["--conditional"], "learned_range": ["--learn-sigma"]}
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """Short digits runs ({kind: run folder}) of each kind an export must carry: 20 steps, seconds each."""
+    root = tmp_path_factory.mktemp("runs")
+    for kind, extra in RUNS.items():
+        assert main(["train", "--steps", "20", "--out", str(root / kind), "--no-progress", "--num-samples", "8",
+                     *extra]) == 0
+    return {kind: root / kind for kind in RUNS}
+
+
+def _exported(runs, kind, tmp_path, *extra):
+    out = tmp_path / f"export-{kind}-{len(list(tmp_path.iterdir()))}"
+    assert run("export", "--checkpoint", runs[kind], "--out", out, *extra) == 0
+    return out
+
+
+def _diffusers_messages(diffusers, load):
+    """What diffusers logs (info level) while `load()` runs, and load's result."""
+    import io
+    import logging
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = diffusers.utils.logging.get_logger("diffusers")
+    before = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_info()
+    logger.addHandler(handler)
+    try:
+        result = load()
+    finally:
+        logger.removeHandler(handler)
+        diffusers.utils.logging.set_verbosity(before)
+    return stream.getvalue(), result
+
+
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_an_export_loads_in_diffusers_and_its_unet_and_scheduler_match(diffusers, digits_runs, tmp_path, kind):
+    import torch
+
+    from minidiff.sampling import load_model
+    folder = _exported(digits_runs, kind, tmp_path)
+    log, pipe = _diffusers_messages(diffusers, lambda: diffusers.DDPMPipeline.from_pretrained(folder))
+    assert "All model checkpoint weights were used" in log and "were not used" not in log, log
+    assert "newly initialized" not in log and "missing" not in log.lower(), log
+    assert "not expected" not in log, log   # an unknown config field would be named here
+    model, diffusion, _, _ = load_model(digits_runs[kind])
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+    t = np.array([0, 1, 500, 999])
+    ours_y, theirs = None, {}
+    if kind == "conditional":   # labels 0 .. K-1 are the data's, diffusers' id K is minidiff's NO_LABEL
+        K = model.num_classes
+        ours_y = np.array([0, 7, -1, 9])
+        theirs = {"class_labels": torch.from_numpy(np.where(ours_y < 0, K, ours_y))}
+        assert pipe.unet.config.num_class_embeds == K + 1
+    with torch.no_grad():
+        expected = pipe.unet(torch.from_numpy(x), torch.from_numpy(t), **theirs).sample.numpy()
+    got = backend.to_numpy(model(Tensor(backend.to_active(x)), backend.to_active(t), ours_y).data)
+    assert got.shape == expected.shape == (4, 2 if kind == "learned_range" else 1, 8, 8)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(pipe.scheduler.betas.numpy(), diffusion.betas, rtol=1e-6)   # diffusers: float32
+    assert pipe.scheduler.config.variance_type == {"unconditional": "fixed_large", "conditional": "fixed_large",
+                                                   "learned_range": "learned_range"}[kind]
+    assert diffusion.model_var_type == pipe.scheduler.config.variance_type
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.clip_sample
+
+
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_export_then_load_round_trips_every_weight_bit_exactly(digits_runs, tmp_path, kind):
+    from minidiff.sampling import load_model
+    folder = _exported(digits_runs, kind, tmp_path)
+    model, diffusion, _, _ = load_model(digits_runs[kind])
+    loaded, loaded_diffusion = pretrained.load(folder)
+    assert loaded.config == model.config and loaded.num_classes == model.num_classes
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert np.array_equal(backend.to_numpy(ours[name]), backend.to_numpy(theirs[name])), name
+    assert np.array_equal(loaded_diffusion.betas, diffusion.betas)
+    assert (loaded_diffusion.model_mean_type, loaded_diffusion.model_var_type) == \
+           (diffusion.model_mean_type, diffusion.model_var_type)
+
+
+def test_raw_exports_the_trained_weights_and_the_default_their_ema(digits_runs, tmp_path):
+    from minidiff.sampling import load_model
+    raw = _exported(digits_runs, "unconditional", tmp_path, "--raw")
+    live, _, _, _ = load_model(digits_runs["unconditional"], use_ema=False)
+    loaded, _ = pretrained.load(raw)
+    for name, value in live.state_dict().items():
+        assert np.array_equal(backend.to_numpy(value), backend.to_numpy(loaded.state_dict()[name])), name
+    ema, _ = pretrained.load(_exported(digits_runs, "unconditional", tmp_path))
+    assert not all(np.array_equal(backend.to_numpy(v), backend.to_numpy(ema.state_dict()[k]))
+                   for k, v in live.state_dict().items())
+
+
+@pytest.mark.parametrize("schedule,mean_type,zero_snr,named", [
+    ("linear", "eps", False, "linear"), ("quad", "eps", False, "scaled_linear"),
+    ("cosine", "x0", False, "squaredcos_cap_v2"), ("sigmoid", "eps", False, "sigmoid"),
+    ("linear", "v", True, "linear"), ("custom", "eps", False, None)])
+def test_the_schedule_is_named_only_where_diffusers_recomputes_it_exactly(schedule, mean_type, zero_snr, named):
+    from minidiff.schedule import rescale_zero_terminal_snr
+    T = 200
+    betas = np.linspace(1e-3, 0.05, T) ** 1.5 if schedule == "custom" else get_named_beta_schedule(schedule, T)
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    diffusion = GaussianDiffusion(betas, model_mean_type=mean_type)
+    config = pretrained.scheduler_config(diffusion)
+    assert config["rescale_betas_zero_snr"] is zero_snr
+    if named is None:
+        assert config["trained_betas"] is not None and len(config["trained_betas"]) == T
+    else:
+        assert config["beta_schedule"] == named and config["trained_betas"] is None
+    assert config["prediction_type"] == {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[mean_type]
+    back, kwargs, _ = pretrained.scheduler_settings(json.loads(json.dumps(config)))
+    assert np.array_equal(back, diffusion.betas) and kwargs["model_mean_type"] == mean_type
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quad", "cosine", "sigmoid", "custom"])
+def test_diffusers_reads_each_exported_schedule_as_minidiffs_betas(diffusers, schedule):
+    betas = np.linspace(1e-3, 0.05, 300) ** 1.5 if schedule == "custom" else get_named_beta_schedule(schedule, 300)
+    config = pretrained.scheduler_config(GaussianDiffusion(betas, model_var_type="fixed_small"))
+    scheduler = diffusers.DDPMScheduler.from_config(config)
+    np.testing.assert_allclose(scheduler.betas.numpy(), betas, rtol=2e-6)
+    assert scheduler.config.variance_type == "fixed_small"
+
+
+def test_what_diffusers_cannot_represent_is_refused_with_one_line(tmp_path, capsys):
+    assert main(["train", "--data", "swissroll", "--steps", "3", "--out", str(tmp_path / "points"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert run("export", "--checkpoint", tmp_path / "points", "--out", tmp_path / "e") == 2
+    assert "2-D points" in one_error_line(capsys)
+    from minidiff.unet import UNet
+    unet = UNet(8, 1, 8, (1,), 1, (), out_channels=2)
+    with pytest.raises(PretrainedError, match="'learned' output as sigma\\^2"):
+        pretrained.save(unet, GaussianDiffusion(get_named_beta_schedule("linear", 10), model_var_type="learned",
+                                                loss_type="hybrid"), tmp_path / "e")
+    from minidiff.unet import MLPDenoiser
+    with pytest.raises(PretrainedError, match="MLPDenoiser cannot be exported"):
+        pretrained.save(MLPDenoiser(), GaussianDiffusion(get_named_beta_schedule("linear", 10)), tmp_path / "e")
+    assert not (tmp_path / "e").exists() and os.listdir(tmp_path) == ["points"]
+
+
+def test_another_class_conditional_model_is_refused_by_the_field_that_cannot_be_mapped(diffusers, tmp_path, capsys):
+    config = dict(CIFAR10_NARROW, sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16],
+                  norm_num_groups=4, down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"],
+                  num_class_embeds=10)
+    folder = save_folder(diffusers, perturbed_unet(diffusers, config), tmp_path / "foreign", "pipeline")
+    assert run("sample", "--pretrained", folder, "--out", tmp_path / "s.png") == 2
+    line = one_error_line(capsys)
+    assert "num_class_embeds=10" in line and pretrained.NO_LABEL_FIELD in line
+
+
+def test_an_export_never_overwrites_and_never_leaves_a_partial_folder(digits_runs, tmp_path, capsys, monkeypatch):
+    out = _exported(digits_runs, "unconditional", tmp_path)
+    before = sorted(p.name for p in out.rglob("*"))
+    stamp = (out / "unet" / pretrained.WEIGHTS).stat().st_mtime_ns
+    capsys.readouterr()
+    assert run("export", "--checkpoint", digits_runs["conditional"], "--out", out) == 2
+    assert "--force" in one_error_line(capsys)
+    assert (out / "unet" / pretrained.WEIGHTS).stat().st_mtime_ns == stamp
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    assert run("export", "--checkpoint", digits_runs["unconditional"], "--out", mine, "--force") == 2
+    assert "not an earlier export" in one_error_line(capsys) and (mine / "keep.txt").read_text() == "precious"
+
+    import safetensors.numpy
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    assert run("export", "--checkpoint", digits_runs["conditional"], "--out", out, "--force") == 2
+    assert "No space left" in one_error_line(capsys)
+    assert sorted(p.name for p in out.rglob("*")) == before       # the earlier export is untouched
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name or p.name.endswith(".old")]
+    monkeypatch.undo()
+    assert run("export", "--checkpoint", digits_runs["conditional"], "--out", out, "--force") == 0
+    assert pretrained.load(out)[0].num_classes == 10
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name or p.name.endswith(".old")]
+
+
+def test_the_model_card_is_in_the_hubs_format_and_describes_the_run(digits_runs, tmp_path):
+    from PIL import Image
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"checkpoint": "x", "frechet_distance": 1.25, "precision_recall":
+                                  {"precision": 0.75, "recall": 0.5}, "ema": True}))
+    out = _exported(digits_runs, "conditional", tmp_path, "--report", report)
+    card = (out / "README.md").read_text()
+    header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: diffusers" in header and "license: cc-by-4.0" in header and "- minidiff" in header
+    assert "| data | `digits` |" in body and "| training steps | 20 |" in body and "| preset | `digits` |" in body
+    last = pretrained.json.loads((digits_runs["conditional"] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"| loss | {last['loss']:.4g} |" in body
+    assert "| frechet_distance | 1.25 |" in body and "| precision_recall.recall | 0.5 |" in body
+    assert "id 10 is \"no label\"" in body and "![samples drawn from this model](samples.png)" in body
+    with Image.open(out / "samples.png") as picture:
+        assert picture.format == "PNG" and min(picture.size) > 8
+    assert run("export", "--checkpoint", digits_runs["unconditional"], "--out", tmp_path / "mit",
+               "--license", "mit") == 0
+    assert "license: mit" in (tmp_path / "mit" / "README.md").read_text()
