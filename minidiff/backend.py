@@ -13,6 +13,7 @@ raised, unchanged, by the first `xp()`, `to_active()` or `backend_name()` (or by
 `use_backend(default_name())`, as the CLI does), unless `use_backend` chose a backend first.
 """
 import os
+import sys
 
 import numpy as host  # float64 coefficients, file I/O, host-side random draws
 from numpy.lib import format as npy_format  # .npy headers, read before any array data (data's bounded readers)
@@ -29,7 +30,9 @@ except Exception as err:  # ImportError/OSError from missing CUDA libraries, a w
     CUPY_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
 DTYPE = host.float32  # default dtype of data, activations and parameters
-GPU_INSTALL_HINT = 'pip install "minidiff[gpu]" (CUDA 12) or "minidiff[gpu-cuda13]" (CUDA 13)'
+GPU_INSTALL_HINT = ('in the minidiff checkout pip install -e ".[gpu]" (CUDA 12; ".[gpu-cuda13]" for CUDA 13), '
+                    'or from a wheel pip install "minidiff[gpu]"')
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # present while the NVIDIA kernel driver is loaded (Linux)
 NAMES = ("numpy", "cupy")
 _active = host
 _pending_error = None  # an unusable MINIDIFF_BACKEND, raised at first use (see the module docstring)
@@ -55,10 +58,24 @@ def gpu_status():
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError as err:  # no driver, a driver too old, no device visible
+        if "InsufficientDriver" in str(err) and not nvidia_driver_loaded():
+            # CUDA says "insufficient" when there is no driver at all: upgrading is not the advice then
+            return False, ("no NVIDIA driver is loaded on this machine, so CuPy cannot reach a GPU; on a machine "
+                           "with an NVIDIA GPU install its driver (nvidia-smi then lists the GPU), else use "
+                           "--backend numpy")
+        if "InsufficientDriver" in str(err):
+            return False, (f"the NVIDIA driver is older than the CUDA this CuPy was built for ({err}): upgrade the "
+                           f"driver, or install the CuPy of the driver's CUDA version (nvidia-smi, top right): "
+                           f"{GPU_INSTALL_HINT}")
         return False, f"CUDA reports no usable GPU ({err}); check nvidia-smi and CUDA_VISIBLE_DEVICES"
     if count < 1:
         return False, "CUDA sees no GPU; check nvidia-smi and CUDA_VISIBLE_DEVICES"
     return True, ""
+
+
+def nvidia_driver_loaded():
+    """Whether an NVIDIA kernel driver is loaded (Linux: its /proc file; elsewhere assumed, as we cannot tell)."""
+    return os.path.exists(NVIDIA_DRIVER_FILE) or not sys.platform.startswith("linux")
 
 
 def gpu_available():

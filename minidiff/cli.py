@@ -49,6 +49,8 @@ DEFAULT_GUIDANCE = 2.0
 SAMPLER_HELP = ("ddpm: ancestral sampling (Algorithm 2); ddim: Song et al. 2021; dpm++: DPM-Solver++ (Lu et al. "
                 "2022); heun, euler: the Karras et al. 2022 ODE sampler (heun's N steps cost 2N - 1 network calls). "
                 "Default: ddpm with all T steps, ddim when --steps asks for fewer (docs/CLI.md compares them)")
+EVAL_SAMPLER_HELP = SAMPLER_HELP.split(". Default:")[0] + (". Default: dpm++ with 20 steps (the final samples.png's "
+                                                          "sampler: BENCHMARKS.md), ddim when --steps is given")
 ORDER_HELP = "dpm++ only: the solver's order, 1 (= DDIM), 2 (default) or 3"
 SPACING_HELP = ("ddim and dpm++ only: where the steps go, as diffusers names them: leading (ddim's default), "
                 "trailing or linspace (dpm++'s default)")
@@ -93,7 +95,7 @@ class ForwardConfig:
                                      "(direction, steps, noise scale) that works offline")
     checkpoint: str = option(None, "show the reverse process of this model instead: noise becoming images")
     num: int = option(4, "images (rows) for --checkpoint")
-    image_size: int = option(0, "side of the picture for an IMAGE file or mondrian (default 64; 32 for .html, "
+    image_size: int = option(0, "side of the picture for an IMAGE file or mondrian; 0 means 64 (32 for .html, "
                                 "which holds every frame of 13 chains)")
     ema: bool = option(True, "with --checkpoint: use the EMA weights")
     seed: int = option(0, "seed of the noise (and of the mondrian picture)")
@@ -104,7 +106,10 @@ class ForwardConfig:
 class InterpolateConfig:
     checkpoint: str = option(None, "checkpoint file or run folder")
     pretrained: str = option(None, PRETRAINED_HELP + "; needs --data")
-    t: int = option(500, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation")
+    t: int = option(None, "timestep at which the two images are mixed (0 .. T-1); larger t, freer interpolation "
+                          "but less of the sources kept. Default per image size: T/4 (250) for images of 16 pixels "
+                          "or fewer a side (at 500 an 8x8 digit is erased), T/2 (500, the paper's Fig. 8) for larger",
+                    type=int)
     pairs: int = option(4, "pairs of held-out images (rows)")
     lambdas: int = option(9, "mixing weights from 0 to 1 (columns between the two sources)")
     data: str = option(None, "images to interpolate: default the checkpoint's data set (its held-out split); "
@@ -135,7 +140,7 @@ class EvalConfig:
                              "with --samples and no --checkpoint (with --bpd also an image PATH)")
     num: int = option(None, "samples to draw (default 1000); with --samples, score the first N of the file "
                             "(default all)", type=int)
-    sampler: str = option(None, SAMPLER_HELP, choices=sampling.SAMPLERS)
+    sampler: str = option(None, EVAL_SAMPLER_HELP, choices=sampling.SAMPLERS)
     steps: int = option(0, STEPS_HELP)
     order: int = option(None, ORDER_HELP, type=int, choices=sampling.ORDERS)
     spacing: str = option(None, SPACING_HELP, choices=SPACINGS)
@@ -222,7 +227,8 @@ def _add_options(parser, config_cls, suppress=False):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        kwargs = {"help": meta["help"] + ("" if default is None else f" (default: {shown})")}
+        stated = default is None or "(default" in meta["help"]   # a help that states its default says it once
+        kwargs = {"help": meta["help"] + ("" if stated else f" (default: {shown})")}
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if isinstance(default, bool):
@@ -261,15 +267,20 @@ EXAMPLES = {
                "  minidiff forward --checkpoint runs/digits --num 8 --out reverse.gif\n"
                "  minidiff forward mondrian --out explainer.html      (open it in a browser)\n"
                "  minidiff forward --checkpoint runs/digits --out explainer.html",
-    "interpolate": "examples:\n  minidiff interpolate --checkpoint runs/digits --t 500 --out interpolate.png\n"
+    "interpolate": "examples:\n  minidiff interpolate --checkpoint runs/digits --out interpolate.png   # at t = 250 for 8x8\n"
+                   "  minidiff interpolate --checkpoint runs/digits --t 100 --out close.png   # nearer the sources\n"
                    "  minidiff interpolate --pretrained ddpm-cifar10-32 --data cifar-10-batches-py/test_batch",
     "convert": "example:\n  minidiff convert --pretrained ddpm-cifar10-32 --out cifar10.safetensors\n"
                "  minidiff sample --checkpoint cifar10.safetensors --sampler ddim --steps 50 --num 16",
-    "eval": "examples:\n  minidiff eval --checkpoint runs/digits --out report.json   # 1000 DDPM samples, all metrics\n"
-            "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000\n"
+    "eval": "examples (times for the default digits model on a 2-core CPU):\n"
+            "  minidiff eval --checkpoint runs/digits --out report.json   # 1000 samples by DPM-Solver++ in 20 steps, "
+            "all metrics: about 10 s\n"
+            "  minidiff eval --checkpoint runs/digits --sampler ddim --steps 50 --num 1000   # about 20 s\n"
+            "  minidiff eval --checkpoint runs/digits --sampler ddpm   # all 1000 steps (Algorithm 2): about 4 min\n"
             "  minidiff eval --samples other_model.npz --data digits --out other.json\n"
             "  minidiff eval --checkpoint runs/digits-cond --label all --guidance 2 --sampler ddim --steps 50\n"
-            "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2)\n"
+            "  minidiff eval --checkpoint runs/digits --bpd --no-metrics   # bits/dim only (Table 2): T calls per batch, "
+            "minutes\n"
             "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar10_train.npz   # FID\n"
             "  minidiff eval --samples s.npz --inception pt_inception.pth --ref cifar-10-batches-py  # FID, KID, IS",
     "export": "examples:\n  minidiff export --checkpoint runs/digits --out digits-ddpm   # EMA weights, model card\n"
@@ -294,7 +305,7 @@ def build_parser():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("train", "train a model (Algorithm 1); writes checkpoint, metrics, loss curve and samples to --out")
-    p.add_argument("--out", default=None, metavar="DIR", help="run folder; its parent must exist (default: runs/DATA)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder, created (with its parents) if missing (default: runs/DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     p.add_argument("--learn-sigma", action="store_true",
@@ -867,6 +878,14 @@ def _reverse_shape(cfg, info):
 # ---------------------------------------------------------------- interpolate
 
 
+SMALL_IMAGE = 16   # images this small (8x8 digits) keep too little at T/2 to interpolate: mix at T/4
+
+
+def interpolation_t(num_timesteps, image_size):
+    """interpolate's default --t: T/4 for small images (an 8x8 digit is noise by T/2), T/2 (the paper's) else."""
+    return num_timesteps // 4 if image_size is not None and image_size <= SMALL_IMAGE else num_timesteps // 2
+
+
 def cmd_interpolate(args):
     cfg = _config(args)
     _positive(pairs=cfg.pairs)
@@ -878,6 +897,8 @@ def cmd_interpolate(args):
         raise UsageError("--label all does not apply to interpolate: give one class for every pair")
     backend.use_backend(cfg.backend)
     model, diffusion, config, info = _load_source(cfg)
+    if cfg.t is None:
+        cfg.t = interpolation_t(diffusion.num_timesteps, info["image_size"])
     if not 0 <= cfg.t < diffusion.num_timesteps:
         raise UsageError(f"--t must lie in 0 .. {diffusion.num_timesteps - 1}, got {cfg.t}")
     if info["channels"] is not None:

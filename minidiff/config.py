@@ -37,8 +37,8 @@ def option(default, help, **extra):
 
 def backend_option():
     """--backend of every command: $MINIDIFF_BACKEND when set (read when the config is created), else numpy."""
-    return option(backend.default_name, "array backend: numpy (CPU) or cupy (NVIDIA GPU); default "
-                                        "$MINIDIFF_BACKEND or numpy", choices=backend.NAMES)
+    return option(backend.default_name, "array backend: numpy (CPU) or cupy (NVIDIA GPU) (default: "
+                                        "$MINIDIFF_BACKEND when set, else numpy)", choices=backend.NAMES)
 
 
 FINAL_SAMPLER = "dpm++"   # the final samples.png (and eval): DDPM-1000's confidence at 20 calls (BENCHMARKS.md)

@@ -8,6 +8,8 @@ May import: backend, checkpoint, config, pretrained, schedule.
 """
 from typing import NamedTuple
 
+from tqdm.auto import tqdm
+
 from . import backend, checkpoint, pretrained
 from .checkpoint import CheckpointError
 from .config import build_diffusion, build_model, config_from_dict
@@ -162,11 +164,16 @@ def draw_samples(diffusion, model, shape, num, seed, sampler=None, steps=0, eta=
         raise ValueError(f"{len(labels)} labels for {num} samples: give one label per sample")
     if guidance and labels is None:
         raise ValueError("guidance needs labels: classifier-free guidance steers towards a class")
-    chunks = []
-    for i, start in enumerate(range(0, num, batch_size)):
+    chunks, starts = [], range(0, num, batch_size)
+    # One bar for the whole draw: several batches count samples (a per-batch step bar would restart each batch)
+    overall = tqdm(total=num, unit="sample", desc=plan.describe(),
+                   disable=not progress or len(starts) < 2)
+    for i, start in enumerate(starts):
         batch = (min(batch_size, num - start), *shape)
-        kwargs = dict(seed=[seed, i], clip_denoised=clip, progress=progress, guidance=guidance)
+        kwargs = dict(seed=[seed, i], clip_denoised=clip, progress=progress and len(starts) < 2, guidance=guidance)
         if labels is not None:
             kwargs["model_kwargs"] = {"y": backend.to_active(backend.host.asarray(labels[start:start + batch[0]]))}
         chunks.append(backend.to_numpy(plan.run(model, batch, **kwargs)))  # host copy (GPU sync)
+        overall.update(batch[0])
+    overall.close()
     return backend.host.concatenate(chunks)

@@ -125,7 +125,7 @@ def test_cupy_without_cupy_names_the_install_command(monkeypatch):
     previous = backend.backend_name()
     monkeypatch.setattr(backend, "cupy", None)
     monkeypatch.setattr(backend, "CUPY_IMPORT_ERROR", None)
-    with pytest.raises(backend.BackendError, match=r'not installed: pip install "minidiff\[gpu\]"'):
+    with pytest.raises(backend.BackendError, match=r'not installed: in the minidiff checkout pip install -e "\.\[gpu\]".*from a wheel pip install "minidiff\[gpu\]"'):
         backend.use_backend("cupy")
     assert backend.backend_name() == previous  # a failed switch leaves the active backend alone
 
@@ -269,3 +269,26 @@ def test_keep_mask_is_the_same_on_both_backends_and_has_the_right_rate(standin):
     assert abs((a == c).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.005
     assert g_host.keep_mask((4,), 0.0, like=np.zeros(1)).all()
     assert not backend.Generator(1).keep_mask((1000,), 1.0, like=np.zeros(1)).any()
+
+
+def test_no_nvidia_driver_at_all_is_not_told_to_upgrade_it(monkeypatch):
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def get_device_count():
+        raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime")
+    runtime = type("runtime", (), {"CUDARuntimeError": CUDARuntimeError,
+                                   "getDeviceCount": staticmethod(get_device_count)})
+    monkeypatch.setattr(backend, "cupy", type("cupy", (), {"cuda": type("cuda", (), {"runtime": runtime})}))
+    monkeypatch.setattr(backend, "nvidia_driver_loaded", lambda: False)
+    ok, why = backend.gpu_status()
+    assert not ok and "no NVIDIA driver is loaded" in why and "upgrade" not in why and "--backend numpy" in why
+    monkeypatch.setattr(backend, "nvidia_driver_loaded", lambda: True)
+    ok, why = backend.gpu_status()
+    assert not ok and "older than the CUDA" in why and "upgrade the driver" in why and '.[gpu]' in why
+
+
+def test_the_install_hint_names_the_checkout_and_the_wheel_forms():
+    assert 'pip install -e ".[gpu]"' in backend.GPU_INSTALL_HINT and '"minidiff[gpu]"' in backend.GPU_INSTALL_HINT
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install -e ".[gpu]"' in readme

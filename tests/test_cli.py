@@ -1,4 +1,5 @@
 """The `minidiff` command line: every command on a tiny run, and every error path (exit 2, nothing overwritten)."""
+import argparse
 import contextlib
 import json
 import math
@@ -876,3 +877,35 @@ def test_inception_errors_are_one_line_and_write_nothing(inception_weights, tmp_
     assert run(*base, "--inception", inception_weights, "--ref", tmp_path / "broken.npz") == 2
     assert "sigma" in one_error_line(capsys)
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "t.npz").exists()
+
+
+def test_each_option_states_its_default_once(capsys):
+    from minidiff.cli import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            text = action.help or ""   # a stated default, "(default 64)", and an appended "(default: 0)" clash
+            assert text.count("(default:") <= 1 and not ("(default:" in text and "(default " in text), \
+                (name, action.dest, text)
+    assert run("forward", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 means 64" in text and "default 64" not in text
+    assert text.count("$MINIDIFF_BACKEND") == 1 and "(default: numpy)" not in text
+    assert run("train", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "created (with its parents) if missing" in text and "parent must exist" not in text
+
+
+def test_interpolate_mixes_small_images_earlier_by_default(trained, tmp_path, capsys):
+    from minidiff.cli import interpolation_t
+    assert interpolation_t(1000, 8) == 250 and interpolation_t(1000, 32) == 500 and interpolation_t(10, 8) == 2
+    capsys.readouterr()
+    assert run("interpolate", "--checkpoint", trained, "--pairs", 1, "--lambdas", 2, "--out", tmp_path / "i.png") == 0
+    assert "at t=2 " in capsys.readouterr().err   # the tiny run's T = 10, 8x8 digits
+
+
+def test_eval_draws_with_one_progress_bar_over_every_batch(trained, tmp_path, capsys):
+    assert run("eval", "--checkpoint", trained, "--num", 12, "--batch-size", 5, "--steps", 2) == 0
+    err = capsys.readouterr().err
+    assert "12/12" in err and "sample" in err          # one bar counting samples across the 3 batches
+    assert "2/2" not in err                             # no per-batch step bars restarting
