@@ -169,7 +169,8 @@ Every frame below was computed by minidiff; the sliders only choose which one to
   </table>
   <label>Direction</label>
   <input type="radio" name="direction" id="dir-forward" value="forward" checked>
-  <label for="dir-forward" class="inline">forward: image to noise</label><br>
+  <label for="dir-forward" class="inline">forward: image to noise</label>
+  <div class="note" id="forward-note"></div>
   <input type="radio" name="direction" id="dir-reverse" value="reverse">
   <label for="dir-reverse" class="inline">reverse: noise to image</label>
   <div class="note" id="reverse-note"></div>
@@ -199,6 +200,10 @@ setupRange($("steps"), D.stepsChoices[0], D.stepsChoices[D.stepsChoices.length -
            D.stepsChoices[1] - D.stepsChoices[0], D.defaultSteps);
 setupRange($("scale"), 0, D.scaleChoices.length - 1, 1, D.scaleChoices.indexOf(D.defaultScale));
 setupRange($("frame"), 0, D.defaultSteps, 1, 0);
+if (hasReverse) {   // cli forward --checkpoint: the forward chains are seeded with the reverse chain's x_0
+  $("forward-note").textContent = "Here the forward process starts from the model's own sample (the reverse " +
+    "chain's last frame, x_0), not from a real image: both directions run through the same picture.";
+}
 if (!hasReverse) {
   $("dir-reverse").disabled = true;
   $("reverse-note").textContent = "The reverse process needs a trained model: minidiff forward --checkpoint RUN --out page.html";

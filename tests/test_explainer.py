@@ -190,6 +190,7 @@ def test_sliders_move_the_picture_and_the_numbers(browser, tmp_path):
     wait_drawn(browser)
     assert text(browser, "out-t") == "t = 1000 = T of T = 1000"
     assert browser.execute_script("return document.getElementById('dir-reverse').disabled")
+    assert text(browser, "forward-note") == ""   # a real picture: nothing to explain
 
 
 def test_reverse_process_of_a_checkpoint_in_the_browser(browser, tmp_path):
@@ -207,6 +208,8 @@ def test_reverse_process_of_a_checkpoint_in_the_browser(browser, tmp_path):
 
     browser.get(out.as_uri())
     wait_drawn(browser)
+    note = browser.find_element(By.ID, "forward-note").text
+    assert "model's own sample" in note and "not from a real image" in note
     browser.find_element(By.ID, "dir-reverse").click()
     wait_drawn(browser)
     assert text(browser, "out-t") == "t = 10 = T of T = 10"
