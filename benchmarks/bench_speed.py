@@ -38,6 +38,7 @@ DEFAULT_REPS = {"tiny": 10, "small": 7, "mnist": 5, "cifar": 3}
 DEFAULT_WARMUP = {"tiny": 3, "small": 2, "mnist": 2, "cifar": 1}
 T_STEPS = 1000  # length of the linear beta schedule of the benchmark's diffusion
 JSON_TAG = "BENCH_JSON "
+FRAMEWORKS = ("minidiff", "minidiff+tuning", "torch")  # minidiff with tuning off (the default) and on
 
 
 # ---------------------------------------------------------------- analytic FLOP count
@@ -239,6 +240,16 @@ def worker_minidiff(cfg, args):
     sync()
     _release_free_memory()
     base_rss = _rss_mb("VmRSS")
+    from minidiff.kernels import tuning
+    tuning_steps = 0
+    while tuning.setting() != "off" and tuning_steps < 200 and (tuning_steps == 0 or tuning.searching()):
+        train_step()    # tuning times each shape's first calls: let every search end before the timed steps
+        model.eval()
+        sample_step()
+        model.train()
+        tuning_steps += 1
+    if tuning_steps:
+        _release_free_memory()
     reset = _reset_peak_rss()
     if args.backend == "cupy":
         pool = xp.get_default_memory_pool()
@@ -252,6 +263,9 @@ def worker_minidiff(cfg, args):
         out["gpu_peak_mb"] = (pool.total_bytes() - base_pool) / 2 ** 20  # pool never shrinks: ~ peak held
     model.eval()  # sampling runs without dropout (cifar has dropout 0.1)
     out["sample_s"], out["sample_all"], out["sample_cpu_s"] = _time(sample_step, args.warmup, args.reps, sync)
+    if tuning.setting() != "off":   # the shapes were timed during the untimed warm-up steps
+        out["tuning_s"], out["tuning_report"] = tuning.seconds_spent(), tuning.format_report()
+        out["tuning_steps"] = tuning_steps
     if args.profile:
         model.train()
         out["profile"] = profile_minidiff(train_step, sync, reps=max(2, args.reps // 2))
@@ -414,7 +428,7 @@ def run_worker(args):
         result = conformance(args.config, args)
     else:
         cfg = CONFIGS[args.config]
-        result = (worker_minidiff if args.framework == "minidiff" else worker_torch)(cfg, args)
+        result = (worker_minidiff if args.framework.startswith("minidiff") else worker_torch)(cfg, args)
         result["flops"] = unet_flops(cfg)
     print(JSON_TAG + json.dumps(result), flush=True)
 
@@ -424,12 +438,14 @@ def spawn(framework, config, args):
            "--threads", str(args.threads), "--backend", args.backend,
            "--warmup", str(args.warmup or DEFAULT_WARMUP[config]),
            "--reps", str(args.reps or DEFAULT_REPS[config])]
-    if args.profile and framework == "minidiff":
+    if args.profile and framework.startswith("minidiff"):
         cmd.append("--profile")
     if args.num_groups:
         cmd += ["--num-groups", str(args.num_groups)]
     env = dict(os.environ)
     _set_env_threads(env, args.threads)
+    if framework.startswith("minidiff"):   # "minidiff+tuning": measured kernel choices (kernels/tuning.py)
+        env["MINIDIFF_TUNING"] = "on" if framework == "minidiff+tuning" else "off"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -529,7 +545,7 @@ def report(results, args):
         cfg = CONFIGS[name]
         fwd = unet_flops(cfg)["total"]
         per = {}
-        for fw in ("minidiff", "torch"):
+        for fw in FRAMEWORKS:
             r = results.get((fw, name))
             if not r:
                 continue
@@ -544,19 +560,33 @@ def report(results, args):
                         f"{1e3 * r['train_s']:.1f} | {cfg['batch'] / r['train_s']:.1f} | {1e3 * r['sample_s']:.1f} | "
                         f"{cfg['batch'] / r['sample_s']:.1f} | {mem} | "
                         f"{train_gflops:.0f} ({100 * train_gflops / peaks[fw]:.0f}%) |")
-        if len(per) == 2:
-            m, t = per["minidiff"], per["torch"]
-            ratio_rows.append(f"| {name} | {fmt_ratio(m['train_s'], t['train_s'])} | "
+        for variant in (v for v in FRAMEWORKS[:2] if v in per and "torch" in per):
+            m, t = per[variant], per["torch"]
+            label = name if variant == "minidiff" else f"{name}, tuning on"
+            ratio_rows.append(f"| {label} | {fmt_ratio(m['train_s'], t['train_s'])} | "
                               f"{fmt_ratio(m['sample_s'], t['sample_s'])} | {fmt_ratio(m['step_mem'], t['step_mem'])} | "
                               f"{fmt_ratio(m['train_gflops'], t['train_gflops'])} | "
                               f"{fmt_ratio(m['train_cpu_s'], t['train_cpu_s'])} | {fmt_ratio(m['sample_cpu_s'], t['sample_cpu_s'])} |")
     print("\n".join(rows))
     print("\nfloat32 GEMM peak (2048^3, same threads, best of the workers): " +
-          ", ".join(f"{'numpy/cupy' if fw == 'minidiff' else 'torch'} {p:.0f} GFLOP/s" for fw, p in peaks.items()))
+          ", ".join(f"{'torch' if fw == 'torch' else 'numpy/cupy'} {p:.0f} GFLOP/s" for fw, p in peaks.items()))
     if len(ratio_rows) > 2:
         print("\nRatio minidiff / PyTorch (lower is better for time and memory; targets: train <= 1.2x, "
               "sample <= 1.2x, memory <= 1.5x)\n")
         print("\n".join(ratio_rows))
+    tuned = [(name, results.get(("minidiff", name)), results.get(("minidiff+tuning", name))) for name in args.configs]
+    tuned = [(name, off, on) for name, off, on in tuned if on]
+    if tuned:
+        print("\nTuning on / off (lower is better; target: no configuration above 1.00x), and the first-call cost\n")
+        print("| config | train time | sample time | training-step memory | tuning cost (slower candidates' extra time) |")
+        print("|---|---|---|---|---|")
+        for name, off, on in tuned:
+            if off:
+                print(f"| {name} | {fmt_ratio(on['train_s'], off['train_s'])} | {fmt_ratio(on['sample_s'], off['sample_s'])} "
+                      f"| {fmt_ratio(on['step_mem'], off['step_mem'])} | {on['tuning_s']:.2f} s over {on['tuning_steps']} steps |")
+        for name, _, on in tuned:
+            print(f"\nTuned choices, {name} (* = chosen; the first candidate of each shape is the fixed rules' plan):\n")
+            print(on["tuning_report"])
 
 
 def print_profile(name, prof, fwd_flops, what="training", peak=None):
@@ -597,6 +627,9 @@ def main(argv=None):
     p.add_argument("--num-groups", type=int, default=0, help="GroupNorm groups for the torch model (0: as minidiff)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
     p.add_argument("--json", help="also write all results to this file")
+    p.add_argument("--tuning", default="off", choices=["off", "on", "both"],
+                   help="minidiff's measured kernel choices (MINIDIFF_TUNING): off (the fixed rules), on, or both "
+                        "side by side, with the tuned choices and each candidate's time printed")
     p.add_argument("--rounds", type=int, default=1,
                    help="run each (framework, config) this many times, alternating A B A B, and keep each "
                         "timing's best: on a shared machine the least disturbed run is the closest to the truth")
@@ -623,7 +656,8 @@ def main(argv=None):
     results = {}
     for name in args.configs:
         for rnd in range(max(1, args.rounds)):
-            for fw in ("minidiff", "torch") if use_torch else ("minidiff",):
+            variants = {"off": ["minidiff"], "on": ["minidiff+tuning"], "both": ["minidiff", "minidiff+tuning"]}
+            for fw in variants[args.tuning] + (["torch"] if use_torch else []):
                 t0 = time.perf_counter()
                 r = spawn(fw, name, args)
                 if r:

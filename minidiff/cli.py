@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from . import __version__, backend, checkpoint, data, distributed, explainer, images, inception, kernels, metrics, pretrained, sampling
 from . import train as training
+from .kernels import tuning as kernel_tuning
 from .checkpoint import CheckpointError
 from .config import (FINAL_SAMPLER, MAX_GUIDANCE, TrainConfig, backend_option, build_diffusion, check_fits,
                      config_from_dict, make_config, option, validate)
@@ -343,6 +344,7 @@ def main(argv=None):
             parser.print_help()
             return EXIT_USAGE
         kernels.mode()   # an unknown MINIDIFF_KERNELS is reported before any work starts
+        kernel_tuning.check()   # as is a bad MINIDIFF_TUNING
         return args.run(args) or 0
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0
@@ -640,6 +642,9 @@ def cmd_train(args):
     _print_on_root(f"trained {config.steps} steps in {int(minutes)}m{seconds:02.0f}s; wrote {out}/samples.png, "
                    f"{training.CHECKPOINT}, metrics.{config.log_format} and loss.png"
                    + (f" ({world.size} MPI ranks)" if world.size > 1 else ""))
+    if kernel_tuning.setting() != "off":
+        _print_on_root(f"kernel tuning ({kernel_tuning.setting()}): {len(kernel_tuning.report())} convolution shapes "
+                       f"timed; their slower candidates cost {kernel_tuning.seconds_spent():.1f} s of the run")
     return 0
 
 

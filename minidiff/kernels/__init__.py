@@ -15,6 +15,9 @@ computes the same thing (to float32 rounding; tests/test_kernels*.py hold each o
 | optim.adam_step, optim.ema_update | optim.Adam.step, optim.EMA.update | one flat buffer, cache blocks |
 | memory.keep_freed_memory | (the allocator) | freed activations reused without page faults |
 
+tuning.py chooses among a kernel's plans (the convolution's algorithm, block size and thread
+split) by timing them in the run, when MINIDIFF_TUNING asks it to; off, the fixed rules hold.
+
 pool.py is the thread pool they share; `pool.split` is the one chunking idiom.
 
 The mode: "fast" (the default) uses the kernels; "reference" runs the whole library on the

@@ -18,7 +18,7 @@ import threading
 
 from .. import backend
 from ..tensor import Function
-from . import pool
+from . import pool, tuning
 
 
 def output_size(h, w, kh, kw, stride, pads):
@@ -94,20 +94,39 @@ def im2col_nhwc(xpad, kh, kw, stride):
 BLOCK_BYTES = 2 << 20
 
 
-def image_blocks(n, bytes_per_image, xp):
-    """Split images 0..n-1 into nearly equal (start, stop) blocks of about BLOCK_BYTES of scratch each
-    (between 2/3 and 3/2 of it, at least one image per block; no small tail block); one block on a GPU,
-    where CuPy's memory pool reuses memory and every launch costs."""
+# The block sizes tuning (kernels/tuning.py) tries: L2 caches run from 512 KiB (AMD EPYC) to 2 MiB (Xeon) per core.
+BLOCK_CHOICES = (1 << 19, 2 << 20, 8 << 20)
+
+
+tuning.on_settled.append(_workspace.clear)   # the scratch of a tried larger block is not kept once tuning ends
+
+
+def image_blocks(n, bytes_per_image, xp, block=None):
+    """Split images 0..n-1 into nearly equal (start, stop) blocks of about `block` (default BLOCK_BYTES) bytes of
+    scratch each (between 2/3 and 3/2 of it, at least one image per block; no small tail block); one block on a
+    GPU, where CuPy's memory pool reuses memory and every launch costs."""
     if xp is not backend.host or n <= 1:
         return [(0, n)]
-    return pool.chunks(n, max(1, round(n * bytes_per_image / BLOCK_BYTES)))
+    return pool.chunks(n, max(1, round(n * bytes_per_image / (block or BLOCK_BYTES))))
 
 
-def correlate_im2col(xpad, w2, kh, kw, stride, rows, out):
+def block_choices(n, bytes_per_image):
+    """The BLOCK_CHOICES that split n images differently from each other (the first of each kind): the ones
+    worth timing."""
+    seen, out = set(), []
+    for block in sorted(BLOCK_CHOICES, key=lambda b: b != BLOCK_BYTES):   # the fixed rule's size first
+        count = max(1, round(n * bytes_per_image / block))
+        if count not in seen:
+            seen.add(count)
+            out.append(block)
+    return tuple(out)
+
+
+def correlate_im2col(xpad, w2, kh, kw, stride, rows, out, block=None):
     """out (n*Ho*Wo, O) = im2col(xpad) @ w2.T, a block of images at a time (out None: allocated)."""
     xp = backend.xp_of(xpad)
     n = xpad.shape[0]
-    blocks = image_blocks(n, rows * w2.shape[1] * xpad.itemsize, xp) if kh * kw > 1 else [(0, n)]
+    blocks = image_blocks(n, rows * w2.shape[1] * xpad.itemsize, xp, block) if kh * kw > 1 else [(0, n)]
     if out is None and len(blocks) > 1:
         out = xp.empty((n * rows, w2.shape[0]), dtype=xp.result_type(xpad, w2))
     for p, q in blocks:                               # a few images at a time: the columns stay in cache
@@ -190,7 +209,7 @@ def _winograd_conv(xpad, u, out):
         yp1 -= t[p, 3]
 
 
-def winograd_correlate(x_nhwc, u, pads, out):
+def winograd_correlate(x_nhwc, u, pads, out, block=None):
     """Stride-1 3x3 correlation of x (n, H, W, C) padded by `pads`, into out (n*Ho*Wo, O) (None: allocated), any
     Ho, Wo, a block of images at a time: odd sizes get one more zero row/column, whose output is dropped."""
     xp = backend.xp_of(x_nhwc)
@@ -201,7 +220,7 @@ def winograd_correlate(x_nhwc, u, pads, out):
     if out is None:
         out = xp.empty((n * ho * wo, o), dtype=xp.result_type(x_nhwc, u))
     xpads = pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
-    for p, q in image_blocks(n, 4 * he * we * max(c, o) * out.itemsize, xp):   # V and M: 4x an image's in/out
+    for p, q in image_blocks(n, 4 * he * we * max(c, o) * out.itemsize, xp, block):   # V and M: 4x an image's in/out
         xpad = pool.part(xpads, p, q)
         rows = pool.part(out, p * ho * wo, q * ho * wo)
         if ho % 2 == 0 and wo % 2 == 0:
@@ -213,7 +232,7 @@ def winograd_correlate(x_nhwc, u, pads, out):
     return out
 
 
-def winograd_tile_grads(x_nhwc, g_nhwo, pads):
+def winograd_tile_grads(x_nhwc, g_nhwo, pads, block=None):
     """The weight gradient's part of one batch chunk in the Winograd domain: dL/dU' (16, C, O).
 
     Y = A^T (U * V) A is linear in U, so dL/dU = sum over tiles of V * (A dY A^T), one GEMM
@@ -229,7 +248,7 @@ def winograd_tile_grads(x_nhwc, g_nhwo, pads):
     th, tw = (ho + 1) // 2, (wo + 1) // 2
     du = None
     xpads = pad_nhwc(x_nhwc, (pt, pb + ho % 2, pl, pr + wo % 2))
-    for p, q in image_blocks(n, 16 * th * tw * max(c, o) * g_nhwo.itemsize, xp):
+    for p, q in image_blocks(n, 16 * th * tw * max(c, o) * g_nhwo.itemsize, xp, block):
         xpad = pool.part(xpads, p, q)
         g = pool.part(g_nhwo, p, q)
         if ho % 2 or wo % 2:
@@ -277,8 +296,32 @@ def use_winograd(x, weight, stride, pixels):
 # ---------------------------------------------------------------- the kernel
 
 
+def winograd_possible(x, weight, stride):
+    """Whether Winograd F(2x2, 3x3) can compute this correlation at all (a 3x3 stride-1 kernel on numpy)."""
+    kh, kw = weight.shape[2:]
+    return kh == kw == 3 and stride == (1, 1) and backend.xp_of(x) is backend.host
+
+
+def _thread_choices(x, n, default):
+    """One thread or the whole pool, where both are possible (numpy, more than one image and core)."""
+    every = pool.get_num_threads()
+    if backend.xp_of(x) is not backend.host or n < 2 or every < 2:
+        return (default,)
+    return (default, 1 if default > 1 else every)
+
+
+def shape_key(direction, x_shape, weight, stride, padding, dtype, need=None):
+    """The tuning cache's key of one convolution call: what its algorithm choice can depend on."""
+    key = (f"conv2d.{direction} x={'x'.join(map(str, x_shape))} w={'x'.join(map(str, weight.shape))} "
+           f"stride={stride[0]}x{stride[1]} pad={'/'.join(map(str, padding))} {backend.host.dtype(dtype).name}")
+    return key if need is None else key + " grads=" + "".join("xwb"[i] for i in range(3) if need[i])
+
+
 class Conv2d(Function):
-    """Kernel of conv.Conv2d: out = conv(x, weight) + bias, x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, Ho, Wo)."""
+    """Kernel of conv.Conv2d: out = conv(x, weight) + bias, x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, Ho, Wo).
+
+    Each direction runs one tuning.Plan: the fixed rules' (tuning off) or the fastest measured one for its shape.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0)):
@@ -286,23 +329,37 @@ class Conv2d(Function):
         o, c, kh, kw = weight.shape
         ho, wo = output_size(x.shape[2], x.shape[3], kh, kw, stride, padding)
         xp = backend.xp_of(x)
+        tuning.check()
         # first: the pool's first use sets BLAS to one thread, which the Winograd transform's GEMM then runs on
         threads = pool.threads_for(x, macs=n * ho * wo * o * c * kh * kw)
         w2 = weight.transpose(0, 2, 3, 1).reshape(o, -1)          # (O, kh*kw*C), columns ordered (i, j, c)
-        u = winograd_weights(weight) if use_winograd(x, weight, stride, ho * wo) else None
         dtype = xp.result_type(x, weight)
+        u = {}                                                    # Winograd's U, made once if a plan needs it
 
-        def chunk(a, b, out):                                     # images a..b-1 -> their (rows, O) outputs
-            x_nhwc = pool.part(x, a, b).transpose(0, 2, 3, 1)
-            if u is not None:                                     # Winograd: the same result, 2.25x fewer FLOPs
-                out = winograd_correlate(x_nhwc, u, padding, out)
-            else:
-                out = correlate_im2col(pad_nhwc(x_nhwc, padding), w2, kh, kw, stride, ho * wo, out)
-            if bias is not None:
-                out += bias
-            return out
+        def run(plan):
+            if plan.algo == "winograd" and not u:
+                u["u"] = winograd_weights(weight)
 
-        out = pool.split(xp, n, chunk, threads, rows=[((n * ho * wo, o), dtype)])
+            def chunk(a, b, out):                                 # images a..b-1 -> their (rows, O) outputs
+                x_nhwc = pool.part(x, a, b).transpose(0, 2, 3, 1)
+                if plan.algo == "winograd":                       # Winograd: the same result, 2.25x fewer FLOPs
+                    out = winograd_correlate(x_nhwc, u["u"], padding, out, plan.block)
+                else:
+                    out = correlate_im2col(pad_nhwc(x_nhwc, padding), w2, kh, kw, stride, ho * wo, out, plan.block)
+                if bias is not None:
+                    out += bias
+                return out
+
+            return pool.split(xp, n, chunk, plan.threads, rows=[((n * ho * wo, o), dtype)])
+
+        default = tuning.Plan(algo="winograd" if use_winograd(x, weight, stride, ho * wo) else "im2col",
+                              block=BLOCK_BYTES, threads=threads)
+        options = [("algo", ("im2col", "winograd") if winograd_possible(x, weight, stride) else ()),
+                   ("threads", _thread_choices(x, n, threads)),
+                   ("block", block_choices(n, ho * wo * kh * kw * c * x.itemsize) if kh * kw > 1 else ())]
+        # training and sampling (no gradient) calls are tuned apart: the ops around them, and so the caches, differ
+        direction = "forward" if any(ctx.needs_input_grad) else "inference"
+        out = tuning.run(shape_key(direction, x.shape, weight, stride, padding, dtype), default, options, run)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.geometry = x.shape, stride, padding
         return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)   # (N, O, Ho, Wo) view, channels-last strides
@@ -322,49 +379,66 @@ class Conv2d(Function):
         threads = pool.threads_for(grad, macs=grad.size * c * kh * kw)
         plain_1x1 = kh == kw == 1 and stride == (1, 1) and not any(padding)
         transposed = stride == (1, 1) and min(full) >= 0 and not plain_1x1
-        w_flip = u_flip = None                                    # the transposed conv's kernel, as a GEMM or Winograd's U
-        if need[0] and transposed and use_winograd(grad, weight, stride, h * w):
-            u_flip = winograd_weights(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (16, O, C)
-        elif need[0] and transposed:
-            w_flip = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)     # (C, kh*kw*O)
-        wino_w = need[1] and use_winograd(grad, weight, stride, ho * wo)   # dL/dW in the Winograd domain
+        flipped = {}                                              # the transposed conv's kernel, as a GEMM or Winograd's U
 
-        def chunk(a, b, gx):                                      # images a..b-1 -> (dx rows, dW part, db part)
-            g2 = xp.ascontiguousarray(pool.part(g4, a, b).reshape(-1, o))   # (n*Ho*Wo, O); no copy if channels-last
-            gw = gb = None
-            if wino_w:                                            # dL/dU', 16 GEMMs, no im2col copy
-                gw = winograd_tile_grads(pool.part(x, a, b).transpose(0, 2, 3, 1), g2.reshape(b - a, ho, wo, o), padding)
-            elif need[1]:
-                rows = ho * wo
-                blocks = image_blocks(b - a, rows * kh * kw * c * x.itemsize, xp) if kh * kw > 1 else [(0, b - a)]
-                xpad = pad_nhwc(pool.part(x, a, b).transpose(0, 2, 3, 1), padding)
-                for p, q in blocks:                               # dL/dW sums the blocks' products
-                    cols = im2col_nhwc(pool.part(xpad, p, q), kh, kw, stride)
-                    prod = cols.T @ pool.part(g2, p * rows, q * rows)   # dL/dW = cols^T dL/dout, (kh*kw*C, O)
-                    gw = prod if gw is None else xp.add(gw, prod, out=gw)
-            if need[2]:
-                gb = g2.sum(axis=0)                               # dL/db = sum of dL/dout over N, Ho, Wo
+        def run(plan):
+            wino_x = need[0] and transposed and plan.algo == "winograd"
+            wino_w = need[1] and plan.wgrad == "winograd"         # dL/dW in the Winograd domain
+            if wino_x and "u" not in flipped:
+                flipped["u"] = winograd_weights(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (16, O, C)
+            elif need[0] and transposed and not wino_x and "w" not in flipped:
+                flipped["w"] = weight[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)     # (C, kh*kw*O)
+
+            def chunk(a, b, gx):                                  # images a..b-1 -> (dx rows, dW part, db part)
+                g2 = xp.ascontiguousarray(pool.part(g4, a, b).reshape(-1, o))   # (n*Ho*Wo, O); no copy if channels-last
+                gw = gb = None
+                if wino_w:                                        # dL/dU', 16 GEMMs, no im2col copy
+                    gw = winograd_tile_grads(pool.part(x, a, b).transpose(0, 2, 3, 1), g2.reshape(b - a, ho, wo, o),
+                                             padding, plan.block)
+                elif need[1]:
+                    rows = ho * wo
+                    blocks = (image_blocks(b - a, rows * kh * kw * c * x.itemsize, xp, plan.block) if kh * kw > 1
+                              else [(0, b - a)])
+                    xpad = pad_nhwc(pool.part(x, a, b).transpose(0, 2, 3, 1), padding)
+                    for p, q in blocks:                           # dL/dW sums the blocks' products
+                        cols = im2col_nhwc(pool.part(xpad, p, q), kh, kw, stride)
+                        prod = cols.T @ pool.part(g2, p * rows, q * rows)   # dL/dW = cols^T dL/dout, (kh*kw*C, O)
+                        gw = prod if gw is None else xp.add(gw, prod, out=gw)
+                if need[2]:
+                    gb = g2.sum(axis=0)                           # dL/db = sum of dL/dout over N, Ho, Wo
+                if need[0]:
+                    g_img = g2.reshape(b - a, ho, wo, o)
+                    if plain_1x1:
+                        gx = xp.matmul(g2, weight.reshape(o, c), out=gx)          # dL/dx = dL/dout W, a plain GEMM
+                    elif wino_x:
+                        gx = winograd_correlate(g_img, flipped["u"], full, gx, plan.block)
+                    elif transposed:                              # dL/dout (padded by k-1-p) * flipped kernel
+                        gx = correlate_im2col(pad_nhwc(g_img, full), flipped["w"], kh, kw, (1, 1), h * w, gx, plan.block)
+                    else:                                         # dL/dx = col2im(dL/dout W): scatter the windows
+                        gx = col2im_nhwc(g2 @ weight.transpose(0, 2, 3, 1).reshape(o, -1), (b - a, h, w, c),
+                                         kh, kw, stride, padding).reshape(-1, c)
+                return gx, gw, gb
+
+            gx_spec = ((n * h * w, c), grad.dtype) if need[0] else None
+            grad_x, grad_w, grad_b = pool.split(xp, n, chunk, plan.threads, rows=[gx_spec], sums=2)
+            if need[1]:
+                grad_w = (winograd_kernel_grad(grad_w) if wino_w    # dL/dw = G^T dL/dU G, OIHW
+                          else xp.ascontiguousarray(grad_w.reshape(kh, kw, c, o).transpose(3, 2, 0, 1)))
             if need[0]:
-                g_img = g2.reshape(b - a, ho, wo, o)
-                if plain_1x1:
-                    gx = xp.matmul(g2, weight.reshape(o, c), out=gx)          # dL/dx = dL/dout W, a plain GEMM
-                elif u_flip is not None:
-                    gx = winograd_correlate(g_img, u_flip, full, gx)
-                elif transposed:                                  # dL/dout (padded by k-1-p) * flipped kernel
-                    gx = correlate_im2col(pad_nhwc(g_img, full), w_flip, kh, kw, (1, 1), h * w, gx)
-                else:                                             # dL/dx = col2im(dL/dout W): scatter the windows
-                    gx = col2im_nhwc(g2 @ weight.transpose(0, 2, 3, 1).reshape(o, -1), (b - a, h, w, c),
-                                     kh, kw, stride, padding).reshape(-1, c)
-            return gx, gw, gb
+                grad_x = grad_x.reshape(n, h, w, c).transpose(0, 3, 1, 2)   # channels-last strides
+            return grad_x, grad_w, grad_b
 
-        gx_spec = ((n * h * w, c), grad.dtype) if need[0] else None
-        grad_x, grad_w, grad_b = pool.split(xp, n, chunk, threads, rows=[gx_spec], sums=2)
-        if need[1]:
-            grad_w = (winograd_kernel_grad(grad_w) if wino_w        # dL/dw = G^T dL/dU G, OIHW
-                      else xp.ascontiguousarray(grad_w.reshape(kh, kw, c, o).transpose(3, 2, 0, 1)))
-        if need[0]:
-            grad_x = grad_x.reshape(n, h, w, c).transpose(0, 3, 1, 2)   # channels-last strides
-        return (grad_x, grad_w, grad_b)[:len(ctx.needs_input_grad)]
+        wino = winograd_possible(grad, weight, stride)
+        default = tuning.Plan(algo="winograd" if need[0] and transposed and use_winograd(grad, weight, stride, h * w)
+                              else "im2col",
+                              wgrad="winograd" if need[1] and use_winograd(grad, weight, stride, ho * wo) else "im2col",
+                              block=BLOCK_BYTES, threads=threads)
+        options = [("algo", ("im2col", "winograd") if wino and need[0] and transposed else ()),
+                   ("wgrad", ("im2col", "winograd") if wino and need[1] else ()),
+                   ("threads", _thread_choices(grad, n, threads)),
+                   ("block", block_choices(n, ho * wo * kh * kw * max(c, o) * grad.itemsize) if kh * kw > 1 else ())]
+        key = shape_key("backward", x_shape, weight, stride, padding, grad.dtype, need)
+        return tuning.run(key, default, options, run)[:len(ctx.needs_input_grad)]
 
 
 def col2im_nhwc(cols, x_shape, kh, kw, stride, pads):
