@@ -27,6 +27,12 @@ class FakeClock:
         return self.now
 
 
+@pytest.fixture(autouse=True)
+def no_minimum(monkeypatch):
+    """The fake ops below take 0.1-1 s; a test of the short-call rule sets its own minimum."""
+    monkeypatch.setattr(tuning, "MIN_SECONDS", 0.0)
+
+
 def drive(key, default, options, cost, calls=100):
     """Call tuning.run `calls` times with an op whose time is cost(plan); the plans it ran, in order."""
     clock, ran = FakeClock(), []
@@ -80,6 +86,15 @@ def test_a_candidate_must_beat_the_incumbent_by_the_margin(tuning_mode):
     ran = drive("margin-key", default, [("algo", ("im2col", "winograd"))],
                 lambda p: 1.0 if p.algo == "im2col" else slightly)
     assert ran[-1] == default   # noise-sized gains never replace the fixed rules
+
+
+def test_calls_shorter_than_the_minimum_keep_the_fixed_rules(tuning_mode, monkeypatch):
+    tuning_mode("on")
+    monkeypatch.setattr(tuning, "MIN_SECONDS", 0.5)
+    default = Plan(algo="im2col")
+    ran = drive("short-key", default, [("algo", ("im2col", "winograd"))],
+                lambda p: 0.4 if p.algo == "im2col" else 0.1, calls=20)
+    assert ran == [default] * 20 and tuning.report()[-1][:2] == ("short-key", default)
 
 
 def test_the_file_saves_choices_and_reuses_them_without_timing(tuning_mode, tmp_path):

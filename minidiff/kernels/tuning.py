@@ -36,6 +36,7 @@ from . import KernelsError, pool
 
 MARGIN = 0.05      # a candidate must beat the incumbent by 5% to replace it
 WARMUP_CALLS = 2   # a shape's first calls run the fixed rules' plan untimed (page faults, cold caches)
+MIN_SECONDS = 2e-3  # shapes whose fixed-rules plan takes less keep it (measured: tiny and small lost 2-6% otherwise)
 REPEATS = 3        # timed calls per candidate (the minimum is kept: the first also grows its scratch buffers)
 FORMAT = 1         # the tuning file's format version
 
@@ -157,6 +158,8 @@ def _search(default, options, times):
             times[plan].append((yield plan))
         if min(times[plan]) < (1 - MARGIN) * min(times[best]):
             best = plan
+        if candidate is None and min(times[plan]) < MIN_SECONDS:
+            break     # a call this short: its gains are smaller than the noise of timing them in a run
     return best
 
 
