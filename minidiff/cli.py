@@ -348,7 +348,8 @@ def main(argv=None):
         return args.run(args) or 0
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0
-    except (UsageError, CheckpointError, DataError, backend.BackendError, kernels.KernelsError) as err:
+    except (UsageError, CheckpointError, DataError, backend.BackendError, kernels.KernelsError,
+            kernel_tuning.TuningError) as err:
         message = str(err)
         if not message.startswith("minidiff"):
             message = f"minidiff {getattr(args, 'command', '') or ''}: error: {message}".replace("  ", " ")

@@ -32,7 +32,7 @@ import time
 from typing import NamedTuple
 
 from .. import backend
-from . import KernelsError, pool
+from . import pool
 
 MARGIN = 0.05      # a candidate must beat the incumbent by 5% to replace it
 WARMUP_CALLS = 2   # a shape's first calls run the fixed rules' plan untimed (page faults, cold caches)
@@ -41,7 +41,7 @@ REPEATS = 3        # timed calls per candidate (the minimum is kept: the first a
 FORMAT = 1         # the tuning file's format version
 
 
-class TuningError(KernelsError):
+class TuningError(ValueError):
     """A bad MINIDIFF_TUNING value or an unreadable tuning file (the CLI reports it as one error line, exit 2)."""
 
 
