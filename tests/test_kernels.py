@@ -133,6 +133,23 @@ def test_linear_kernel_matches_the_math_op(chunked, n, rows, d_in, d_out, with_b
     assert_kernel_matches_math(fn, [x, w, b] if with_bias else [x, w], cot, tol=1e-5)
 
 
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31))
+def test_column_sums_and_channel_sums_are_the_sums(rows, cols, seed):
+    """The GEMV sums that stand in for a.sum(axis=0) (bias gradients) and the per-sample channel sums of the
+    norms, held to float64 sums; the shared vector of ones stays ones whatever lengths were asked before."""
+    from minidiff.kernels import dense, norm
+    a = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) + 2
+    exact = a.astype(np.float64).sum(axis=0)
+    got = dense.column_sums(a)
+    assert got.dtype == np.float32 and got.shape == (cols,)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6 * float(np.abs(a).sum(axis=0).max()))
+    v = a.reshape(1, rows, cols)                                  # (n, S, C) and (n, C, S) views
+    np.testing.assert_allclose(norm.channel_sums(v, 2)[0], exact, rtol=0, atol=1e-6 * float(np.abs(a).sum(axis=0).max()))
+    np.testing.assert_allclose(norm.channel_sums(v.transpose(0, 2, 1), 1)[0], exact, rtol=0,
+                               atol=1e-6 * float(np.abs(a).sum(axis=0).max()))
+    assert (dense.ones(np, rows + 7, np.float32) == 1).all()
+
+
 @given(st.integers(1, 4), st.integers(1, 9), st.integers(1, 6), st.integers(1, 5), st.sampled_from([1, 3]),
        st.integers(0, 2**31))
 def test_attention_kernel_matches_the_math_op(chunked, n, length, c, cv, threads, seed):

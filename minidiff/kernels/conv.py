@@ -12,13 +12,14 @@ What it changes against the math op (conv.py), none of which changes what is com
 - Batch chunks on the thread pool (pool.split), and inside a chunk blocks of images whose
   scratch matrices (reused per thread) stay in the core's cache for the GEMM that reads them.
 tests/test_kernels_conv.py holds it to conv.Conv2d and to float64 nested loops.
-May import: backend, tensor, kernels.pool.
+May import: backend, tensor, kernels.pool, kernels.tuning, kernels.dense.
 """
 import threading
 
 from .. import backend
 from ..tensor import Function
 from . import pool, tuning
+from .dense import column_sums
 
 
 def output_size(h, w, kh, kw, stride, pads):
@@ -405,7 +406,7 @@ class Conv2d(Function):
                         prod = cols.T @ pool.part(g2, p * rows, q * rows)   # dL/dW = cols^T dL/dout, (kh*kw*C, O)
                         gw = prod if gw is None else xp.add(gw, prod, out=gw)
                 if need[2]:
-                    gb = g2.sum(axis=0)                           # dL/db = sum of dL/dout over N, Ho, Wo
+                    gb = column_sums(g2)                          # dL/db = sum of dL/dout over N, Ho, Wo
                 if need[0]:
                     g_img = g2.reshape(b - a, ho, wo, o)
                     if plain_1x1:

@@ -9,6 +9,27 @@ from .. import backend
 from ..tensor import Function
 from . import pool
 
+_ones = {}  # (backend, dtype) -> the longest vector of ones asked for yet; sums take a prefix
+
+
+def ones(xp, length, dtype):
+    """A read-only vector of `length` ones (a prefix of one cached vector per backend and dtype)."""
+    key = (xp.__name__, xp.dtype(dtype).str)
+    v = _ones.get(key)
+    if v is None or len(v) < length:
+        v = _ones[key] = xp.ones(max(length, 2 * len(v) if v is not None else length), dtype=dtype)
+    return v[:length]
+
+
+def column_sums(a):
+    """a (R, K) -> (K,), the sum of its rows, as the product ones(R) @ a (a GEMV).
+
+    numpy's a.sum(axis=0) adds the rows one after another in inner loops of K elements: on the narrow
+    gradients of the small configurations (R = 4096, K = 32) it is 10x slower than the GEMV
+    (BENCHMARKS.md, "Small shapes"). The sum is the same to float32 rounding.
+    """
+    return ones(backend.xp_of(a), a.shape[0], a.dtype) @ a
+
 
 class Linear(Function):
     """Kernel of functional.Linear: y = x W^T + b in row chunks (attention's q, k, v projections are
@@ -42,7 +63,7 @@ class Linear(Function):
             ga = pool.part(g2, a, b)
             gx = xp.matmul(ga, weight, out=gx) if need[0] else None          # dL/dx = dL/dy W
             gw = ga.T @ pool.part(x2, a, b) if need[1] else None            # dL/dW = dL/dy^T x
-            gb = ga.sum(axis=0) if need[2] else None                         # dL/db = sum_rows dL/dy
+            gb = column_sums(ga) if need[2] else None                        # dL/db = sum_rows dL/dy
             return gx, gw, gb
 
         threads = pool.threads_for(g2, macs=g2.size * weight.shape[1])

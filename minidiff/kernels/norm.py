@@ -3,19 +3,23 @@
 What they change against the math ops, none of which changes what is computed:
 - they work on an (N, C, S) or (N, S, C) view of x, whichever its storage allows without a
   copy (conv2d's kernel returns channels-last arrays);
-- per-(n, c) sums by einsum (no temporaries), combined per group by one small GEMM with a
-  cached group-averaging matrix, instead of a reshape, a sum, a division and a broadcast;
+- per-(n, c) sums as products with a vector of ones (GEMVs) and sums of squares by einsum (no
+  temporaries), combined per group by one small GEMM with a cached group-averaging matrix,
+  instead of a reshape, a sum, a division and a broadcast;
 - they save x, mean and rstd and recompute x - mean in backward (one activation less);
 - fused with SiLU, the norm's output is activated in place, and backward recomputes the
-  normalised y for SiLU's derivative: the pair as two ops would also keep y alive;
+  normalised y for SiLU's derivative: the pair as two ops would also keep y alive; both work
+  on h = y/2, silu(y) = h (1 + tanh h), the halving folded into the per-channel scale and bias
+  (each elementwise pass over the activation costs as much as the GEMM-free rest of the op);
 - batch chunks on the thread pool (statistics are per sample, so chunks are independent).
 tests/test_kernels.py holds them to functional.GroupNorm and to silu(GroupNorm(x)).
-May import: backend, tensor, kernels.pool, kernels.elementwise.
+May import: backend, tensor, kernels.pool, kernels.dense, kernels.elementwise.
 """
 from .. import backend
 from ..tensor import Function
 from . import pool
-from .elementwise import is_channels_last, sigmoid_into, silu_into
+from .dense import ones
+from .elementwise import is_channels_last
 
 _averagers = {}  # (backend, dtype, C, G, count) -> the (C, C) group-averaging matrix
 
@@ -58,6 +62,14 @@ def _layout(axis):
     return "nsc", (lambda a: a[:, None, :]), (lambda p: p)
 
 
+def channel_sums(v, axis):
+    """Per-sample channel sums (n, C) of the (n, S, C) or (n, C, S) view, as products with ones(S): GEMVs,
+    2-3x faster than einsum's loops on the small configurations' activations (BENCHMARKS.md, "Small shapes")."""
+    xp = backend.xp_of(v)
+    ones_s = ones(xp, v.shape[1] if axis == 2 else v.shape[2], v.dtype)
+    return xp.matmul(ones_s, v) if axis == 2 else xp.matmul(v, ones_s)
+
+
 def _forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
     """GroupNorm's forward, followed in place by SiLU when `silu`."""
     xp = backend.xp_of(x)
@@ -69,18 +81,23 @@ def _forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
 
     def chunk(a, b, out, mean, rstd):                          # samples a..b-1: statistics are per sample
         va = pool.part(v, a, b)
-        m = xp.matmul(xp.einsum(sub + "->nc", va), group_mean, out=mean)
+        m = xp.matmul(channel_sums(va, axis), group_mean, out=mean)
         d = xp.subtract(va, per_c(m), out=out)                 # x - mean_g, where the output goes
         var = xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean
         var += x.dtype.type(eps)
         r = xp.sqrt(var, out=var)
         r = xp.divide(1, r, out=rstd)
-        scale = r * affine[0] if has_weight else r             # y = d * scale + bias
+        # y = d * scale + bias; with SiLU, h = y/2 instead: silu(y) = h (1 + tanh h), and the halving
+        # rides on the per-channel scale and bias (no pass of its own)
+        k = 0.5 if silu else 1.0
+        scale = r * (affine[0] * k) if has_weight else r * k
         d *= per_c(scale.astype(x.dtype, copy=False))
         if has_bias:
-            d += per_channel(affine[-1])
+            d += per_channel((affine[-1] * k).astype(x.dtype, copy=False))
         if silu:
-            silu_into(d, out=d)
+            t = xp.tanh(d)
+            t += 1
+            d *= t
         return d, m, r
 
     out, mean, rstd = pool.split(xp, n, chunk, pool.threads_for(x),
@@ -110,26 +127,31 @@ def _backward(ctx, grad, silu):
         r = pool.part(rstd, a, b)
         d = pool.part(v, a, b) - per_c(pool.part(mean, a, b))  # x - mean_g, recomputed (not saved: memory)
         ga = pool.part(gv, a, b)
-        rw = per_c((r * w).astype(dtype, copy=False))          # rstd * weight, (n, C) broadcastable
+        k = 0.5 if silu else 1.0                               # with SiLU, ga below is 2 dL/dy: k undoes it
+        rwk = per_c((r * w * k).astype(dtype, copy=False))     # rstd * weight * k, (n, C) broadcastable
         if silu:
-            # y = GroupNorm(x), recomputed; dL/dy = dL/dout s (1 + y (1 - s)) with s = sigmoid(y)
-            y = d * rw
+            # h = y/2 with y = GroupNorm(x), recomputed, and t = tanh(h), so sigmoid(y) = (1 + t)/2 and
+            # dL/dy = dL/dout s (1 + y (1 - s)) = dL/dout (1 + t)(1 + h (1 - t)) / 2
+            h = d * rwk
             if bias is not None:
-                y += per_channel(bias)
-            s = sigmoid_into(y)
-            dy = xp.subtract(1, s)
-            dy *= y
-            dy += 1
-            dy *= s
-            dy *= ga
-            ga = dy
-            del y, s
-        sg = xp.einsum(sub + "->nc", ga)                       # sum over positions of dL/dy, (n, C)
+                h += per_channel((bias * k).astype(dtype, copy=False))
+            t = xp.tanh(h)
+            u = xp.multiply(h, t)
+            xp.subtract(h, u, out=u)
+            u += 1
+            t += 1
+            t *= u
+            t *= ga
+            ga = t                                             # 2 dL/dy
+            del h, u
+        sg = channel_sums(ga, axis)                            # sum over positions of dL/dy, (n, C)
+        if silu:
+            sg *= k
         if sum_g is not None:
             sum_g[...] = sg
             sg = sum_g
         sgx = xp.einsum(f"{sub},{sub}->nc", ga, d)
-        sgx *= r                                               # sum over positions of dL/dy * x_hat
+        sgx *= r * k                                           # sum over positions of dL/dy * x_hat
         if not need[0]:
             return sg, sgx, None
         # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
@@ -137,7 +159,7 @@ def _backward(ctx, grad, silu):
         m2 = (sgx * w) @ group_mean                                               # mean_g(gh x_hat)
         d *= per_c((-m2 * r * r).astype(dtype, copy=False))                       # - rstd x_hat mean_g(gh x_hat)
         d -= per_c((m1 * r).astype(dtype, copy=False))                            # - rstd mean_g(gh)
-        out = xp.multiply(ga, rw, out=gx)                                         # + rstd gh
+        out = xp.multiply(ga, rwk, out=gx)                                        # + rstd gh
         out += d
         return sg, sgx, out
 
