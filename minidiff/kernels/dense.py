@@ -22,13 +22,17 @@ def ones(xp, length, dtype):
 
 
 def column_sums(a):
-    """a (R, K) -> (K,), the sum of its rows, as the product ones(R) @ a (a GEMV).
+    """a (R, K) -> (K,), the sum of its rows; on numpy as the product ones(R) @ a (a GEMV).
 
     numpy's a.sum(axis=0) adds the rows one after another in inner loops of K elements: on the narrow
     gradients of the small configurations (R = 4096, K = 32) it is 10x slower than the GEMV
-    (BENCHMARKS.md, "Small shapes"). The sum is the same to float32 rounding.
+    (BENCHMARKS.md, "Small shapes"). The sum is the same to float32 rounding. CuPy's reduction kernel
+    is faster than its batched GEMV there (measured on an H200), so a GPU keeps a.sum(axis=0).
     """
-    return ones(backend.xp_of(a), a.shape[0], a.dtype) @ a
+    xp = backend.xp_of(a)
+    if xp is not backend.host:
+        return a.sum(axis=0)
+    return ones(xp, a.shape[0], a.dtype) @ a
 
 
 class Linear(Function):
