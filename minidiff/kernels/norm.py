@@ -3,14 +3,12 @@
 What they change against the math ops, none of which changes what is computed:
 - they work on an (N, C, S) or (N, S, C) view of x, whichever its storage allows without a
   copy (conv2d's kernel returns channels-last arrays);
-- per-(n, c) sums as products with a vector of ones (GEMVs) and sums of squares by einsum (no
-  temporaries), combined per group by one small GEMM with a cached group-averaging matrix,
-  instead of a reshape, a sum, a division and a broadcast;
+- per-(n, c) sums as products with a vector of ones on numpy (GEMVs) and by einsum elsewhere,
+  sums of products by einsum (no temporaries), combined per group by one small GEMM with a
+  cached group-averaging matrix, instead of a reshape, a sum, a division and a broadcast;
 - they save x, mean and rstd and recompute x - mean in backward (one activation less);
 - fused with SiLU, the norm's output is activated in place, and backward recomputes the
-  normalised y for SiLU's derivative: the pair as two ops would also keep y alive; both work
-  on h = y/2, silu(y) = h (1 + tanh h), the halving folded into the per-channel scale and bias
-  (each elementwise pass over the activation costs as much as the GEMM-free rest of the op);
+  normalised y for SiLU's derivative: the pair as two ops would also keep y alive;
 - batch chunks on the thread pool (statistics are per sample, so chunks are independent).
 tests/test_kernels.py holds them to functional.GroupNorm and to silu(GroupNorm(x)).
 May import: backend, tensor, kernels.pool, kernels.dense, kernels.elementwise.
@@ -19,7 +17,7 @@ from .. import backend
 from ..tensor import Function
 from . import pool
 from .dense import ones
-from .elementwise import is_channels_last
+from .elementwise import is_channels_last, sigmoid_into, silu_into
 
 _averagers = {}  # (backend, dtype, C, G, count) -> the (C, C) group-averaging matrix
 
@@ -90,17 +88,12 @@ def _forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
         var += x.dtype.type(eps)
         r = xp.sqrt(var, out=var)
         r = xp.divide(1, r, out=rstd)
-        # y = d * scale + bias; with SiLU, h = y/2 instead: silu(y) = h (1 + tanh h), and the halving
-        # rides on the per-channel scale and bias (no pass of its own)
-        scale = r * affine[0] if has_weight else r
-        scale = scale * 0.5 if silu else scale
+        scale = r * affine[0] if has_weight else r             # y = d * scale + bias
         d *= per_c(scale.astype(x.dtype, copy=False))
         if has_bias:
-            d += per_channel((affine[-1] * 0.5 if silu else affine[-1]).astype(x.dtype, copy=False))
+            d += per_channel(affine[-1])
         if silu:
-            t = xp.tanh(d)
-            t += 1
-            d *= t
+            silu_into(d, out=d)
         return d, m, r
 
     out, mean, rstd = pool.split(xp, n, chunk, pool.threads_for(x),
@@ -130,32 +123,26 @@ def _backward(ctx, grad, silu):
         r = pool.part(rstd, a, b)
         d = pool.part(v, a, b) - per_c(pool.part(mean, a, b))  # x - mean_g, recomputed (not saved: memory)
         ga = pool.part(gv, a, b)
-        rw = r * weight if weight is not None else r
-        rw = rw * 0.5 if silu else rw                          # with SiLU, ga below is 2 dL/dy: the 1/2 is here
-        rwk = per_c(rw.astype(dtype, copy=False))              # rstd * weight (/ 2), (n, C) broadcastable
+        rw = per_c((r * w).astype(dtype, copy=False))          # rstd * weight, (n, C) broadcastable
         if silu:
-            # h = y/2 with y = GroupNorm(x), recomputed, and t = tanh(h), so sigmoid(y) = (1 + t)/2 and
-            # dL/dy = dL/dout s (1 + y (1 - s)) = dL/dout (1 + t)(1 + h (1 - t)) / 2
-            h = d * rwk
+            # y = GroupNorm(x), recomputed; dL/dy = dL/dout s (1 + y (1 - s)) with s = sigmoid(y)
+            y = d * rw
             if bias is not None:
-                h += per_channel((bias * 0.5).astype(dtype, copy=False))
-            t = xp.tanh(h)
-            u = xp.multiply(h, t)
-            xp.subtract(h, u, out=u)
-            u += 1
-            t += 1
-            t *= u
-            t *= ga
-            ga = t                                             # 2 dL/dy
-            del h, u
+                y += per_channel(bias)
+            s = sigmoid_into(y)
+            dy = xp.subtract(1, s)
+            dy *= y
+            dy += 1
+            dy *= s
+            dy *= ga
+            ga = dy
+            del y, s
         sg = channel_sums(ga, axis)                            # sum over positions of dL/dy, (n, C)
-        if silu:
-            sg *= 0.5
         if sum_g is not None:
             sum_g[...] = sg
             sg = sum_g
         sgx = xp.einsum(f"{sub},{sub}->nc", ga, d)
-        sgx *= r * 0.5 if silu else r                          # sum over positions of dL/dy * x_hat
+        sgx *= r                                               # sum over positions of dL/dy * x_hat
         if not need[0]:
             return sg, sgx, None
         # dL/dx = rstd (gh - mean_g(gh) - x_hat mean_g(gh x_hat)), gh = dL/dy * weight
@@ -163,7 +150,7 @@ def _backward(ctx, grad, silu):
         m2 = (sgx * w) @ group_mean                                               # mean_g(gh x_hat)
         d *= per_c((-m2 * r * r).astype(dtype, copy=False))                       # - rstd x_hat mean_g(gh x_hat)
         d -= per_c((m1 * r).astype(dtype, copy=False))                            # - rstd mean_g(gh)
-        out = xp.multiply(ga, rwk, out=gx)                                        # + rstd gh
+        out = xp.multiply(ga, rw, out=gx)                                         # + rstd gh
         out += d
         return sg, sgx, out
 
