@@ -9,30 +9,27 @@ from .. import backend
 from ..tensor import Function
 from . import pool
 
-_ones = {}  # (backend, dtype) -> the longest vector of ones asked for yet; sums take a prefix
+_ones = {}  # (backend, dtype, length) -> a vector of ones, made once (a slice of a longer one would be a GPU op)
 
 
 def ones(xp, length, dtype):
-    """A read-only vector of `length` ones (a prefix of one cached vector per backend and dtype)."""
-    key = (xp.__name__, xp.dtype(dtype).str)
+    """A read-only vector of `length` ones, cached per backend, dtype and length."""
+    key = (xp.__name__, xp.dtype(dtype).str, length)
     v = _ones.get(key)
-    if v is None or len(v) < length:
-        v = _ones[key] = xp.ones(max(length, 2 * len(v) if v is not None else length), dtype=dtype)
-    return v[:length]
+    if v is None:
+        v = _ones[key] = xp.ones(length, dtype=dtype)
+    return v
 
 
 def column_sums(a):
-    """a (R, K) -> (K,), the sum of its rows; on numpy as the product ones(R) @ a (a GEMV).
+    """a (R, K) -> (K,), the sum of its rows, as the product ones(R) @ a (a GEMV).
 
     numpy's a.sum(axis=0) adds the rows one after another in inner loops of K elements: on the narrow
     gradients of the small configurations (R = 4096, K = 32) it is 10x slower than the GEMV
-    (BENCHMARKS.md, "Small shapes"). The sum is the same to float32 rounding. CuPy's reduction kernel
-    is faster than its batched GEMV there (measured on an H200), so a GPU keeps a.sum(axis=0).
+    (BENCHMARKS.md, "Small shapes"). The sum is the same to float32 rounding, and the same product on
+    every backend, so a seed gives the same bits on numpy and on the CuPy stand-in.
     """
-    xp = backend.xp_of(a)
-    if xp is not backend.host:
-        return a.sum(axis=0)
-    return ones(xp, a.shape[0], a.dtype) @ a
+    return ones(backend.xp_of(a), a.shape[0], a.dtype) @ a
 
 
 class Linear(Function):

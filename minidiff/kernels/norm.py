@@ -3,20 +3,18 @@
 What they change against the math ops, none of which changes what is computed:
 - they work on an (N, C, S) or (N, S, C) view of x, whichever its storage allows without a
   copy (conv2d's kernel returns channels-last arrays);
-- per-(n, c) sums as products with a vector of ones on numpy (GEMVs) and by einsum elsewhere,
-  sums of products by einsum (no temporaries), combined per group by one small GEMM with a
+- per-(n, c) sums by einsum (no temporaries), combined per group by one small GEMM with a
   cached group-averaging matrix, instead of a reshape, a sum, a division and a broadcast;
 - they save x, mean and rstd and recompute x - mean in backward (one activation less);
 - fused with SiLU, the norm's output is activated in place, and backward recomputes the
   normalised y for SiLU's derivative: the pair as two ops would also keep y alive;
 - batch chunks on the thread pool (statistics are per sample, so chunks are independent).
 tests/test_kernels.py holds them to functional.GroupNorm and to silu(GroupNorm(x)).
-May import: backend, tensor, kernels.pool, kernels.dense, kernels.elementwise.
+May import: backend, tensor, kernels.pool, kernels.elementwise.
 """
 from .. import backend
 from ..tensor import Function
 from . import pool
-from .dense import ones
 from .elementwise import is_channels_last, sigmoid_into, silu_into
 
 _averagers = {}  # (backend, dtype, C, G, count) -> the (C, C) group-averaging matrix
@@ -60,17 +58,6 @@ def _layout(axis):
     return "nsc", (lambda a: a[:, None, :]), (lambda p: p)
 
 
-def channel_sums(v, axis):
-    """Per-sample channel sums (n, C) of the (n, S, C) or (n, C, S) view; on numpy as products with ones(S):
-    GEMVs, 2-3x faster than einsum's loops on the small configurations' activations (BENCHMARKS.md, "Small
-    shapes"). On a GPU einsum's reduction is the faster (measured on an H200)."""
-    xp = backend.xp_of(v)
-    if xp is not backend.host:
-        return xp.einsum("nsc->nc" if axis == 2 else "ncs->nc", v)
-    ones_s = ones(xp, v.shape[1] if axis == 2 else v.shape[2], v.dtype)
-    return xp.matmul(ones_s, v) if axis == 2 else xp.matmul(v, ones_s)
-
-
 def _forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
     """GroupNorm's forward, followed in place by SiLU when `silu`."""
     xp = backend.xp_of(x)
@@ -82,7 +69,7 @@ def _forward(ctx, x, affine, num_groups, eps, has_weight, has_bias, silu):
 
     def chunk(a, b, out, mean, rstd):                          # samples a..b-1: statistics are per sample
         va = pool.part(v, a, b)
-        m = xp.matmul(channel_sums(va, axis), group_mean, out=mean)
+        m = xp.matmul(xp.einsum(sub + "->nc", va), group_mean, out=mean)
         d = xp.subtract(va, per_c(m), out=out)                 # x - mean_g, where the output goes
         var = xp.einsum(f"{sub},{sub}->nc", d, d) @ group_mean
         var += x.dtype.type(eps)
@@ -137,7 +124,7 @@ def _backward(ctx, grad, silu):
             dy *= ga
             ga = dy
             del y, s
-        sg = channel_sums(ga, axis)                            # sum over positions of dL/dy, (n, C)
+        sg = xp.einsum(sub + "->nc", ga)                       # sum over positions of dL/dy, (n, C)
         if sum_g is not None:
             sum_g[...] = sg
             sg = sum_g
