@@ -42,6 +42,11 @@ ok, why = b.gpu_status()
 print("python", sys.version.split()[0], "| numpy", numpy.__version__, "| cupy", cupy.__version__,
       "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "| devices", cupy.cuda.runtime.getDeviceCount())
 print("minidiff sees the GPU:", ok, why)
+try:                                   # the reference the benchmark compares with, where there is one
+    import torch
+    print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| sees the GPU:", torch.cuda.is_available())
+except ImportError:
+    print("torch: not installed (the benchmark runs minidiff alone)")
 sys.exit(0 if ok else 1)
 EOF
 then
@@ -55,7 +60,7 @@ for tool in pytest hypothesis PIL tqdm safetensors; do
         exit 2
     fi
 done
-stamp "machine: $gpu; $(tail -2 "$OUT_DIR/env.txt" | head -1)"
+stamp "machine: $gpu; $(grep "^python " "$OUT_DIR/env.txt"); $(grep "^torch" "$OUT_DIR/env.txt")"
 
 # 2. The gpu-marked tests and the CLI smoke on the real CuPy.
 stamp "pytest -m gpu on the real CuPy (cupy cases of the backend tests, CLI smoke of every path)"
