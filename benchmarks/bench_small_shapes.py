@@ -29,7 +29,7 @@ SECTIONS = ("pool", "gemm", "convs", "passes", "split")
 
 
 def median_us(fn, reps=200, warmup=10):
-    """Median seconds of fn() in microseconds."""
+    """The median time of one fn() call, in microseconds."""
     import numpy as np
     for _ in range(warmup):
         fn()

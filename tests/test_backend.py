@@ -21,7 +21,7 @@ LEVEL = {
     "tensor": 1, "schedule": 1, "data": 1, "images": 1, "resample": 1, "torchfile": 1,
     # the kernels layer sits below the math ops it speeds up: each op imports its kernel, never the reverse
     "kernels.memory": 1, "kernels.pool": 1, "kernels.tuning": 1.2,
-    "kernels.dense": 1.4,   # its column_sums (a GEMV) serves the convolution's and the norm's sums
+    "kernels.dense": 1.4,   # its column_sums (a GEMV) serves the convolution's bias gradient
     "kernels.elementwise": 1.5, "kernels.conv": 1.5, "kernels.optim": 1.5,
     "kernels.norm": 1.6, "kernels": 1.7,
     "ops": 2,

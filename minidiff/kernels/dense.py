@@ -1,5 +1,6 @@
 """Kernels of functional.Linear and functional.Attention: the same products, in row (or image) chunks on
-the thread pool with single-threaded BLAS inside each, results written in place through `out=`.
+the thread pool with single-threaded BLAS inside each, results written in place through `out=`; and
+column_sums, the bias gradients' sum over rows as a GEMV (also the convolution kernel's).
 
 Attention scales q instead of the (L, L) scores (fewer multiplications) and saves the scaled q.
 tests/test_kernels.py holds both to their math ops.
@@ -13,7 +14,7 @@ _ones = {}  # (backend, dtype, length) -> a vector of ones, made once (a slice o
 
 
 def ones(xp, length, dtype):
-    """A read-only vector of `length` ones, cached per backend, dtype and length."""
+    """A vector of `length` ones, cached per backend, dtype and length: shared, so callers only read it."""
     key = (xp.__name__, xp.dtype(dtype).str, length)
     v = _ones.get(key)
     if v is None:
